@@ -1,0 +1,156 @@
+//! The media plane: one str0m `Rtc` per participant, rooms, RTP forwarding.
+//!
+//! The public surface is deliberately small so the binary (signaling) and,
+//! later, the trunk adapter can drive it: [`Sfu::start`] spawns the worker,
+//! [`Sfu::join`] returns a [`Participant`] handle whose commands go to the
+//! worker and whose events are ready-to-send [`signal::ServerMessage`]s.
+//! Knows nothing of QUIC or HTTP.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+pub use signal::{DisplayName, ParticipantView, RoomName, ServerMessage, TrackSource};
+
+mod metrics;
+mod worker;
+
+pub use metrics::SfuMetrics;
+
+/// Media-plane configuration.
+#[derive(Debug, Clone)]
+pub struct SfuConfig {
+    /// Address the media UDP socket binds to. Must be a specific address
+    /// (not 0.0.0.0) unless `public_ip` is set: str0m only accepts STUN whose
+    /// destination is a local candidate.
+    pub bind: IpAddr,
+    /// UDP port for media; 0 picks a free one.
+    pub media_port: u16,
+    /// Address advertised in ICE candidates instead of `bind` (NAT, containers).
+    pub public_ip: Option<IpAddr>,
+    /// Most participants in one room on this node.
+    pub max_participants_per_room: usize,
+}
+
+impl Default for SfuConfig {
+    fn default() -> Self {
+        SfuConfig {
+            bind: IpAddr::from([127, 0, 0, 1]),
+            media_port: 0,
+            public_ip: None,
+            max_participants_per_room: 100,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SfuError {
+    #[error("cannot bind media socket on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("media worker failed to start: {0}")]
+    Worker(std::io::Error),
+    #[error("the media worker has stopped")]
+    Stopped,
+}
+
+/// What a participant's session asks of the media plane (already validated
+/// by the signaling layer).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ParticipantCommand {
+    Offer {
+        sdp: String,
+        tracks: Vec<TrackSource>,
+    },
+    Answer {
+        sdp: String,
+    },
+    Chat {
+        text: String,
+    },
+    Mute {
+        audio: bool,
+        video: bool,
+    },
+}
+
+/// One room as `/api/status` shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RoomStatus {
+    pub name: String,
+    pub participants: Vec<ParticipantView>,
+}
+
+/// Handle to the running media plane. Dropping it without [`Sfu::shutdown`]
+/// also stops the worker.
+pub struct Sfu {
+    inner: worker::Handle,
+}
+
+impl Sfu {
+    /// Bind the media socket and start the worker thread.
+    pub fn start(config: SfuConfig) -> Result<Sfu, SfuError> {
+        Ok(Sfu {
+            inner: worker::Handle::start(config)?,
+        })
+    }
+
+    /// The address browsers send media to (the advertised candidate uses
+    /// `public_ip` if set, with this port).
+    pub fn media_addr(&self) -> SocketAddr {
+        self.inner.media_addr()
+    }
+
+    /// Enter `room` as `name`. Returns at once; the worker answers on the
+    /// handle with `Joined` then `Roster`, or `Error { Full }` and closes it.
+    pub fn join(&self, room: RoomName, name: DisplayName) -> Result<Participant, SfuError> {
+        self.inner.join(room, name)
+    }
+
+    /// Live counters (cheap to read; export them as metrics).
+    pub fn metrics(&self) -> Arc<SfuMetrics> {
+        self.inner.metrics()
+    }
+
+    /// The rooms on this node and who is in them.
+    pub async fn status(&self) -> Result<Vec<RoomStatus>, SfuError> {
+        self.inner.status().await
+    }
+
+    /// Tell every participant the node is going away (`error shutting_down`),
+    /// close their sessions and join the worker thread.
+    pub fn shutdown(self) {
+        self.inner.shutdown()
+    }
+}
+
+/// One participant's session. Dropping it leaves the room.
+pub struct Participant {
+    id: String,
+    commands: worker::Commands,
+    events: tokio::sync::mpsc::UnboundedReceiver<ServerMessage>,
+}
+
+impl Participant {
+    /// Unique id of this participant (also the msid stream id of its tracks).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn send(&self, cmd: ParticipantCommand) {
+        self.commands.participant(&self.id, cmd);
+    }
+
+    /// Next message for the browser; `None` once the media plane has ended
+    /// the session (ICE died, room full, shutdown) — close the socket then.
+    pub async fn recv(&mut self) -> Option<ServerMessage> {
+        self.events.recv().await
+    }
+}
+
+impl Drop for Participant {
+    fn drop(&mut self) {
+        self.commands.leave(&self.id);
+    }
+}

@@ -1,0 +1,24 @@
+//! Counters the worker updates and the binary exports to Prometheus.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Plain atomics: written by the worker, read by `/metrics`.
+#[derive(Debug, Default)]
+pub struct SfuMetrics {
+    pub participants: AtomicU64,
+    pub rooms: AtomicU64,
+    pub tracks: AtomicU64,
+    pub rtp_packets_in: AtomicU64,
+    pub rtp_bytes_in: AtomicU64,
+    pub rtp_packets_out: AtomicU64,
+    pub rtp_bytes_out: AtomicU64,
+    pub keyframe_requests_sent: AtomicU64,
+    pub participants_reaped: AtomicU64,
+    pub udp_packets_dropped: AtomicU64,
+}
+
+impl SfuMetrics {
+    pub fn get(v: &AtomicU64) -> u64 {
+        v.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,1 @@
+//! Test participant for Switchboard.

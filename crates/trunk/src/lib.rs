@@ -1,0 +1,1 @@
+//! The trunk: node-to-node server transport (see DESIGN.md, "The trunk protocol").
