@@ -17,6 +17,7 @@ enum Cmd {
         name: DisplayName,
         events: tokio::sync::mpsc::UnboundedSender<ServerMessage>,
     },
+    #[expect(dead_code, reason = "placeholder: the real worker reads these")]
     Participant(String, ParticipantCommand),
     Leave(String),
     Status(tokio::sync::oneshot::Sender<Vec<RoomStatus>>),
