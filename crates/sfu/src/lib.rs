@@ -11,7 +11,10 @@ use std::sync::Arc;
 
 pub use signal::{DisplayName, ParticipantView, RoomName, ServerMessage, TrackSource};
 
+mod demux;
+mod keyframe;
 mod metrics;
+mod rewrite;
 mod worker;
 
 pub use metrics::SfuMetrics;
