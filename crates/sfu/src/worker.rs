@@ -296,11 +296,11 @@ impl Worker {
             let timeout = self
                 .next_deadline()
                 .map(|t| t.saturating_duration_since(Instant::now()));
-            if let Err(e) = poll.poll(&mut events, timeout) {
-                if e.kind() != ErrorKind::Interrupted {
-                    warn!(error = %e, "media poll failed; worker stops");
-                    break;
-                }
+            if let Err(e) = poll.poll(&mut events, timeout)
+                && e.kind() != ErrorKind::Interrupted
+            {
+                warn!(error = %e, "media poll failed; worker stops");
+                break;
             }
             self.read_socket(&mut buf);
             loop {
@@ -522,10 +522,8 @@ impl Worker {
                 }
             }
             Cmd::Leave(id) => {
-                if let Some(pid) = self.ids.get(&id).copied() {
-                    if let Some(p) = self.peers.get_mut(&pid) {
-                        p.ended.get_or_insert(End::Left);
-                    }
+                if let Some(p) = self.ids.get(&id).and_then(|pid| self.peers.get_mut(pid)) {
+                    p.ended.get_or_insert(End::Left);
                 }
             }
             Cmd::Status(reply) => {
