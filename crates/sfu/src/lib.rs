@@ -124,7 +124,13 @@ impl Sfu {
     /// Tell every participant the node is going away (`error shutting_down`),
     /// close their sessions and join the worker thread.
     pub fn shutdown(self) {
-        self.inner.shutdown()
+        self.inner.stop()
+    }
+
+    /// Like [`Sfu::shutdown`], for a media plane shared behind an `Arc`:
+    /// blocks until the worker has stopped; later calls return at once.
+    pub fn close(&self) {
+        self.inner.stop()
     }
 }
 

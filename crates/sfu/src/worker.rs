@@ -87,7 +87,7 @@ pub(crate) struct Handle {
     commands: Commands,
     addr: SocketAddr,
     metrics: Arc<SfuMetrics>,
-    thread: Option<JoinHandle<()>>,
+    thread: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Handle {
@@ -130,7 +130,7 @@ impl Handle {
             commands: Commands { tx, waker },
             addr: local,
             metrics,
-            thread: Some(thread),
+            thread: std::sync::Mutex::new(Some(thread)),
         })
     }
     pub(crate) fn media_addr(&self) -> SocketAddr {
@@ -159,12 +159,15 @@ impl Handle {
         self.commands.send(Cmd::Status(tx))?;
         rx.await.map_err(|_| SfuError::Stopped)
     }
-    pub(crate) fn shutdown(mut self) {
-        self.stop();
-    }
-    fn stop(&mut self) {
+    /// Stop the worker (every participant is told `shutting_down`) and wait
+    /// for its thread. Idempotent.
+    pub(crate) fn stop(&self) {
         let _ = self.commands.send(Cmd::Shutdown);
-        if let Some(t) = self.thread.take() {
+        let thread = match self.thread.lock() {
+            Ok(mut t) => t.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(t) = thread {
             let _ = t.join();
         }
     }
