@@ -30,6 +30,8 @@ pub const FLOOD_CLOSE_AFTER: u32 = 200;
 /// WebSocket ping interval, and silence after which the peer is gone.
 const PING_EVERY: Duration = Duration::from_secs(10);
 const SILENCE_LIMIT: Duration = Duration::from_secs(30);
+/// How long a closing socket waits for the peer's Close frame.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 pub(crate) fn upgrade(state: Arc<AppState>, upgrade: WebSocketUpgrade) -> Response {
     // The WebSocket layer refuses anything over twice our limit without
@@ -156,6 +158,17 @@ impl Session {
                     reason: reason.into(),
                 })))
                 .await;
+            // Closing handshake: read (and discard) until the peer's Close.
+            // Closing the TCP socket with unread input would reset it and
+            // the peer could lose our last messages (the error saying why).
+            let drain = async {
+                while let Some(Ok(f)) = rx.next().await {
+                    if matches!(f, Message::Close(_)) {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(CLOSE_GRACE, drain).await;
         }
         // Dropping the participant leaves the room.
         if let Some(p) = self.participant.take() {
