@@ -46,6 +46,9 @@ use crate::{Participant, ParticipantCommand, RoomStatus, SfuConfig, SfuError, Sf
 /// removed (its browser never sent an offer, or could not reach us).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Requested UDP buffer sizes (the kernel caps them at net.core.[rw]mem_max).
+const SOCKET_BUFFER: usize = 4 << 20;
+
 const SOCKET: Token = Token(0);
 const WAKER: Token = Token(1);
 
@@ -96,6 +99,12 @@ impl Handle {
         let std_socket =
             std::net::UdpSocket::bind(addr).map_err(|source| SfuError::Bind { addr, source })?;
         std_socket.set_nonblocking(true).map_err(SfuError::Worker)?;
+        // The default receive buffer (~200 KiB) holds well under 100 video
+        // packets: one slow turn of the loop (a DTLS handshake, a burst of
+        // keyframes) would overflow it and lose media for every subscriber.
+        let sock = socket2::SockRef::from(&std_socket);
+        let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+        let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
         let local = std_socket.local_addr().map_err(SfuError::Worker)?;
         let mut socket = UdpSocket::from_std(std_socket);
         let poll = Poll::new().map_err(SfuError::Worker)?;
@@ -316,6 +325,7 @@ impl Worker {
                     Err(TryRecvError::Empty) => break,
                 }
             }
+            self.drive_dirty();
             self.timeouts(Instant::now());
             self.drive_dirty();
             self.reap();
@@ -378,10 +388,22 @@ impl Worker {
                 peer.ended = Some(End::Failed);
             }
         }
-        self.dirty.insert(pid);
+        // str0m wants its output drained after every input: a second input
+        // first could overwrite what the first produced (measured: RTP
+        // packets lost when two arrived in one socket read batch).
+        self.drive_now(pid);
+    }
+
+    /// Drive one `Rtc` to its next timeout and act on its events at once.
+    fn drive_now(&mut self, pid: Pid) {
+        self.dirty.remove(&pid);
+        for e in self.drive(pid) {
+            self.event(pid, e);
+        }
     }
 
     fn timeouts(&mut self, now: Instant) {
+        let mut due = Vec::new();
         for (pid, peer) in self.peers.iter_mut() {
             if peer.ended.is_some() {
                 continue;
@@ -398,8 +420,11 @@ impl Worker {
                 if r.is_err() {
                     peer.ended = Some(End::Failed);
                 }
-                self.dirty.insert(*pid);
+                due.push(*pid);
             }
+        }
+        for pid in due {
+            self.drive_now(pid);
         }
         let mut requests = Vec::new();
         for room in self.rooms.values_mut() {
@@ -440,7 +465,8 @@ impl Worker {
             loop {
                 match peer.rtc.poll_output() {
                     Ok(Output::Transmit(t)) => {
-                        if socket.send_to(&t.contents, t.destination).is_err() {
+                        if let Err(e) = socket.send_to(&t.contents, t.destination) {
+                            debug!(error = %e, to = %t.destination, "media send failed");
                             metrics.udp_packets_dropped.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -951,6 +977,7 @@ impl Worker {
                 }
             };
             let Some(out_pt) = out_pt else {
+                debug!(track = %track_id, "no common codec; not forwarded");
                 continue;
             };
             let Some((seq, ts)) = sub.rewriter.rewrite(
@@ -960,10 +987,12 @@ impl Worker {
                 pkt.timestamp,
                 clock_rate,
             ) else {
+                debug!(track = %track_id, "packet older than its source; not forwarded");
                 continue;
             };
             let mut api = sub_peer.rtc.direct_api();
             let Some(stream) = api.stream_tx_by_mid(sub.mid, None) else {
+                debug!(track = %track_id, "no send stream (yet); not forwarded");
                 continue;
             };
             let write = RtpWrite::new(
