@@ -125,6 +125,15 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+
+    /// clap reads `SWITCHBOARD_*` from the process environment, which tests
+    /// share: every test that parses arguments holds this lock.
+    static ENV: Mutex<()> = Mutex::new(());
+
+    fn env_lock() -> std::sync::MutexGuard<'static, ()> {
+        ENV.lock().unwrap_or_else(|p| p.into_inner())
+    }
 
     #[test]
     fn defaults_serve_a_single_node_on_3000() {
@@ -136,6 +145,7 @@ mod tests {
 
     #[test]
     fn flag_beats_file_beats_default() {
+        let _env = env_lock();
         let file: FileConfig =
             toml::from_str("http_port = 8080\nmedia_port = 9000\nlog_format = \"json\"").unwrap();
         let args = Args::try_parse_from(["switchboard", "--http-port", "7000"]).unwrap();
@@ -148,9 +158,8 @@ mod tests {
 
     #[test]
     fn env_is_read_and_flag_beats_env() {
-        // clap reads env through the process environment; the names are unique
-        // to this test so parallel tests do not see them.
-        // SAFETY: no other thread reads SWITCHBOARD_PUBLIC_IP/MAX_PARTICIPANTS.
+        let _env = env_lock();
+        // SAFETY: every test that reads the environment holds the lock.
         unsafe {
             std::env::set_var("SWITCHBOARD_PUBLIC_IP", "203.0.113.7");
             std::env::set_var("SWITCHBOARD_MAX_PARTICIPANTS_PER_ROOM", "5");
@@ -172,6 +181,7 @@ mod tests {
 
     #[test]
     fn unknown_file_keys_and_bad_values_are_errors() {
+        let _env = env_lock();
         assert!(toml::from_str::<FileConfig>("htp_port = 1").is_err());
         assert!(toml::from_str::<FileConfig>("http_port = 70000").is_err());
         assert!(Args::try_parse_from(["switchboard", "--bind", "nope"]).is_err());
