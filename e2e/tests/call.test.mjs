@@ -5,8 +5,8 @@ import assert from 'node:assert/strict';
 import { mkdirSync } from 'node:fs';
 import { chromium } from 'playwright-core';
 
-const URL = process.env.SB_URL;
-assert.ok(URL, 'SB_URL must point at a running node (run e2e/run.sh)');
+const BASE = process.env.SB_URL;
+assert.ok(BASE, 'SB_URL must point at a running node (run e2e/run.sh)');
 const ROOM = `e2e-${process.pid}`;
 
 let browser;
@@ -30,7 +30,7 @@ async function joinPage(name) {
   await context.grantPermissions(['camera', 'microphone']);
   const page = await context.newPage();
   page.on('console', (m) => { if (m.type() === 'error') console.log(`[${name}] ${m.text()}`); });
-  await page.goto(`${URL}/r/${ROOM}`);
+  await page.goto(`${BASE}/r/${ROOM}`);
   await page.fill('#name', name);
   await page.click('#join-btn');
   await page.waitForFunction(() => window.__sb && window.__sb.me, null, { timeout: 10_000 });
