@@ -392,7 +392,7 @@ function tileFor(key) {
     el = document.createElement('div');
     el.className = 'tile';
     el.dataset.key = key;
-    el.innerHTML = '<video autoplay playsinline></video><div class="avatar"><span></span></div><div class="label"><span class="mic-off" hidden>🔇</span><span class="name"></span></div>';
+    el.innerHTML = '<video autoplay playsinline></video><div class="avatar"><span></span></div><div class="label"><svg class="mic-off" hidden viewBox="0 0 24 24" aria-label="muted"><rect x="9" y="3" width="6" height="11" rx="3"/><path d="M5 11a7 7 0 0 0 14 0M12 18v3M4 4l16 16"/></svg><span class="name"></span></div>';
     $('grid').append(el);
   }
   return el;
@@ -418,7 +418,7 @@ function render() {
     el.dataset.name = p.name;
     el.querySelector('.name').textContent = self ? `${p.name} (you)` : p.name;
     el.querySelector('.avatar span').textContent = initials(p.name);
-    el.querySelector('.mic-off').hidden = !p.audio_muted;
+    el.querySelector('.mic-off').toggleAttribute('hidden', !p.audio_muted);
     let stream;
     if (self) {
       stream = state.local;

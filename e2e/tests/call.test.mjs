@@ -100,6 +100,13 @@ test('two pages see and hear each other, share a screen, chat and leave', async 
   await bob.waitForFunction(() => [...document.querySelectorAll('#chat-log .text')]
     .some((e) => e.textContent === 'hello from Alice'), null, { timeout: 5_000 });
 
+  // Mute shows on the other side.
+  await alice.click('#mic-btn');
+  await bob.waitForFunction((id) => {
+    const m = document.querySelector(`.tile[data-participant-id="${id}"]:not([data-screen]) .mic-off`);
+    return m && !m.hasAttribute('hidden');
+  }, aliceId, { timeout: 5_000 });
+
   mkdirSync(new URL('../artifacts/', import.meta.url), { recursive: true });
   await bob.screenshot({ path: new URL('../artifacts/call.png', import.meta.url).pathname });
 
