@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use signal::{ClientMessage, ParticipantView, ServerMessage, Source, TrackSource};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
-use str0m::media::{Direction, MediaKind, Mid};
+pub use str0m::media::MediaKind;
+use str0m::media::{Direction, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::RtpWrite;
 use str0m::{Candidate, Event, Input, Output, Rtc};
@@ -90,6 +91,8 @@ pub struct Received {
     pub payload: Payload,
     pub seq: u64,
     pub at: Instant,
+    /// Wall-clock receive time, comparable with `payload.sent_micros`.
+    pub at_micros: u64,
 }
 
 /// Everything the client has seen. Tests read it through [`Client::state`]
@@ -434,6 +437,7 @@ impl Driver {
                     payload,
                     seq: *pkt.seq_no,
                     at: Instant::now(),
+                    at_micros: micros_now(),
                 };
                 self.with_state(|s| s.tracks.entry(track).or_default().push(rec));
             }
