@@ -46,6 +46,12 @@ use crate::{Participant, ParticipantCommand, RoomStatus, SfuConfig, SfuError, Sf
 /// removed (its browser never sent an offer, or could not reach us).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// A connected participant we have heard nothing from (no STUN consent
+/// check, RTP or RTCP) for this long is gone. Browsers send consent checks
+/// every ~5 s and RTCP every second or so; str0m's own ICE-lite timeout
+/// took ~15 s (measured), too slow to free a vanished participant's tiles.
+const MEDIA_SILENCE_TIMEOUT: Duration = Duration::from_secs(8);
+
 /// Requested UDP buffer sizes (the kernel caps them at net.core.[rw]mem_max).
 const SOCKET_BUFFER: usize = 4 << 20;
 
@@ -255,6 +261,8 @@ struct Peer {
     video_muted: bool,
     joined_at: Instant,
     connected: bool,
+    /// When the last datagram from this participant arrived.
+    last_heard: Instant,
     next_timeout: Instant,
     /// Set when the session must end; the reason goes to the browser.
     ended: Option<End>,
@@ -335,14 +343,18 @@ impl Worker {
 
     fn next_deadline(&self) -> Option<Instant> {
         let peers = self.peers.values().flat_map(|p| {
-            let connect = (!p.connected).then_some(p.joined_at + CONNECT_TIMEOUT);
-            [Some(p.next_timeout), connect]
+            let liveness = if p.connected {
+                p.last_heard + MEDIA_SILENCE_TIMEOUT
+            } else {
+                p.joined_at + CONNECT_TIMEOUT
+            };
+            [p.next_timeout, liveness]
         });
         let keyframes = self
             .rooms
             .values()
             .flat_map(|r| r.tracks.values().map(|t| t.keyframes.deadline()));
-        peers.chain(keyframes).flatten().min()
+        peers.chain(keyframes.flatten()).min()
     }
 
     fn read_socket(&mut self, buf: &mut [u8]) {
@@ -377,6 +389,7 @@ impl Worker {
             return;
         };
         let now = Instant::now();
+        peer.last_heard = now;
         let result = catch_unwind(AssertUnwindSafe(|| {
             peer.rtc.handle_input(Input::Receive(now, receive))
         }));
@@ -410,6 +423,11 @@ impl Worker {
             }
             if !peer.connected && now >= peer.joined_at + CONNECT_TIMEOUT {
                 info!(participant = %peer.id, "ICE never connected; removing");
+                peer.ended = Some(End::Disconnected);
+                continue;
+            }
+            if peer.connected && now >= peer.last_heard + MEDIA_SILENCE_TIMEOUT {
+                info!(participant = %peer.id, "media silent; removing");
                 peer.ended = Some(End::Disconnected);
                 continue;
             }
@@ -636,6 +654,7 @@ impl Worker {
                 video_muted: false,
                 joined_at: now,
                 connected: false,
+                last_heard: now,
                 next_timeout: now,
                 ended: None,
             },
