@@ -116,4 +116,17 @@ test('two pages see and hear each other, share a screen, chat and leave', async 
     aliceId, { timeout: 10_000 });
   const roster = await bob.evaluate(() => window.__sb.roster.map((p) => p.name));
   assert.deepEqual(roster, ['Bob']);
+
+  // A dropped signaling connection is re-established: a new session, and
+  // media flows again with a participant who joins afterwards.
+  const oldId = await bob.evaluate(() => window.__sb.me);
+  await bob.evaluate(() => window.__sb.ws.close());
+  await bob.waitForFunction((old) => window.__sb.me && window.__sb.me !== old
+    && window.__sb.roster.length === 1, oldId, { timeout: 10_000 });
+  const carol = await joinPage('Carol');
+  await waitFor('Bob decodes Carol after reconnecting', async () => {
+    const s = await inbound(bob);
+    return { ok: s.some((x) => x.kind === 'video' && x.framesDecoded > 0), s };
+  }, 10_000);
+  await carol.close();
 });
