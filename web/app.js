@@ -473,11 +473,52 @@ function addChat(msg) {
   }
 }
 
+// ---------- switching devices during a call ----------
+
+function fillCallDevices() {
+  for (const [from, to] of [['cam-select', 'cam-select-call'], ['mic-select', 'mic-select-call']]) {
+    $(to).replaceChildren(...[...$(from).options].map((o) => o.cloneNode(true)));
+    const cur = state.local && (to.startsWith('cam') ? state.local.getVideoTracks() : state.local.getAudioTracks())[0];
+    const id = cur && cur.getSettings().deviceId;
+    if (id && [...$(to).options].some((o) => o.value === id)) $(to).value = id;
+  }
+}
+
+async function switchDevice(kind, deviceId) {
+  const c = kind === 'video' ? { video: deviceId ? { deviceId: { exact: deviceId } } : true }
+    : { audio: deviceId ? { deviceId: { exact: deviceId } } : true };
+  let fresh;
+  try { fresh = await navigator.mediaDevices.getUserMedia(c); } catch {
+    return banner('That device could not be opened.', true);
+  }
+  const track = kind === 'video' ? fresh.getVideoTracks()[0] : fresh.getAudioTracks()[0];
+  const old = kind === 'video' ? state.local.getVideoTracks()[0] : state.local.getAudioTracks()[0];
+  if (old) { state.local.removeTrack(old); old.stop(); }
+  state.local.addTrack(track);
+  const src = kind === 'video' ? 'camera' : 'microphone';
+  const tx = state.pc && state.pc.getTransceivers().find((t) => t.sb_source === src);
+  if (tx) await tx.sender.replaceTrack(track);
+  else if (state.pc) {
+    const t = state.pc.addTransceiver(track, { direction: 'sendonly', streams: [state.local] });
+    t.sb_source = src;
+  }
+  (kind === 'video' ? $('cam-select') : $('mic-select')).value = deviceId;
+  applyMute();
+  render();
+}
+
 // ---------- wiring ----------
 
 $('mic-btn').onclick = () => { state.micMuted = !state.micMuted; applyMute(); render(); };
 $('cam-btn').onclick = () => { state.camOff = !state.camOff; applyMute(); render(); };
 $('screen-btn').onclick = toggleScreen;
+$('dev-btn').onclick = async () => {
+  await listDevices();
+  fillCallDevices();
+  $('devices').hidden = !$('devices').hidden;
+};
+$('cam-select-call').onchange = (e) => switchDevice('video', e.target.value);
+$('mic-select-call').onchange = (e) => switchDevice('audio', e.target.value);
 $('leave-btn').onclick = leave;
 $('chat-btn').onclick = () => {
   $('chat').classList.toggle('closed');
