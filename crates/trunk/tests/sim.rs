@@ -73,7 +73,10 @@ enum Ev {
         node: usize,
         epoch: u64,
     },
-    Act,
+    /// A random action; `calm` ones never cut, crash or inject junk.
+    Act {
+        calm: bool,
+    },
     Restart {
         node: usize,
     },
@@ -520,7 +523,7 @@ impl Sim {
                 n.node.handle_timeout(now);
                 self.pump(node);
             }
-            Ev::Act => self.act(),
+            Ev::Act { calm } => self.act(calm),
             Ev::Restart { node } => self.restart(node),
             Ev::GhostCheck {
                 node,
@@ -708,11 +711,11 @@ impl Sim {
     }
 
     /// One random action, chosen from the current state.
-    fn act(&mut self) {
+    fn act(&mut self, calm: bool) {
         let alive = self.alive();
         let Some(i) = self.pick(&alive) else { return };
         let now = self.now;
-        let roll = self.rng.random_range(0..100);
+        let roll = self.rng.random_range(0..if calm { 85 } else { 100 });
         let room = RoomName::new(ROOMS[self.rng.random_range(0..ROOMS.len())]).expect("valid room");
         let pids: Vec<ParticipantId> = self.nodes[i].participants.keys().copied().collect();
         match roll {
@@ -1085,13 +1088,24 @@ impl Sim {
                 self.rng.random_range(0..200)
             };
             t = t + ms(gap);
-            self.at(t, Ev::Act);
+            self.at(t, Ev::Act { calm: false });
         }
         self.run_until(t);
         self.heal();
         let settle_end = self.now + SETTLE;
         self.run_until(settle_end);
         if self.violation.is_none() {
+            self.check_settled();
+        }
+        // A calm phase on the healed cluster: the normal path, then check again.
+        if self.violation.is_none() {
+            let calm = self.rng.random_range(5..30);
+            let mut t = self.now;
+            for _ in 0..calm {
+                t = t + ms(self.rng.random_range(0..100));
+                self.at(t, Ev::Act { calm: true });
+            }
+            self.run_until(t + ms(4 * MAX_DELAY_MS + 10));
             self.check_settled();
         }
         if self.violation.is_none() {
