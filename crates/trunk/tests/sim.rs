@@ -1127,7 +1127,7 @@ impl Sim {
         match self.violation {
             None => Ok(()),
             Some(v) => Err(format!(
-                "seed {}: {v}\n  replay: SIM_SEED={} cargo test -p trunk --test sim -- --nocapture",
+                "seed {}: {v}\n  replay: SIM_SEED={} cargo test -p trunk --test sim simulate_seeds -- --nocapture",
                 self.seed, self.seed
             )),
         }
