@@ -28,6 +28,8 @@ use trunk::proto::{
 const HEARTBEAT: Duration = Duration::from_secs(1);
 const MISSES: u32 = 3;
 const MAX_DELAY_MS: u64 = 50;
+/// Rare long delays during the fault phase.
+const MAX_LONG_DELAY_MS: u64 = 900;
 /// Long enough for a broken trunk to be declared dead (3 s), the longest
 /// redial backoff (10 s cap) and a resync.
 const SETTLE: Duration = Duration::from_secs(16);
@@ -131,6 +133,8 @@ struct Sim {
     bugs: PlantedBugs,
     trace: bool,
     violation: Option<String>,
+    /// Fault phase: long delays allowed.
+    chaos: bool,
 }
 
 fn config(id: NodeId, bugs: PlantedBugs) -> Config {
@@ -183,6 +187,7 @@ impl Sim {
             bugs,
             trace: std::env::var("SIM_TRACE").is_ok(),
             violation: None,
+            chaos: true,
         }
     }
 
@@ -199,6 +204,11 @@ impl Sim {
     }
 
     fn delay(&mut self) -> Duration {
+        // While faults are injected, a few messages are held much longer
+        // (still under one heartbeat, so "no ghosts" keeps its bound).
+        if self.chaos && self.rng.random_bool(0.02) {
+            return ms(self.rng.random_range(MAX_DELAY_MS..=MAX_LONG_DELAY_MS));
+        }
         ms(self.rng.random_range(0..=MAX_DELAY_MS))
     }
 
@@ -680,7 +690,7 @@ impl Sim {
                 })
                 .collect();
             self.at(
-                now + ms(2 * MAX_DELAY_MS + 1),
+                now + ms(MAX_LONG_DELAY_MS + MAX_DELAY_MS + 1),
                 Ev::GhostCheck {
                     node: i,
                     incarnation,
@@ -897,6 +907,7 @@ impl Sim {
     }
 
     fn heal(&mut self) {
+        self.chaos = false;
         self.cuts.clear();
         for i in 0..self.nodes.len() {
             if !self.nodes[i].alive {
