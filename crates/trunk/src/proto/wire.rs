@@ -216,3 +216,83 @@ pub fn decode_datagram(datagram: &[u8]) -> Result<(WireId, &[u8]), DecodeError> 
         .map_err(|e| DecodeError::Malformed(e.to_string()))?;
     Ok((WireId(id), packet))
 }
+
+/// Reassembles frames from a byte stream (the QUIC control stream delivers
+/// arbitrary chunks). Holds at most one incomplete frame: a length over
+/// [`MAX_FRAME`] is an error before its body is buffered.
+#[derive(Debug, Default)]
+pub struct FrameBuffer {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl FrameBuffer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Append bytes read from the stream.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete frame body, if one is buffered. An error means the
+    /// stream is corrupt: close the trunk.
+    pub fn next_body(&mut self) -> Result<Option<&[u8]>, DecodeError> {
+        if self.start > 0 && self.start * 2 >= self.buf.len() {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        let rest = &self.buf[self.start..];
+        match split_frame(rest)? {
+            Some((_, used)) => {
+                let from = self.start + LEN_PREFIX;
+                self.start += used;
+                Ok(Some(&self.buf[from..self.start]))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Bytes buffered but not yet returned.
+    pub fn pending(&self) -> usize {
+        self.buf.len() - self.start
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_buffer_reassembles_any_split() {
+        let msgs: Vec<Message> = (0..20).map(|seq| Message::Ping { seq }).collect();
+        let mut stream = Vec::new();
+        for m in &msgs {
+            encode_frame_into(m, &mut stream).expect("encodes");
+        }
+        for chunk in [1, 2, 3, 7, 64, stream.len()] {
+            let mut fb = FrameBuffer::new();
+            let mut got = Vec::new();
+            for piece in stream.chunks(chunk) {
+                fb.push(piece);
+                while let Some(body) = fb.next_body().expect("valid stream") {
+                    got.push(decode_body(body).expect("decodes"));
+                }
+            }
+            assert_eq!(got, msgs, "chunk size {chunk}");
+            assert_eq!(fb.pending(), 0);
+        }
+    }
+
+    #[test]
+    fn frame_buffer_refuses_oversized_length_early() {
+        let mut fb = FrameBuffer::new();
+        fb.push(&u32::MAX.to_be_bytes());
+        assert!(fb.next_body().is_err());
+    }
+}
