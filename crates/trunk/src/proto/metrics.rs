@@ -1,0 +1,24 @@
+//! Plain counters; the binary exports them (Prometheus) — the core only counts.
+
+/// Monotonic counters of one node's trunk activity.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Metrics {
+    pub frames_in: u64,
+    pub frames_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub datagrams_in: u64,
+    pub datagrams_out: u64,
+    /// Room-scoped messages for a generation (or room) that is not current here.
+    pub stale_drops: u64,
+    /// Datagrams or messages naming a wire id we do not know.
+    pub unknown_wire_drops: u64,
+    /// Frames that failed to decode or broke the protocol (trunk closed).
+    pub protocol_errors: u64,
+    pub link_ups: u64,
+    pub link_downs: u64,
+    /// Trunks closed by the duplicate rule.
+    pub duplicates_closed: u64,
+    /// Keyframe requests merged by rate limiting.
+    pub keyframes_coalesced: u64,
+}

@@ -1,0 +1,31 @@
+//! Sans-IO core of the trunk protocol (see `docs/TRUNK.md`).
+//!
+//! Inputs are method calls on [`Node`] carrying a [`Time`]; outputs are values
+//! pulled with [`Node::poll_transmit`], [`Node::poll_event`] and
+//! [`Node::poll_timeout`]. Nothing here reads a clock, draws randomness on its
+//! own or touches a socket, so a run is a pure function of its inputs.
+
+mod directory;
+mod error;
+mod heartbeat;
+mod link;
+mod metrics;
+mod node;
+mod ratelimit;
+mod time;
+mod types;
+pub mod wire;
+
+pub use error::{DecodeError, LocalError};
+pub use heartbeat::Heartbeat;
+pub use metrics::Metrics;
+#[cfg(feature = "planted-bugs")]
+pub use node::PlantedBugs;
+pub use node::{Config, Event, Node, NodeSnapshot, PeerSnapshot, RemoteDatagram, Transmit};
+pub use ratelimit::RateLimiter;
+pub use time::Time;
+pub use types::{
+    CloseCode, CodecParams, ConnId, Generation, Gens, Incarnation, Layer, NodeId, ParticipantId,
+    ParticipantInfo, RoomName, RoomNameError, TrackId, TrackInfo, TrackKind, WireId,
+};
+pub use wire::{Message, PROTOCOL_VERSION};

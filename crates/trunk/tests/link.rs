@@ -1,0 +1,539 @@
+//! Link-level behaviour, one property per test: handshake checks, restart
+//! (new incarnation), duplicate trunks, heartbeat death and redial backoff,
+//! Goodbye, protocol errors, subscriptions, keyframe coalescing, datagrams.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+use trunk::proto::wire::{self, Message};
+use trunk::proto::{
+    CloseCode, CodecParams, Config, ConnId, Event, Layer, Node, NodeId, ParticipantId,
+    ParticipantInfo, RoomName, Time, TrackId, TrackInfo, TrackKind, Transmit, WireId,
+};
+
+/// Nodes plus connections delivered instantly, in order, by [`Net::run`].
+struct Net {
+    nodes: Vec<Node>,
+    /// conn → (dialer index, acceptor index)
+    conns: Vec<(ConnId, usize, usize)>,
+    queue: VecDeque<(usize, ConnId, Option<Vec<u8>>)>,
+    events: Vec<Vec<Event>>,
+    closes: Vec<Vec<(ConnId, CloseCode)>>,
+    now: Time,
+}
+
+fn cfg(id: u64) -> Config {
+    Config::new(NodeId(id), "test")
+}
+
+impl Net {
+    fn new(configs: Vec<Config>) -> Self {
+        let n = configs.len();
+        Net {
+            nodes: configs
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| Node::new(c, 100 + i as u64))
+                .collect(),
+            conns: Vec::new(),
+            queue: VecDeque::new(),
+            events: vec![Vec::new(); n],
+            closes: vec![Vec::new(); n],
+            now: Time(0),
+        }
+    }
+
+    /// Node `i` dials node `j` on connection `conn` (connected at once).
+    fn dial(&mut self, i: usize, j: usize, conn: u64) {
+        let conn = ConnId(conn);
+        self.conns.push((conn, i, j));
+        let target = self.nodes[j].node_id();
+        self.nodes[i].handle_connected(conn, Some(target), self.now);
+        self.nodes[j].handle_connected(conn, None, self.now);
+    }
+
+    fn other(&self, conn: ConnId, me: usize) -> Option<usize> {
+        let (_, a, b) = self.conns.iter().find(|c| c.0 == conn)?;
+        Some(if *a == me { *b } else { *a })
+    }
+
+    /// Collect outputs of every node into the queue.
+    fn collect(&mut self) {
+        for i in 0..self.nodes.len() {
+            while let Some(t) = self.nodes[i].poll_transmit() {
+                match t {
+                    Transmit::Frame { conn, bytes } => {
+                        if let Some(j) = self.other(conn, i) {
+                            self.queue.push_back((j, conn, Some(bytes)));
+                        }
+                    }
+                    Transmit::Close { conn, code } => {
+                        self.closes[i].push((conn, code));
+                        if let Some(j) = self.other(conn, i) {
+                            self.queue.push_back((j, conn, None));
+                        }
+                    }
+                }
+            }
+            while let Some(e) = self.nodes[i].poll_event() {
+                self.events[i].push(e);
+            }
+        }
+    }
+
+    /// Deliver until nothing moves.
+    fn run(&mut self) {
+        self.collect();
+        while let Some((j, conn, frame)) = self.queue.pop_front() {
+            match frame {
+                Some(bytes) => {
+                    let body = &bytes[wire::LEN_PREFIX..];
+                    self.nodes[j].handle_frame(conn, body, self.now);
+                }
+                None => self.nodes[j].handle_lost(conn, self.now),
+            }
+            self.collect();
+        }
+    }
+
+    /// Advance time to `t`, firing every timer on the way; frames are not
+    /// delivered (the network is silent).
+    fn advance_silent(&mut self, t: Time) {
+        loop {
+            let next = self
+                .nodes
+                .iter()
+                .filter_map(|n| n.poll_timeout())
+                .filter(|x| *x <= t)
+                .min();
+            let Some(next) = next else { break };
+            self.now = next;
+            for n in &mut self.nodes {
+                if n.poll_timeout().is_some_and(|x| x <= next) {
+                    n.handle_timeout(next);
+                }
+            }
+            self.collect();
+            self.queue.clear();
+        }
+        self.now = t;
+    }
+}
+
+fn room() -> RoomName {
+    RoomName::new("standup").expect("valid")
+}
+
+fn track(p: u64) -> TrackInfo {
+    TrackInfo {
+        participant: ParticipantId(p),
+        kind: TrackKind::Video,
+        codec: CodecParams {
+            mime_type: "video/VP8".into(),
+            clock_rate: 90_000,
+            channels: None,
+            payload_type: 96,
+            fmtp: String::new(),
+        },
+        layers: vec!["l".into(), "h".into()],
+    }
+}
+
+/// Open `standup` with one participant (id = 10 + node index) and one track.
+fn populate(net: &mut Net, i: usize) {
+    let r = room();
+    let now = net.now;
+    let n = &mut net.nodes[i];
+    n.open_room(r.clone(), now).expect("open");
+    let pid = ParticipantId(10 + i as u64);
+    n.participant_joined(
+        &r,
+        ParticipantInfo {
+            id: pid,
+            display_name: "p".into(),
+        },
+    )
+    .expect("join");
+    n.publish_track(&r, TrackId(i as u64), track(pid.0))
+        .expect("publish");
+}
+
+fn up(net: &Net, i: usize, j: usize) -> bool {
+    net.nodes[i].is_link_up(net.nodes[j].node_id())
+}
+
+#[test]
+fn version_and_cluster_are_checked() {
+    let mut other = cfg(2);
+    other.cluster = "elsewhere".into();
+    let mut net = Net::new(vec![cfg(1), other]);
+    net.dial(0, 1, 1);
+    net.run();
+    assert!(!up(&net, 0, 1) && !up(&net, 1, 0));
+    assert!(net.closes[0].contains(&(ConnId(1), CloseCode::WrongCluster)));
+
+    let mut net = Net::new(vec![cfg(1)]);
+    net.nodes[0].handle_connected(ConnId(9), None, Time(0));
+    let hello = Message::Hello {
+        node_id: NodeId(3),
+        incarnation: trunk::proto::Incarnation(1),
+        version: 2,
+        cluster: "test".into(),
+    };
+    let f = wire::encode_frame(&hello).expect("encodes");
+    net.nodes[0].handle_frame(ConnId(9), &f[wire::LEN_PREFIX..], Time(0));
+    net.collect();
+    assert!(net.closes[0].contains(&(ConnId(9), CloseCode::Version)));
+    assert!(!net.nodes[0].is_link_up(NodeId(3)));
+}
+
+#[test]
+fn garbage_or_early_frames_close_the_trunk() {
+    let mut net = Net::new(vec![cfg(1), cfg(2)]);
+    net.dial(0, 1, 1);
+    net.run();
+    assert!(up(&net, 0, 1));
+    net.nodes[1].handle_frame(ConnId(1), &[1, 0xff, 0xff, 0xff], net.now);
+    net.run();
+    assert!(!up(&net, 1, 0));
+    assert!(!up(&net, 0, 1), "the peer learns at once (Goodbye)");
+    assert_eq!(net.nodes[1].metrics().protocol_errors, 1);
+
+    // A message other than Hello first is a protocol error too.
+    let mut net = Net::new(vec![cfg(1)]);
+    net.nodes[0].handle_connected(ConnId(3), None, Time(0));
+    let f = wire::encode_frame(&Message::Ping { seq: 1 }).expect("encodes");
+    net.nodes[0].handle_frame(ConnId(3), &f[wire::LEN_PREFIX..], Time(0));
+    net.collect();
+    assert!(net.closes[0].contains(&(ConnId(3), CloseCode::ProtocolError)));
+}
+
+#[test]
+fn new_incarnation_replaces_the_link_at_once() {
+    let mut net = Net::new(vec![cfg(1), cfg(2)]);
+    populate(&mut net, 0);
+    populate(&mut net, 1);
+    net.dial(0, 1, 1);
+    net.run();
+    assert!(
+        net.events[0]
+            .iter()
+            .any(|e| matches!(e, Event::RemoteTrackAdded { .. }))
+    );
+    // Node 2 crashes silently and comes back with a new incarnation.
+    net.nodes[1] = Node::new(cfg(2), 999);
+    net.events[0].clear();
+    net.conns.push((ConnId(2), 1, 0));
+    net.nodes[1].handle_connected(ConnId(2), Some(NodeId(1)), net.now);
+    net.nodes[0].handle_connected(ConnId(2), None, net.now);
+    net.collect();
+    // Deliver only node 2's Hello to node 1: the old link must go right away.
+    let (j, conn, bytes) = net
+        .queue
+        .iter()
+        .find(|(j, c, _)| *j == 0 && *c == ConnId(2))
+        .cloned()
+        .expect("hello queued");
+    net.queue.clear();
+    let bytes = bytes.expect("frame");
+    net.nodes[j].handle_frame(conn, &bytes[wire::LEN_PREFIX..], net.now);
+    net.collect();
+    let ev = &net.events[0];
+    let down = ev.iter().position(|e| {
+        matches!(
+            e,
+            Event::LinkDown {
+                reason: CloseCode::Replaced,
+                ..
+            }
+        )
+    });
+    let removed = ev
+        .iter()
+        .position(|e| matches!(e, Event::RemoteTrackRemoved { .. }));
+    let upi = ev.iter().position(|e| matches!(e, Event::LinkUp { .. }));
+    assert!(
+        removed.is_some() && down.is_some() && upi.is_some(),
+        "{ev:?}"
+    );
+    assert!(removed < upi && down < upi);
+    assert!(net.closes[0].contains(&(ConnId(1), CloseCode::Replaced)));
+    assert_eq!(
+        net.nodes[0].snapshot().peers[&NodeId(2)].incarnation,
+        Some(net.nodes[1].incarnation())
+    );
+}
+
+#[test]
+fn duplicate_trunks_resolve_to_the_one_dialed_by_the_smaller_id() {
+    for order in [false, true] {
+        let mut net = Net::new(vec![cfg(1), cfg(2)]);
+        // Both dial at once; delivery order varies.
+        if order {
+            net.dial(1, 0, 20);
+            net.dial(0, 1, 10);
+        } else {
+            net.dial(0, 1, 10);
+            net.dial(1, 0, 20);
+        }
+        net.run();
+        assert!(up(&net, 0, 1) && up(&net, 1, 0));
+        for i in 0..2 {
+            assert!(
+                net.closes[i].iter().all(|(c, _)| *c == ConnId(20)),
+                "node {i} closed {:?}",
+                net.closes[i]
+            );
+        }
+        // The survivor carries traffic: RTT is measured on it.
+        net.advance_silent(Time(1_000_000));
+        assert!(net.nodes[0].snapshot().connections == 1);
+    }
+}
+
+#[test]
+fn silent_peer_is_dead_after_misses_then_redialed_with_backoff() {
+    let mut a = cfg(1);
+    a.heartbeat = Duration::from_secs(1);
+    a.misses = 3;
+    let mut net = Net::new(vec![a, cfg(2)]);
+    net.nodes[0].add_peer(NodeId(2), Time(0));
+    net.nodes[0].handle_timeout(Time(0));
+    net.collect();
+    assert_eq!(net.events[0], vec![Event::Redial { node: NodeId(2) }]);
+    net.events[0].clear();
+    net.dial(0, 1, 1);
+    net.run();
+    assert!(up(&net, 0, 1));
+    // Silence from now on.
+    net.advance_silent(Time(2_999_999));
+    assert!(up(&net, 0, 1), "not dead before heartbeat × misses");
+    net.advance_silent(Time(3_000_000));
+    assert!(!up(&net, 0, 1), "dead at heartbeat × misses");
+    assert!(net.events[0].iter().any(|e| matches!(
+        e,
+        Event::LinkDown {
+            reason: CloseCode::Timeout,
+            ..
+        }
+    )));
+    // Redials: each failure doubles the delay (with jitter in [d/2, d]), capped at 10 s.
+    let mut last = net.now;
+    let mut delays = Vec::new();
+    for _ in 0..12 {
+        net.events[0].clear();
+        let due = net.nodes[0].poll_timeout().expect("redial scheduled");
+        net.nodes[0].handle_timeout(due);
+        net.collect();
+        assert!(net.events[0].contains(&Event::Redial { node: NodeId(2) }));
+        delays.push(due.since(last));
+        net.nodes[0].handle_dial_failed(NodeId(2), due);
+        last = due;
+    }
+    let base = Duration::from_millis(100);
+    for (k, d) in delays.iter().enumerate() {
+        let full = base.saturating_mul(1 << k).min(Duration::from_secs(10));
+        assert!(
+            *d >= full / 2 && *d <= full,
+            "attempt {k}: {d:?} vs {full:?}"
+        );
+    }
+}
+
+#[test]
+fn rtt_is_measured_from_ping_pong() {
+    let mut net = Net::new(vec![cfg(1), cfg(2)]);
+    net.dial(0, 1, 1);
+    net.run();
+    net.now = Time(1_000_000);
+    net.nodes[0].handle_timeout(net.now);
+    net.nodes[1].handle_timeout(net.now);
+    net.collect();
+    net.now = Time(1_020_000); // 20 ms later the pings arrive and are answered
+    net.run();
+    assert_eq!(net.nodes[0].rtt(NodeId(2)), Some(Duration::from_millis(20)));
+}
+
+#[test]
+fn shutdown_says_goodbye_and_the_peer_drops_everything_at_once() {
+    let mut net = Net::new(vec![cfg(1), cfg(2)]);
+    populate(&mut net, 0);
+    populate(&mut net, 1);
+    net.dial(0, 1, 1);
+    net.run();
+    net.nodes[1].shutdown(net.now);
+    net.events[0].clear();
+    net.run();
+    assert!(!up(&net, 0, 1));
+    assert!(net.events[0].contains(&Event::LinkDown {
+        node: NodeId(2),
+        reason: CloseCode::Shutdown
+    }));
+    let s = net.nodes[0].snapshot();
+    // A peer we were not told to dial is forgotten entirely.
+    assert!(
+        s.peers
+            .get(&NodeId(2))
+            .is_none_or(|p| p.rooms.is_empty() && p.remote_open.is_empty())
+    );
+    assert!(net.nodes[1].open_room(room(), net.now).is_err());
+}
+
+#[test]
+fn media_flows_only_to_subscribers_and_unknown_wire_ids_are_dropped() {
+    let mut net = Net::new(vec![cfg(1), cfg(2), cfg(3)]);
+    for i in 0..3 {
+        populate(&mut net, i);
+    }
+    net.dial(0, 1, 1);
+    net.dial(0, 2, 2);
+    net.dial(1, 2, 3);
+    net.run();
+    let r = room();
+    // Node 1 subscribes to layer 1 of node 2's track.
+    let wire_id = net.nodes[0].snapshot().peers[&NodeId(2)].rooms[&r]
+        .tracks
+        .keys()
+        .copied()
+        .next()
+        .expect("track");
+    assert!(
+        net.nodes[1]
+            .should_send(NodeId(1), TrackId(1), Layer(1))
+            .is_none()
+    );
+    net.nodes[0]
+        .subscribe(&r, NodeId(2), wire_id, Layer(1))
+        .expect("subscribe");
+    net.run();
+    assert!(net.events[1].contains(&Event::SubscribeRequested {
+        room: r.clone(),
+        node: NodeId(1),
+        track: TrackId(1),
+        layer: Layer(1)
+    }));
+    assert_eq!(
+        net.nodes[1].should_send(NodeId(1), TrackId(1), Layer(1)),
+        Some((ConnId(1), wire_id))
+    );
+    assert!(
+        net.nodes[1]
+            .should_send(NodeId(1), TrackId(1), Layer(0))
+            .is_none()
+    );
+    assert!(
+        net.nodes[1]
+            .should_send(NodeId(3), TrackId(1), Layer(1))
+            .is_none()
+    );
+    assert_eq!(net.nodes[1].media_targets(TrackId(1), Layer(1)).len(), 1);
+
+    let mut d = Vec::new();
+    wire::encode_datagram(wire_id, b"rtp", &mut d);
+    let got = net.nodes[0]
+        .handle_datagram(ConnId(1), &d)
+        .expect("accepted");
+    assert_eq!((got.node, got.packet), (NodeId(2), &b"rtp"[..]));
+    wire::encode_datagram(WireId(4242), b"rtp", &mut d);
+    assert!(net.nodes[0].handle_datagram(ConnId(1), &d).is_none());
+    assert!(net.nodes[0].handle_datagram(ConnId(77), &d).is_none());
+    assert_eq!(net.nodes[0].metrics().unknown_wire_drops, 2);
+
+    net.nodes[0]
+        .unsubscribe(&r, NodeId(2), wire_id, Layer(1))
+        .expect("unsubscribe");
+    net.run();
+    assert!(
+        net.nodes[1]
+            .should_send(NodeId(1), TrackId(1), Layer(1))
+            .is_none()
+    );
+    // Unpublish: the track disappears everywhere; its datagrams are now unknown.
+    net.nodes[1]
+        .unpublish_track(&r, TrackId(1))
+        .expect("unpublish");
+    net.run();
+    wire::encode_datagram(wire_id, b"rtp", &mut d);
+    assert!(net.nodes[0].handle_datagram(ConnId(1), &d).is_none());
+}
+
+#[test]
+fn keyframe_requests_are_coalesced_and_rate_limited() {
+    let mut net = Net::new(vec![cfg(1), cfg(2), cfg(3)]);
+    for i in 0..3 {
+        populate(&mut net, i);
+    }
+    net.dial(0, 1, 1);
+    net.dial(2, 1, 2);
+    net.run();
+    let r = room();
+    let wire_of = |net: &Net, i: usize| {
+        net.nodes[i].snapshot().peers[&NodeId(2)].rooms[&r]
+            .tracks
+            .keys()
+            .copied()
+            .next()
+            .expect("track")
+    };
+    let (w0, w2) = (wire_of(&net, 0), wire_of(&net, 2));
+    let count = |net: &Net| {
+        net.events[1]
+            .iter()
+            .filter(|e| matches!(e, Event::KeyframeRequested { .. }))
+            .count()
+    };
+    // Bursts from two subscriber nodes within the interval: one keyframe now…
+    for k in 0..5u64 {
+        net.now = Time(k * 10_000);
+        net.nodes[0]
+            .request_keyframe(&r, NodeId(2), w0, net.now)
+            .expect("request");
+        net.nodes[2]
+            .request_keyframe(&r, NodeId(2), w2, net.now)
+            .expect("request");
+        net.run();
+    }
+    assert_eq!(count(&net), 1);
+    // …then at most one per interval (500 ms): each subscriber's coalesced
+    // request arrives at 500 ms; the origin lets one through and holds the
+    // other until 1000 ms. Nothing after that.
+    let mut seen = Vec::new();
+    for t in [
+        400_000u64, 500_000, 520_000, 999_000, 1_000_000, 1_100_000, 3_000_000,
+    ] {
+        net.now = Time(t);
+        for n in &mut net.nodes {
+            n.handle_timeout(Time(t));
+        }
+        net.run();
+        seen.push(count(&net));
+    }
+    assert_eq!(seen, [1, 2, 2, 2, 3, 3, 3], "{:?}", net.events[1]);
+}
+
+#[test]
+fn data_is_relayed_in_order() {
+    let mut net = Net::new(vec![cfg(1), cfg(2)]);
+    populate(&mut net, 0);
+    populate(&mut net, 1);
+    net.dial(0, 1, 1);
+    net.run();
+    for k in 0..50u8 {
+        net.nodes[0]
+            .send_data(&room(), ParticipantId(10), &[k])
+            .expect("send");
+    }
+    net.run();
+    let got: Vec<u8> = net.events[1]
+        .iter()
+        .filter_map(|e| match e {
+            Event::DataReceived { payload, .. } => payload.first().copied(),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(got, (0..50).collect::<Vec<u8>>());
+    assert!(
+        net.nodes[0]
+            .send_data(&room(), ParticipantId(10), &vec![0; 70_000])
+            .is_err()
+    );
+}
