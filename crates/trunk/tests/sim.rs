@@ -135,6 +135,9 @@ struct Sim {
     violation: Option<String>,
     /// Fault phase: long delays allowed.
     chaos: bool,
+    /// `SIM_DUMP_CORPUS=dir`: frames delivered per connection direction,
+    /// written out as seed inputs for the `frame` fuzz target.
+    dump: Option<BTreeMap<(u64, usize), Vec<u8>>>,
 }
 
 fn config(id: NodeId, bugs: PlantedBugs) -> Config {
@@ -188,6 +191,9 @@ impl Sim {
             trace: std::env::var("SIM_TRACE").is_ok(),
             violation: None,
             chaos: true,
+            dump: std::env::var("SIM_DUMP_CORPUS")
+                .ok()
+                .map(|_| BTreeMap::new()),
         }
     }
 
@@ -487,6 +493,12 @@ impl Sim {
                 let Some(i) = self.end_alive(conn, to) else {
                     return;
                 };
+                if let Some(d) = self.dump.as_mut() {
+                    let stream = d.entry((conn, to)).or_default();
+                    if stream.len() < 4096 {
+                        stream.extend_from_slice(&bytes);
+                    }
+                }
                 match wire::split_frame(&bytes) {
                     Ok(Some((body, used))) if used == bytes.len() => {
                         self.nodes[i].node.handle_frame(ConnId(conn), body, now)
@@ -1134,6 +1146,14 @@ impl Sim {
         }
         for i in 0..self.nodes.len() {
             self.collect(i);
+        }
+        if let (Some(d), Ok(dir)) = (&self.dump, std::env::var("SIM_DUMP_CORPUS")) {
+            for ((conn, to), stream) in d {
+                let path = format!("{dir}/sim-{}-{conn}-{to}", self.seed);
+                if let Err(e) = std::fs::write(&path, stream) {
+                    eprintln!("cannot write {path}: {e}");
+                }
+            }
         }
         match self.violation {
             None => Ok(()),
