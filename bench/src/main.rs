@@ -1,1 +1,194 @@
-fn main() {}
+//! Load generator: one publisher sending a ~1 Mbit/s video-like RTP stream
+//! (plus a small audio stream) to N subscribers through a separate
+//! `switchboard` process. Reports forwarded packets per CPU-second of the
+//! server process and per-packet forwarding latency (payload send time vs
+//! receive time, same machine clock).
+//!
+//! cargo build --release -p switchboard -p switchboard-bench
+//! target/release/switchboard-bench --subscribers 10,50,100 --seconds 10
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use signal::Source;
+use testkit::{Client, MediaKind};
+
+#[derive(Parser)]
+struct Args {
+    /// Subscriber counts to run, one run each.
+    #[arg(long, value_delimiter = ',', default_value = "10,50,100")]
+    subscribers: Vec<usize>,
+    /// Measured seconds per run (after every subscriber receives).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// The server binary.
+    #[arg(long, default_value = "target/release/switchboard")]
+    bin: String,
+    /// Video packet size and interval: 1100 B every 10 ms ~ 0.9 Mbit/s.
+    #[arg(long, default_value_t = 1100)]
+    video_bytes: usize,
+    #[arg(long, default_value_t = 10)]
+    video_interval_ms: u64,
+}
+
+struct Server {
+    child: Child,
+    http: String,
+}
+
+impl Server {
+    fn start(bin: &str) -> anyhow::Result<Server> {
+        let mut child = Command::new(bin)
+            .args(["--http-port", "0", "--media-port", "0"])
+            .args(["--max-participants-per-room", "10000"])
+            .env("SWITCHBOARD_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {bin}"))?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let http = line
+            .split("http://")
+            .nth(1)
+            .map(|s| s.trim().trim_end_matches('/').to_string())
+            .context("server did not print its URL")?;
+        Ok(Server { child, http })
+    }
+
+    /// utime + stime of the server process, in seconds.
+    fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        cpu_of(&format!("/proc/{}/stat", self.child.id()))
+    }
+
+    fn metric(&self, name: &str) -> anyhow::Result<u64> {
+        let mut s = TcpStream::connect(&self.http)?;
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        body.lines()
+            .find_map(|l| {
+                let mut it = l.split_whitespace();
+                (it.next() == Some(name)).then(|| it.next()?.parse().ok())?
+            })
+            .with_context(|| format!("metric {name} missing"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn cpu_of(stat: &str) -> anyhow::Result<f64> {
+    let text = std::fs::read_to_string(stat)?;
+    // Fields after the ")" of the command name; utime, stime are 14 and 15.
+    let rest = text.rsplit_once(')').context("stat format")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    Ok(ticks / 100.0) // USER_HZ is 100 on Linux
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+async fn run(args: &Args, n: usize) -> anyhow::Result<()> {
+    let server = Server::start(&args.bin)?;
+    let url = format!("ws://{}/ws", server.http);
+    let room = format!("bench-{n}");
+    let mut publisher = Client::join_ws(&url, &room, "publisher").await?;
+    publisher.publish(
+        MediaKind::Video,
+        Source::Camera,
+        Duration::from_millis(args.video_interval_ms),
+        args.video_bytes,
+    );
+    publisher.publish(
+        MediaKind::Audio,
+        Source::Microphone,
+        Duration::from_millis(20),
+        120,
+    );
+    let mut subs = Vec::with_capacity(n);
+    for i in 0..n {
+        subs.push(Client::join_ws(&url, &room, &format!("sub{i}")).await?);
+    }
+    let pid = publisher.id.clone();
+    for s in &subs {
+        s.wait_until("both tracks flowing", Duration::from_secs(60), |st| {
+            let t = st.tracks_from(&pid);
+            t.len() == 2 && t.iter().all(|t| st.count(t) > 0)
+        })
+        .await?;
+    }
+    let start_marks: Vec<usize> = subs
+        .iter()
+        .map(|s| s.state(|st| st.tracks.values().map(|v| v.len()).sum()))
+        .collect();
+    let cpu0 = server.cpu_seconds()?;
+    let gen0 = cpu_of("/proc/self/stat")?;
+    let out0 = server.metric("switchboard_rtp_packets_out_total")?;
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(args.seconds)).await;
+    let wall = t0.elapsed().as_secs_f64();
+    let out1 = server.metric("switchboard_rtp_packets_out_total")?;
+    let cpu1 = server.cpu_seconds()?;
+    let gen1 = cpu_of("/proc/self/stat")?;
+    let mut lat = Vec::new();
+    let mut received = 0usize;
+    for (s, mark) in subs.iter().zip(start_marks) {
+        s.state(|st| {
+            let mut all: Vec<&testkit::Received> = st.tracks.values().flatten().collect();
+            all.sort_by_key(|r| r.at);
+            for r in all.into_iter().skip(mark) {
+                received += 1;
+                lat.push(r.at_micros.saturating_sub(r.payload.sent_micros));
+            }
+        });
+    }
+    lat.sort_unstable();
+    let forwarded = out1 - out0;
+    let cpu = cpu1 - cpu0;
+    println!(
+        "| {n} | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {} |",
+        forwarded as f64 / wall,
+        forwarded as f64 / cpu.max(0.01),
+        cpu / wall,
+        received as f64 / wall,
+        percentile(&lat, 0.5) as f64 / 1000.0,
+        percentile(&lat, 0.99) as f64 / 1000.0,
+        (gen1 - gen0) / wall,
+        lat.len(),
+    );
+    if received == 0 {
+        bail!("no packets received during the run");
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    println!(
+        "| subscribers | forwarded pkt/s | forwarded pkt per server CPU-s | server CPU (cores) | received pkt/s | latency p50 ms | latency p99 ms | load generator CPU (cores) | samples |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for &n in &args.subscribers {
+        run(&args, n).await?;
+    }
+    Ok(())
+}

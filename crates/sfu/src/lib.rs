@@ -11,7 +11,10 @@ use std::sync::Arc;
 
 pub use signal::{DisplayName, ParticipantView, RoomName, ServerMessage, TrackSource};
 
+mod demux;
+mod keyframe;
 mod metrics;
+mod rewrite;
 mod worker;
 
 pub use metrics::SfuMetrics;
@@ -121,7 +124,13 @@ impl Sfu {
     /// Tell every participant the node is going away (`error shutting_down`),
     /// close their sessions and join the worker thread.
     pub fn shutdown(self) {
-        self.inner.shutdown()
+        self.inner.stop()
+    }
+
+    /// Like [`Sfu::shutdown`], for a media plane shared behind an `Arc`:
+    /// blocks until the worker has stopped; later calls return at once.
+    pub fn close(&self) {
+        self.inner.stop()
     }
 }
 

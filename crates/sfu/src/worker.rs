@@ -1,40 +1,94 @@
-//! PLACEHOLDER worker so the API compiles; the media helper replaces this
-//! file (and adds modules) with the real str0m worker.
+//! The media worker: one thread that owns a UDP socket and whole rooms.
+//!
+//! mediasoup's model: everything about a room lives on one thread, so
+//! forwarding a packet from a publisher to its subscribers is a function call
+//! over plain data, never a channel hop. Handles on other threads
+//! ([`crate::Participant`], [`crate::Sfu`]) talk to the worker through a
+//! command channel and a [`mio::Waker`]. A second worker per core later means
+//! a second instance of [`Worker`] with its own socket and rooms.
+//!
+//! Each participant is one str0m `Rtc` in RTP mode (ICE-lite, DTLS-SRTP).
+//! The loop: wait on the socket, the waker, or the earliest str0m timeout;
+//! feed datagrams and timeouts in; drive the `Rtc`s that were touched until
+//! they report their next timeout; act on their events (forward RTP, relay
+//! keyframe requests, publish/unpublish, renegotiate).
 
-use std::net::{SocketAddr, UdpSocket};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::{Receiver, Sender, unbounded};
-use signal::{DisplayName, RoomName, ServerMessage};
+use crossbeam_channel::{Receiver, Sender, TryRecvError, unbounded};
+use mio::net::UdpSocket;
+use mio::{Events, Interest, Poll, Token, Waker};
+use signal::{
+    DisplayName, ErrorCode, Kind, ParticipantView, RoomName, ServerMessage, Source, TrackView,
+};
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::format::PayloadParams;
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::{debug, info, warn};
 
+use crate::demux::Demux;
+use crate::keyframe::{KEYFRAME_INTERVAL, KeyframeLimiter};
+use crate::rewrite::Rewriter;
 use crate::{Participant, ParticipantCommand, RoomStatus, SfuConfig, SfuError, SfuMetrics};
+
+/// A participant that has not completed ICE this long after joining is
+/// removed (its browser never sent an offer, or could not reach us).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A connected participant we have heard nothing from (no STUN consent
+/// check, RTP or RTCP) for this long is gone. Browsers send consent checks
+/// every ~5 s and RTCP every second or so; str0m's own ICE-lite timeout
+/// took ~15 s (measured), too slow to free a vanished participant's tiles.
+const MEDIA_SILENCE_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// Requested UDP buffer sizes (the kernel caps them at net.core.[rw]mem_max).
+const SOCKET_BUFFER: usize = 4 << 20;
+
+const SOCKET: Token = Token(0);
+const WAKER: Token = Token(1);
 
 enum Cmd {
     Join {
         id: String,
         room: RoomName,
         name: DisplayName,
-        events: tokio::sync::mpsc::UnboundedSender<ServerMessage>,
+        events: UnboundedSender<ServerMessage>,
     },
-    #[expect(dead_code, reason = "placeholder: the real worker reads these")]
     Participant(String, ParticipantCommand),
     Leave(String),
     Status(tokio::sync::oneshot::Sender<Vec<RoomStatus>>),
     Shutdown,
 }
 
+/// Sends commands to the worker and wakes it.
 #[derive(Clone)]
 pub(crate) struct Commands {
     tx: Sender<Cmd>,
+    waker: Arc<Waker>,
 }
 
 impl Commands {
+    fn send(&self, cmd: Cmd) -> Result<(), SfuError> {
+        self.tx.send(cmd).map_err(|_| SfuError::Stopped)?;
+        // A failed wake means the poll is gone, i.e. the worker has stopped.
+        self.waker.wake().map_err(|_| SfuError::Stopped)
+    }
     pub(crate) fn participant(&self, id: &str, cmd: ParticipantCommand) {
-        let _ = self.tx.send(Cmd::Participant(id.to_owned(), cmd));
+        let _ = self.send(Cmd::Participant(id.to_owned(), cmd));
     }
     pub(crate) fn leave(&self, id: &str) {
-        let _ = self.tx.send(Cmd::Leave(id.to_owned()));
+        let _ = self.send(Cmd::Leave(id.to_owned()));
     }
 }
 
@@ -42,25 +96,56 @@ pub(crate) struct Handle {
     commands: Commands,
     addr: SocketAddr,
     metrics: Arc<SfuMetrics>,
-    thread: Option<JoinHandle<()>>,
+    thread: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Handle {
     pub(crate) fn start(config: SfuConfig) -> Result<Handle, SfuError> {
         let addr = SocketAddr::new(config.bind, config.media_port);
-        let socket = UdpSocket::bind(addr).map_err(|source| SfuError::Bind { addr, source })?;
-        let addr = socket.local_addr().map_err(SfuError::Worker)?;
+        let std_socket =
+            std::net::UdpSocket::bind(addr).map_err(|source| SfuError::Bind { addr, source })?;
+        std_socket.set_nonblocking(true).map_err(SfuError::Worker)?;
+        // The default receive buffer (~200 KiB) holds well under 100 video
+        // packets: one slow turn of the loop (a DTLS handshake, a burst of
+        // keyframes) would overflow it and lose media for every subscriber.
+        let sock = socket2::SockRef::from(&std_socket);
+        let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+        let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+        let local = std_socket.local_addr().map_err(SfuError::Worker)?;
+        let mut socket = UdpSocket::from_std(std_socket);
+        let poll = Poll::new().map_err(SfuError::Worker)?;
+        poll.registry()
+            .register(&mut socket, SOCKET, Interest::READABLE)
+            .map_err(SfuError::Worker)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(SfuError::Worker)?);
         let (tx, rx) = unbounded();
         let metrics = Arc::new(SfuMetrics::default());
+        // The address browsers are told: the public one if configured. str0m
+        // only accepts STUN addressed to a local candidate, so datagrams are
+        // fed to it as if addressed there.
+        let advertised = SocketAddr::new(config.public_ip.unwrap_or(config.bind), local.port());
+        let worker = Worker {
+            config,
+            socket,
+            advertised,
+            metrics: metrics.clone(),
+            peers: HashMap::new(),
+            rooms: BTreeMap::new(),
+            demux: Demux::default(),
+            next_pid: 1,
+            next_track: 1,
+            dirty: HashSet::new(),
+            ids: HashMap::new(),
+        };
         let thread = std::thread::Builder::new()
             .name("sfu-worker".into())
-            .spawn(move || run(rx))
+            .spawn(move || worker.run(poll, rx))
             .map_err(SfuError::Worker)?;
         Ok(Handle {
-            commands: Commands { tx },
-            addr,
+            commands: Commands { tx, waker },
+            addr: local,
             metrics,
-            thread: Some(thread),
+            thread: std::sync::Mutex::new(Some(thread)),
         })
     }
     pub(crate) fn media_addr(&self) -> SocketAddr {
@@ -72,15 +157,12 @@ impl Handle {
     pub(crate) fn join(&self, room: RoomName, name: DisplayName) -> Result<Participant, SfuError> {
         let id = format!("{:016x}", rand::random::<u64>());
         let (etx, erx) = tokio::sync::mpsc::unbounded_channel();
-        self.commands
-            .tx
-            .send(Cmd::Join {
-                id: id.clone(),
-                room,
-                name,
-                events: etx,
-            })
-            .map_err(|_| SfuError::Stopped)?;
+        self.commands.send(Cmd::Join {
+            id: id.clone(),
+            room,
+            name,
+            events: etx,
+        })?;
         Ok(Participant {
             id,
             commands: self.commands.clone(),
@@ -89,18 +171,18 @@ impl Handle {
     }
     pub(crate) async fn status(&self) -> Result<Vec<RoomStatus>, SfuError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.commands
-            .tx
-            .send(Cmd::Status(tx))
-            .map_err(|_| SfuError::Stopped)?;
+        self.commands.send(Cmd::Status(tx))?;
         rx.await.map_err(|_| SfuError::Stopped)
     }
-    pub(crate) fn shutdown(mut self) {
-        self.stop();
-    }
-    fn stop(&mut self) {
-        let _ = self.commands.tx.send(Cmd::Shutdown);
-        if let Some(t) = self.thread.take() {
+    /// Stop the worker (every participant is told `shutting_down`) and wait
+    /// for its thread. Idempotent.
+    pub(crate) fn stop(&self) {
+        let _ = self.commands.send(Cmd::Shutdown);
+        let thread = match self.thread.lock() {
+            Ok(mut t) => t.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(t) = thread {
             let _ = t.join();
         }
     }
@@ -112,29 +194,1028 @@ impl Drop for Handle {
     }
 }
 
-fn run(rx: Receiver<Cmd>) {
-    let mut sessions: Vec<(String, tokio::sync::mpsc::UnboundedSender<ServerMessage>)> = Vec::new();
-    while let Ok(cmd) = rx.recv() {
+/// Worker-local participant key (cheap to copy and hash; the public id is a string).
+type Pid = u64;
+
+/// A published track, as the room knows it.
+///
+/// This is the seam for the trunk: the room forwards by track, and a track's
+/// publisher is a room member — today always a local participant; a remote
+/// node's adapter will be another kind of member publishing the same way.
+#[derive(Debug)]
+struct Track {
+    id: String,
+    owner: Pid,
+    /// The m-line on the publisher's PeerConnection that carries it.
+    mid: Mid,
+    kind: MediaKind,
+    source: Source,
+    keyframes: KeyframeLimiter,
+}
+
+#[derive(Debug, Default)]
+struct Room {
+    members: Vec<Pid>,
+    /// Track id -> track, in publication order.
+    tracks: BTreeMap<String, Track>,
+}
+
+/// One forwarded track on a subscriber's PeerConnection.
+struct Subscription {
+    mid: Mid,
+    rewriter: Rewriter,
+    /// Publisher payload type -> subscriber payload type (None: no common codec).
+    pt_map: Vec<(u8, Option<u8>)>,
+    /// Whether the subscriber has accepted the m-line (answer applied).
+    active: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Joined; waiting for the browser's first offer.
+    AwaitingOffer,
+    /// First offer/answer done; the server may renegotiate.
+    Negotiated,
+}
+
+struct Peer {
+    id: String,
+    room: RoomName,
+    name: DisplayName,
+    rtc: Rtc,
+    events: UnboundedSender<ServerMessage>,
+    phase: Phase,
+    /// The server's outstanding offer, if any (at most one).
+    pending: Option<SdpPendingOffer>,
+    /// A change happened while an offer was outstanding: offer again after.
+    renegotiate: bool,
+    /// Sources the browser declared for its sending mids.
+    declared: HashMap<String, Source>,
+    /// Our mids on which the browser publishes -> room track id.
+    published: HashMap<Mid, String>,
+    /// Room track id -> how it is forwarded to this participant.
+    subs: HashMap<String, Subscription>,
+    /// Subscriber mid -> track id (for keyframe requests).
+    sub_by_mid: HashMap<Mid, String>,
+    audio_muted: bool,
+    video_muted: bool,
+    joined_at: Instant,
+    connected: bool,
+    /// When the last datagram from this participant arrived.
+    last_heard: Instant,
+    next_timeout: Instant,
+    /// Set when the session must end; the reason goes to the browser.
+    ended: Option<End>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The browser left (socket closed / `leave`): nothing to tell.
+    Left,
+    /// ICE died or never came up.
+    Disconnected,
+    /// str0m failed or panicked on this participant.
+    Failed,
+}
+
+struct Worker {
+    config: SfuConfig,
+    socket: UdpSocket,
+    advertised: SocketAddr,
+    metrics: Arc<SfuMetrics>,
+    peers: HashMap<Pid, Peer>,
+    rooms: BTreeMap<RoomName, Room>,
+    demux: Demux<Pid>,
+    /// Public id -> worker key.
+    ids: HashMap<String, Pid>,
+    next_pid: Pid,
+    next_track: u64,
+    /// Peers whose `Rtc` got input and must be polled until their next timeout.
+    dirty: HashSet<Pid>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn kind_of(k: MediaKind) -> Kind {
+    match k {
+        MediaKind::Audio => Kind::Audio,
+        MediaKind::Video => Kind::Video,
+    }
+}
+
+impl Worker {
+    fn run(mut self, mut poll: Poll, rx: Receiver<Cmd>) {
+        let mut events = Events::with_capacity(64);
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let timeout = self
+                .next_deadline()
+                .map(|t| t.saturating_duration_since(Instant::now()));
+            if let Err(e) = poll.poll(&mut events, timeout)
+                && e.kind() != ErrorKind::Interrupted
+            {
+                warn!(error = %e, "media poll failed; worker stops");
+                break;
+            }
+            self.read_socket(&mut buf);
+            loop {
+                match rx.try_recv() {
+                    Ok(Cmd::Shutdown) | Err(TryRecvError::Disconnected) => {
+                        self.shutdown();
+                        return;
+                    }
+                    Ok(cmd) => self.command(cmd),
+                    Err(TryRecvError::Empty) => break,
+                }
+            }
+            self.drive_dirty();
+            self.timeouts(Instant::now());
+            self.drive_dirty();
+            self.reap();
+        }
+        self.shutdown();
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let peers = self.peers.values().flat_map(|p| {
+            let liveness = if p.connected {
+                p.last_heard + MEDIA_SILENCE_TIMEOUT
+            } else {
+                p.joined_at + CONNECT_TIMEOUT
+            };
+            [p.next_timeout, liveness]
+        });
+        let keyframes = self
+            .rooms
+            .values()
+            .flat_map(|r| r.tracks.values().map(|t| t.keyframes.deadline()));
+        peers.chain(keyframes.flatten()).min()
+    }
+
+    fn read_socket(&mut self, buf: &mut [u8]) {
+        loop {
+            match self.socket.recv_from(buf) {
+                Ok((n, source)) => self.datagram(source, &buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // ICMP errors from a vanished peer surface here on Linux; not fatal.
+                    debug!(error = %e, "media socket recv error");
+                    break;
+                }
+            }
+        }
+    }
+
+    fn datagram(&mut self, source: SocketAddr, data: &[u8]) {
+        let Some(pid) = self.demux.route(source, data) else {
+            self.metrics
+                .udp_packets_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let Ok(receive) = Receive::new(Protocol::Udp, source, self.advertised, data) else {
+            self.metrics
+                .udp_packets_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let Some(peer) = self.peers.get_mut(&pid) else {
+            return;
+        };
+        let now = Instant::now();
+        peer.last_heard = now;
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            peer.rtc.handle_input(Input::Receive(now, receive))
+        }));
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(participant = %peer.id, error = %e, "input refused"),
+            Err(_) => {
+                warn!(participant = %peer.id, "str0m panicked on input; dropping participant");
+                peer.ended = Some(End::Failed);
+            }
+        }
+        // str0m wants its output drained after every input: a second input
+        // first could overwrite what the first produced (measured: RTP
+        // packets lost when two arrived in one socket read batch).
+        self.drive_now(pid);
+    }
+
+    /// Drive one `Rtc` to its next timeout and act on its events at once.
+    fn drive_now(&mut self, pid: Pid) {
+        self.dirty.remove(&pid);
+        for e in self.drive(pid) {
+            self.event(pid, e);
+        }
+    }
+
+    fn timeouts(&mut self, now: Instant) {
+        let mut due = Vec::new();
+        for (pid, peer) in self.peers.iter_mut() {
+            if peer.ended.is_some() {
+                continue;
+            }
+            if !peer.connected && now >= peer.joined_at + CONNECT_TIMEOUT {
+                info!(participant = %peer.id, "ICE never connected; removing");
+                peer.ended = Some(End::Disconnected);
+                continue;
+            }
+            if peer.connected && now >= peer.last_heard + MEDIA_SILENCE_TIMEOUT {
+                info!(participant = %peer.id, "media silent; removing");
+                peer.ended = Some(End::Disconnected);
+                continue;
+            }
+            if now >= peer.next_timeout {
+                let r = catch_unwind(AssertUnwindSafe(|| {
+                    peer.rtc.handle_input(Input::Timeout(now))
+                }));
+                if r.is_err() {
+                    peer.ended = Some(End::Failed);
+                }
+                due.push(*pid);
+            }
+        }
+        for pid in due {
+            self.drive_now(pid);
+        }
+        let mut requests = Vec::new();
+        for room in self.rooms.values_mut() {
+            for t in room.tracks.values_mut() {
+                if t.keyframes.poll(now) {
+                    requests.push((t.owner, t.mid));
+                }
+            }
+        }
+        for (owner, mid) in requests {
+            self.send_keyframe_request(owner, mid);
+        }
+    }
+
+    /// Poll every touched `Rtc` until it reports its next timeout, then act
+    /// on what it said. Acting may touch other `Rtc`s (forwarding), so repeat
+    /// until nothing is left.
+    fn drive_dirty(&mut self) {
+        while !self.dirty.is_empty() {
+            let batch: Vec<Pid> = self.dirty.drain().collect();
+            for pid in batch {
+                let events = self.drive(pid);
+                for e in events {
+                    self.event(pid, e);
+                }
+            }
+        }
+    }
+
+    fn drive(&mut self, pid: Pid) -> Vec<Event> {
+        let Some(peer) = self.peers.get_mut(&pid) else {
+            return Vec::new();
+        };
+        let socket = &self.socket;
+        let metrics = &self.metrics;
+        let mut events = Vec::new();
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            loop {
+                match peer.rtc.poll_output() {
+                    Ok(Output::Transmit(t)) => {
+                        if let Err(e) = socket.send_to(&t.contents, t.destination) {
+                            debug!(error = %e, to = %t.destination, "media send failed");
+                            metrics.udp_packets_dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Ok(Output::Timeout(t)) => {
+                        peer.next_timeout = t;
+                        return true;
+                    }
+                    Ok(Output::Event(e)) => events.push(e),
+                    Err(e) => {
+                        warn!(participant = %peer.id, error = %e, "rtc failed");
+                        return false;
+                    }
+                }
+            }
+        }));
+        match result {
+            Ok(true) => {}
+            Ok(false) => peer.ended = Some(End::Failed),
+            Err(_) => {
+                warn!(participant = %peer.id, "str0m panicked; dropping participant");
+                peer.ended = Some(End::Failed);
+            }
+        }
+        if !peer.rtc.is_alive() && peer.ended.is_none() {
+            peer.ended = Some(End::Disconnected);
+        }
+        events
+    }
+
+    fn event(&mut self, pid: Pid, event: Event) {
+        match event {
+            Event::RtpPacket(pkt) => self.forward(pid, pkt),
+            Event::KeyframeRequest(req) => self.keyframe_request_from_subscriber(pid, req.mid),
+            Event::Connected => {
+                if let Some(p) = self.peers.get_mut(&pid) {
+                    p.connected = true;
+                    info!(participant = %p.id, "media connected");
+                }
+            }
+            Event::IceConnectionStateChange(state) => {
+                if let Some(p) = self.peers.get_mut(&pid) {
+                    debug!(participant = %p.id, ?state, "ICE state");
+                    if state == IceConnectionState::Disconnected && p.ended.is_none() {
+                        info!(participant = %p.id, "ICE disconnected; removing");
+                        p.ended = Some(End::Disconnected);
+                    }
+                }
+            }
+            Event::MediaAdded(m) => self.media_direction(pid, m.mid, m.kind, m.direction),
+            Event::MediaChanged(m) => {
+                let kind = self
+                    .peers
+                    .get(&pid)
+                    .and_then(|p| p.rtc.media(m.mid))
+                    .map(|media| media.kind());
+                if let Some(kind) = kind {
+                    self.media_direction(pid, m.mid, kind, m.direction);
+                }
+            }
+            Event::Closed => {
+                if let Some(p) = self.peers.get_mut(&pid) {
+                    p.ended.get_or_insert(End::Disconnected);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // ---- commands -------------------------------------------------------
+
+    fn command(&mut self, cmd: Cmd) {
         match cmd {
             Cmd::Join {
                 id,
                 room,
                 name,
                 events,
-            } => {
-                let _ = events.send(ServerMessage::Joined {
-                    participant_id: id.clone(),
-                    room: room.to_string(),
-                    name: name.to_string(),
-                });
-                sessions.push((id, events));
+            } => self.join(id, room, name, events),
+            Cmd::Participant(id, cmd) => {
+                if let Some(pid) = self.ids.get(&id).copied() {
+                    self.participant_command(pid, cmd);
+                }
             }
-            Cmd::Participant(..) => {}
-            Cmd::Leave(id) => sessions.retain(|(i, _)| *i != id),
+            Cmd::Leave(id) => {
+                if let Some(p) = self.ids.get(&id).and_then(|pid| self.peers.get_mut(pid)) {
+                    p.ended.get_or_insert(End::Left);
+                }
+            }
             Cmd::Status(reply) => {
-                let _ = reply.send(Vec::new());
+                let rooms = self
+                    .rooms
+                    .keys()
+                    .map(|name| RoomStatus {
+                        name: name.to_string(),
+                        participants: self.roster(name),
+                    })
+                    .collect();
+                let _ = reply.send(rooms);
             }
-            Cmd::Shutdown => break,
+            Cmd::Shutdown => {}
         }
     }
+
+    fn join(
+        &mut self,
+        id: String,
+        room: RoomName,
+        name: DisplayName,
+        events: UnboundedSender<ServerMessage>,
+    ) {
+        let members = self.rooms.get(&room).map_or(0, |r| r.members.len());
+        if members >= self.config.max_participants_per_room {
+            let _ = events.send(ServerMessage::Error {
+                code: ErrorCode::Full,
+                message: format!(
+                    "room {room} is full ({} participants)",
+                    self.config.max_participants_per_room
+                ),
+            });
+            return; // dropping `events` ends the session
+        }
+        let now = Instant::now();
+        let mut rtc = Rtc::builder()
+            .set_ice_lite(true)
+            .set_rtp_mode(true)
+            .build(now);
+        match Candidate::host(self.advertised, "udp") {
+            Ok(c) => {
+                rtc.add_local_candidate(c);
+            }
+            Err(e) => {
+                warn!(error = %e, addr = %self.advertised, "cannot advertise media address");
+                let _ = events.send(ServerMessage::Error {
+                    code: ErrorCode::Internal,
+                    message: "media address unusable".into(),
+                });
+                return;
+            }
+        }
+        let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
+        let pid = self.next_pid;
+        self.next_pid += 1;
+        self.demux.add(ufrag, pid);
+        self.ids.insert(id.clone(), pid);
+        let _ = events.send(ServerMessage::Joined {
+            participant_id: id.clone(),
+            room: room.to_string(),
+            name: name.to_string(),
+        });
+        info!(participant = %id, %room, %name, "joined");
+        self.peers.insert(
+            pid,
+            Peer {
+                id,
+                room: room.clone(),
+                name,
+                rtc,
+                events,
+                phase: Phase::AwaitingOffer,
+                pending: None,
+                renegotiate: false,
+                declared: HashMap::new(),
+                published: HashMap::new(),
+                subs: HashMap::new(),
+                sub_by_mid: HashMap::new(),
+                audio_muted: false,
+                video_muted: false,
+                joined_at: now,
+                connected: false,
+                last_heard: now,
+                next_timeout: now,
+                ended: None,
+            },
+        );
+        let r = self.rooms.entry(room.clone()).or_default();
+        r.members.push(pid);
+        self.update_gauges();
+        self.dirty.insert(pid);
+        self.broadcast_roster(&room);
+    }
+
+    fn participant_command(&mut self, pid: Pid, cmd: ParticipantCommand) {
+        let Some(peer) = self.peers.get_mut(&pid) else {
+            return;
+        };
+        if peer.ended.is_some() {
+            return;
+        }
+        match cmd {
+            ParticipantCommand::Offer { sdp, tracks } => {
+                if peer.pending.is_some() {
+                    // Glare: we are the impolite side; the browser rolls back.
+                    debug!(participant = %peer.id, "client offer during server offer; ignored");
+                    return;
+                }
+                let offer = match SdpOffer::from_sdp_string(&sdp) {
+                    Ok(o) => o,
+                    Err(e) => return send_error(peer, ErrorCode::InvalidSdp, e.to_string()),
+                };
+                for t in tracks {
+                    peer.declared.insert(t.mid, t.source);
+                }
+                let answer =
+                    catch_unwind(AssertUnwindSafe(|| peer.rtc.sdp_api().accept_offer(offer)));
+                match answer {
+                    Ok(Ok(answer)) => {
+                        let _ = peer.events.send(ServerMessage::Answer {
+                            sdp: answer.to_sdp_string(),
+                        });
+                        let first = peer.phase == Phase::AwaitingOffer;
+                        peer.phase = Phase::Negotiated;
+                        self.dirty.insert(pid);
+                        if first {
+                            // Now that we can offer, send what the room already has.
+                            self.drive_dirty();
+                            self.renegotiate(pid);
+                        }
+                    }
+                    Ok(Err(e)) => send_error(peer, ErrorCode::InvalidSdp, e.to_string()),
+                    Err(_) => {
+                        peer.ended = Some(End::Failed);
+                    }
+                }
+            }
+            ParticipantCommand::Answer { sdp } => {
+                let Some(pending) = peer.pending.take() else {
+                    return send_error(
+                        peer,
+                        ErrorCode::NoPendingOffer,
+                        "no server offer is outstanding".into(),
+                    );
+                };
+                let answer = match SdpAnswer::from_sdp_string(&sdp) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        peer.pending = Some(pending);
+                        return send_error(peer, ErrorCode::InvalidSdp, e.to_string());
+                    }
+                };
+                let r = catch_unwind(AssertUnwindSafe(|| {
+                    peer.rtc.sdp_api().accept_answer(pending, answer)
+                }));
+                match r {
+                    Ok(Ok(())) => {
+                        let mut new_video = Vec::new();
+                        for (track, sub) in peer.subs.iter_mut() {
+                            if !sub.active {
+                                sub.active = true;
+                                new_video.push(track.clone());
+                            }
+                        }
+                        self.dirty.insert(pid);
+                        // A new subscriber needs a keyframe to start decoding.
+                        let room = self.peers[&pid].room.clone();
+                        for track in new_video {
+                            self.keyframe_for_track(&room, &track);
+                        }
+                        let again = self.peers.get(&pid).is_some_and(|p| p.renegotiate);
+                        if again {
+                            self.renegotiate(pid);
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        send_error(peer, ErrorCode::InvalidSdp, e.to_string());
+                        // The offer is spent; start over with a fresh one.
+                        peer.renegotiate = true;
+                        self.rebuild_subscriptions(pid);
+                    }
+                    Err(_) => peer.ended = Some(End::Failed),
+                }
+            }
+            ParticipantCommand::Chat { text } => {
+                let msg = ServerMessage::Chat {
+                    from: peer.id.clone(),
+                    name: peer.name.to_string(),
+                    text,
+                    ts: now_ms(),
+                };
+                let room = peer.room.clone();
+                self.broadcast(&room, msg);
+            }
+            ParticipantCommand::Mute { audio, video } => {
+                peer.audio_muted = audio;
+                peer.video_muted = video;
+                let room = peer.room.clone();
+                self.broadcast_roster(&room);
+            }
+        }
+    }
+
+    // ---- publishing -----------------------------------------------------
+
+    /// The browser's side of `mid` changed direction: it now sends (publish)
+    /// or stopped sending (unpublish).
+    fn media_direction(&mut self, pid: Pid, mid: Mid, kind: MediaKind, dir: Direction) {
+        let Some(peer) = self.peers.get_mut(&pid) else {
+            return;
+        };
+        if peer.sub_by_mid.contains_key(&mid) {
+            return; // one of our forwarding m-lines
+        }
+        let receiving = matches!(dir, Direction::RecvOnly | Direction::SendRecv);
+        let room = peer.room.clone();
+        match (receiving, peer.published.get(&mid).cloned()) {
+            (true, None) => {
+                let source = peer
+                    .declared
+                    .get(&mid.to_string())
+                    .copied()
+                    .unwrap_or(match kind {
+                        MediaKind::Audio => Source::Microphone,
+                        MediaKind::Video => Source::Camera,
+                    });
+                let track_id = format!("{}-{}", peer.id, self.next_track);
+                self.next_track += 1;
+                peer.published.insert(mid, track_id.clone());
+                info!(participant = %peer.id, track = %track_id, ?kind, ?source, "published");
+                let track = Track {
+                    id: track_id.clone(),
+                    owner: pid,
+                    mid,
+                    kind,
+                    source,
+                    keyframes: KeyframeLimiter::new(KEYFRAME_INTERVAL),
+                };
+                if let Some(r) = self.rooms.get_mut(&room) {
+                    r.tracks.insert(track_id, track);
+                }
+            }
+            (false, Some(track_id)) => {
+                peer.published.remove(&mid);
+                info!(participant = %peer.id, track = %track_id, "unpublished");
+                if let Some(r) = self.rooms.get_mut(&room) {
+                    r.tracks.remove(&track_id);
+                }
+            }
+            _ => return,
+        }
+        self.update_gauges();
+        self.broadcast_roster(&room);
+        self.renegotiate_room(&room, Some(pid));
+    }
+
+    // ---- negotiation ----------------------------------------------------
+
+    fn renegotiate_room(&mut self, room: &RoomName, except: Option<Pid>) {
+        let members = self
+            .rooms
+            .get(room)
+            .map(|r| r.members.clone())
+            .unwrap_or_default();
+        for m in members {
+            if Some(m) != except {
+                self.renegotiate(m);
+            }
+        }
+    }
+
+    /// Bring the set of m-lines we send to `pid` in line with the room's
+    /// tracks: one server offer adding what is new and stopping what is gone.
+    fn renegotiate(&mut self, pid: Pid) {
+        let Some(peer) = self.peers.get(&pid) else {
+            return;
+        };
+        if peer.phase != Phase::Negotiated || peer.ended.is_some() {
+            return;
+        }
+        let Some(room) = self.rooms.get(&peer.room) else {
+            return;
+        };
+        let gone: Vec<String> = peer
+            .subs
+            .keys()
+            .filter(|id| !room.tracks.contains_key(*id))
+            .cloned()
+            .collect();
+        let new: Vec<(String, MediaKind, String)> = room
+            .tracks
+            .iter()
+            .filter(|(id, t)| t.owner != pid && !peer.subs.contains_key(*id))
+            .map(|(id, t)| {
+                let owner = self.peers.get(&t.owner).map(|o| o.id.clone());
+                (id.clone(), t.kind, owner.unwrap_or_default())
+            })
+            .collect();
+        let Some(peer) = self.peers.get_mut(&pid) else {
+            return;
+        };
+        if peer.pending.is_some() {
+            peer.renegotiate = true;
+            return;
+        }
+        peer.renegotiate = false;
+        if gone.is_empty() && new.is_empty() {
+            return;
+        }
+        let mut change = peer.rtc.sdp_api();
+        for id in &gone {
+            if let Some(sub) = peer.subs.remove(id) {
+                peer.sub_by_mid.remove(&sub.mid);
+                change.stop_media(sub.mid);
+            }
+        }
+        for (id, kind, owner) in new {
+            let mid = change.add_media(
+                kind,
+                Direction::SendOnly,
+                Some(owner),
+                Some(id.clone()),
+                None,
+            );
+            peer.sub_by_mid.insert(mid, id.clone());
+            peer.subs.insert(
+                id,
+                Subscription {
+                    mid,
+                    rewriter: Rewriter::default(),
+                    pt_map: Vec::new(),
+                    active: false,
+                },
+            );
+        }
+        if let Some((offer, pending)) = change.apply() {
+            peer.pending = Some(pending);
+            let _ = peer.events.send(ServerMessage::Offer {
+                sdp: offer.to_sdp_string(),
+            });
+            self.dirty.insert(pid);
+        }
+    }
+
+    /// A server offer was refused: forget its m-lines so the next offer
+    /// adds them again.
+    fn rebuild_subscriptions(&mut self, pid: Pid) {
+        if let Some(peer) = self.peers.get_mut(&pid) {
+            let inactive: Vec<String> = peer
+                .subs
+                .iter()
+                .filter(|(_, s)| !s.active)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in inactive {
+                if let Some(s) = peer.subs.remove(&id) {
+                    peer.sub_by_mid.remove(&s.mid);
+                }
+            }
+        }
+        self.renegotiate(pid);
+    }
+
+    // ---- forwarding -----------------------------------------------------
+
+    /// One RTP packet from a publisher: write it to every subscriber.
+    fn forward(&mut self, from: Pid, pkt: RtpPacket) {
+        let len = pkt.payload.len() as u64;
+        // Borrow the fields apart: the room is read while subscribers are
+        // written, without copying its member list per packet.
+        let Worker {
+            peers,
+            rooms,
+            metrics,
+            dirty,
+            ..
+        } = self;
+        metrics.rtp_packets_in.fetch_add(1, Ordering::Relaxed);
+        metrics.rtp_bytes_in.fetch_add(len, Ordering::Relaxed);
+        let Some(publisher) = peers.get_mut(&from) else {
+            return;
+        };
+        let ssrc = pkt.header.ssrc;
+        let Some(mid) = publisher.rtc.direct_api().stream_rx(&ssrc).map(|s| s.mid()) else {
+            return;
+        };
+        let Some(track_id) = publisher.published.get(&mid).cloned() else {
+            return;
+        };
+        let pt = pkt.header.payload_type;
+        let Some(params) = publisher.rtc.codec_config().find(|p| p.pt() == pt).copied() else {
+            return;
+        };
+        let clock_rate = params.spec().clock_rate.get();
+        let Some(room) = rooms.get(&publisher.room) else {
+            return;
+        };
+        let nackable = matches!(
+            room.tracks.get(&track_id).map(|t| t.kind),
+            Some(MediaKind::Video)
+        );
+        let ext = ExtensionValues {
+            audio_level: pkt.header.ext_vals.audio_level,
+            voice_activity: pkt.header.ext_vals.voice_activity,
+            video_orientation: pkt.header.ext_vals.video_orientation,
+            ..Default::default()
+        };
+        let mut sent = 0u64;
+        for &m in &room.members {
+            if m == from {
+                continue;
+            }
+            let Some(sub_peer) = peers.get_mut(&m) else {
+                continue;
+            };
+            if sub_peer.ended.is_some() {
+                continue;
+            }
+            let Some(sub) = sub_peer.subs.get_mut(&track_id) else {
+                continue;
+            };
+            if !sub.active {
+                continue;
+            }
+            let out_pt = match sub.pt_map.iter().find(|(p, _)| *p == *pt) {
+                Some((_, out)) => *out,
+                None => {
+                    let out = map_pt(&sub_peer.rtc, params);
+                    sub.pt_map.push((*pt, out));
+                    out
+                }
+            };
+            let Some(out_pt) = out_pt else {
+                debug!(track = %track_id, "no common codec; not forwarded");
+                continue;
+            };
+            let Some((seq, ts)) = sub.rewriter.rewrite(
+                *ssrc,
+                *pkt.seq_no,
+                pkt.header.timestamp,
+                pkt.timestamp,
+                clock_rate,
+            ) else {
+                debug!(track = %track_id, "packet older than its source; not forwarded");
+                continue;
+            };
+            let mut api = sub_peer.rtc.direct_api();
+            let Some(stream) = api.stream_tx_by_mid(sub.mid, None) else {
+                debug!(track = %track_id, "no send stream (yet); not forwarded");
+                continue;
+            };
+            let write = RtpWrite::new(
+                out_pt.into(),
+                seq.into(),
+                ts,
+                pkt.timestamp,
+                pkt.payload.clone(),
+            )
+            .marker(pkt.header.marker)
+            .ext_vals(ext.clone())
+            .nackable(nackable);
+            let r = catch_unwind(AssertUnwindSafe(|| stream.write_rtp(write)));
+            if r.is_err() {
+                sub_peer.ended = Some(End::Failed);
+                continue;
+            }
+            sent += 1;
+            dirty.insert(m);
+        }
+        metrics.rtp_packets_out.fetch_add(sent, Ordering::Relaxed);
+        metrics.rtp_bytes_out.fetch_add(sent * len, Ordering::Relaxed);
+    }
+
+    // ---- keyframes ------------------------------------------------------
+
+    fn keyframe_request_from_subscriber(&mut self, pid: Pid, mid: Mid) {
+        let Some(peer) = self.peers.get(&pid) else {
+            return;
+        };
+        let Some(track) = peer.sub_by_mid.get(&mid).cloned() else {
+            return;
+        };
+        let room = peer.room.clone();
+        self.keyframe_for_track(&room, &track);
+    }
+
+    fn keyframe_for_track(&mut self, room: &RoomName, track_id: &str) {
+        let Some(t) = self
+            .rooms
+            .get_mut(room)
+            .and_then(|r| r.tracks.get_mut(track_id))
+        else {
+            return;
+        };
+        if t.kind != MediaKind::Video {
+            return;
+        }
+        if t.keyframes.request(Instant::now()) {
+            let (owner, mid) = (t.owner, t.mid);
+            self.send_keyframe_request(owner, mid);
+        }
+    }
+
+    fn send_keyframe_request(&mut self, owner: Pid, mid: Mid) {
+        let Some(p) = self.peers.get_mut(&owner) else {
+            return;
+        };
+        if let Some(rx) = p.rtc.direct_api().stream_rx_by_mid(mid, None) {
+            rx.request_keyframe(KeyframeRequestKind::Pli);
+            self.metrics
+                .keyframe_requests_sent
+                .fetch_add(1, Ordering::Relaxed);
+            self.dirty.insert(owner);
+        }
+    }
+
+    // ---- rosters, chat, leaving -----------------------------------------
+
+    fn roster(&self, room: &RoomName) -> Vec<ParticipantView> {
+        let Some(r) = self.rooms.get(room) else {
+            return Vec::new();
+        };
+        r.members
+            .iter()
+            .filter_map(|pid| self.peers.get(pid).map(|p| (pid, p)))
+            .map(|(pid, p)| ParticipantView {
+                id: p.id.clone(),
+                name: p.name.to_string(),
+                audio_muted: p.audio_muted,
+                video_muted: p.video_muted,
+                tracks: r
+                    .tracks
+                    .values()
+                    .filter(|t| t.owner == *pid)
+                    .map(|t| TrackView {
+                        id: t.id.clone(),
+                        kind: kind_of(t.kind),
+                        source: t.source,
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    fn broadcast_roster(&self, room: &RoomName) {
+        let participants = self.roster(room);
+        self.broadcast(room, ServerMessage::Roster { participants });
+    }
+
+    fn broadcast(&self, room: &RoomName, msg: ServerMessage) {
+        if let Some(r) = self.rooms.get(room) {
+            for pid in &r.members {
+                if let Some(p) = self.peers.get(pid) {
+                    let _ = p.events.send(msg.clone());
+                }
+            }
+        }
+    }
+
+    /// Remove every participant whose session ended, with all it held.
+    fn reap(&mut self) {
+        let ended: Vec<(Pid, End)> = self
+            .peers
+            .iter()
+            .filter_map(|(pid, p)| p.ended.map(|e| (*pid, e)))
+            .collect();
+        for (pid, end) in ended {
+            self.remove(pid, end);
+        }
+    }
+
+    fn remove(&mut self, pid: Pid, end: End) {
+        let Some(mut peer) = self.peers.remove(&pid) else {
+            return;
+        };
+        self.ids.remove(&peer.id);
+        self.demux.remove(pid);
+        self.dirty.remove(&pid);
+        match end {
+            End::Left => {}
+            End::Disconnected | End::Failed => {
+                self.metrics
+                    .participants_reaped
+                    .fetch_add(1, Ordering::Relaxed);
+                let _ = peer.events.send(ServerMessage::Error {
+                    code: ErrorCode::Disconnected,
+                    message: "media connection lost".into(),
+                });
+            }
+        }
+        info!(participant = %peer.id, room = %peer.room, ?end, "left");
+        // Let str0m say goodbye (DTLS close) where it still can.
+        let _ = catch_unwind(AssertUnwindSafe(|| {
+            peer.rtc.disconnect();
+            while let Ok(Output::Transmit(t)) = peer.rtc.poll_output() {
+                let _ = self.socket.send_to(&t.contents, t.destination);
+            }
+        }));
+        let room = peer.room.clone();
+        let mut empty = false;
+        if let Some(r) = self.rooms.get_mut(&room) {
+            r.members.retain(|m| *m != pid);
+            r.tracks.retain(|_, t| t.owner != pid);
+            empty = r.members.is_empty();
+        }
+        if empty {
+            self.rooms.remove(&room);
+            info!(%room, "room closed");
+        } else {
+            self.broadcast_roster(&room);
+            self.renegotiate_room(&room, None);
+        }
+        self.update_gauges();
+    }
+
+    fn update_gauges(&self) {
+        let m = &self.metrics;
+        m.participants
+            .store(self.peers.len() as u64, Ordering::Relaxed);
+        m.rooms.store(self.rooms.len() as u64, Ordering::Relaxed);
+        let tracks: usize = self.rooms.values().map(|r| r.tracks.len()).sum();
+        m.tracks.store(tracks as u64, Ordering::Relaxed);
+    }
+
+    fn shutdown(&mut self) {
+        let pids: Vec<Pid> = self.peers.keys().copied().collect();
+        for pid in pids {
+            if let Some(p) = self.peers.get(&pid) {
+                let _ = p.events.send(ServerMessage::Error {
+                    code: ErrorCode::ShuttingDown,
+                    message: "the server is shutting down".into(),
+                });
+            }
+            self.remove(pid, End::Left);
+        }
+        info!("media worker stopped");
+    }
+}
+
+fn send_error(peer: &Peer, code: ErrorCode, message: String) {
+    let _ = peer.events.send(ServerMessage::Error { code, message });
+}
+
+/// The subscriber's payload type for the publisher's codec, if it has one.
+fn map_pt(rtc: &Rtc, params: PayloadParams) -> Option<u8> {
+    rtc.codec_config().match_params(params).map(|p| *p.pt())
 }

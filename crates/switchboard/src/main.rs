@@ -1,1 +1,45 @@
-fn main() {}
+//! `switchboard`: run one node. `cargo run --release` serves
+//! http://127.0.0.1:3000 with no other setup.
+
+use anyhow::Context;
+use switchboard::{Config, LogFormat, Node};
+use tracing_subscriber::EnvFilter;
+
+fn init_logging(format: LogFormat) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_from_env("SWITCHBOARD_LOG")
+        .or_else(|_| EnvFilter::try_new("info"))
+        .context("bad SWITCHBOARD_LOG")?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}
+
+async fn terminated() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::from_env()?;
+    init_logging(config.log_format)?;
+    let node = Node::start(config).await?;
+    println!("Switchboard is running: open http://{}/", node.http_addr());
+    terminated().await;
+    tracing::info!("signal received; shutting down");
+    node.shutdown().await;
+    Ok(())
+}

@@ -1,1 +1,696 @@
-//! Test participant for Switchboard.
+//! A test participant for Switchboard, built on str0m: it joins a room over
+//! the signaling protocol (docs/SIGNALING.md), negotiates like a browser (it
+//! makes the first offer with a data channel `sb`, answers server offers, is
+//! the polite side of glare), publishes synthetic audio/video RTP whose
+//! payload carries a magic, a per-track counter and a send timestamp, and
+//! records everything it receives so tests can check order and integrity.
+//!
+//! The signaling transport is a pair of channels ([`Transport`]); a WebSocket
+//! bridge is provided ([`Transport::websocket`]), and in-process transports
+//! can be built from plain channels by whoever owns the server side.
+
+mod payload;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use signal::{ClientMessage, ParticipantView, ServerMessage, Source, TrackSource};
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+pub use str0m::format::Codec;
+pub use str0m::media::MediaKind;
+use str0m::media::{Direction, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::RtpWrite;
+use str0m::{Candidate, Event, Input, Output, Rtc};
+use tokio::net::UdpSocket;
+use tokio::sync::{Notify, mpsc};
+use tokio_tungstenite::tungstenite::Message;
+
+pub use payload::{Payload, decode_payload, encode_payload};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KitError {
+    #[error("websocket: {0}")]
+    WebSocket(#[from] tokio_tungstenite::tungstenite::Error),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, String),
+    #[error("the server refused: {0:?}")]
+    Refused(ServerMessage),
+    #[error("the session ended")]
+    Ended,
+}
+
+/// A signaling connection as two channels.
+pub struct Transport {
+    pub tx: mpsc::UnboundedSender<ClientMessage>,
+    pub rx: mpsc::UnboundedReceiver<ServerMessage>,
+}
+
+impl Transport {
+    /// Connect to `ws://host:port/ws` and bridge it to channels.
+    pub async fn websocket(url: &str) -> Result<Transport, KitError> {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+        let (mut sink, mut stream) = ws.split();
+        let (ctx, mut crx) = mpsc::unbounded_channel::<ClientMessage>();
+        let (stx, srx) = mpsc::unbounded_channel::<ServerMessage>();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    out = crx.recv() => match out {
+                        Some(m) => {
+                            let Ok(text) = serde_json::to_string(&m) else { continue };
+                            if sink.send(Message::Text(text.into())).await.is_err() { break; }
+                        }
+                        None => { let _ = sink.close().await; break; }
+                    },
+                    inc = stream.next() => match inc {
+                        Some(Ok(Message::Text(t))) => {
+                            if let Ok(m) = serde_json::from_str::<ServerMessage>(&t)
+                                && stx.send(m).is_err()
+                            {
+                                break;
+                            }
+                        }
+                        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                        Some(Ok(_)) => {}
+                    },
+                }
+            }
+        });
+        Ok(Transport { tx: ctx, rx: srx })
+    }
+}
+
+/// One received RTP packet, as recorded.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub payload: Payload,
+    pub seq: u64,
+    pub at: Instant,
+    /// Wall-clock receive time, comparable with `payload.sent_micros`.
+    pub at_micros: u64,
+}
+
+/// Everything the client has seen. Tests read it through [`Client::state`]
+/// and [`Client::wait_until`].
+#[derive(Debug, Default)]
+pub struct State {
+    pub participant_id: Option<String>,
+    pub roster: Vec<ParticipantView>,
+    pub chat: Vec<(String, String)>,
+    pub errors: Vec<ServerMessage>,
+    /// Received packets by roster track id (the m-line's msid track id).
+    pub tracks: BTreeMap<String, Vec<Received>>,
+    /// Track id -> publisher participant id (msid stream id).
+    pub track_owner: HashMap<String, String>,
+    pub connected: bool,
+    pub ended: bool,
+    pub offers_received: usize,
+    /// RTP packets that could not be attributed to a remote track, or whose
+    /// payload was not intact.
+    pub unmapped: u64,
+    pub corrupt: u64,
+    /// Codec of each received track, from the payload type of its packets.
+    pub track_codec: HashMap<String, Codec>,
+    /// Keyframe requests (PLI/FIR) the server sent us for our tracks.
+    pub keyframe_requests: u64,
+    /// Packets sent per local track index.
+    pub sent: BTreeMap<u32, u64>,
+}
+
+impl State {
+    /// Tracks received from `participant` (by id).
+    pub fn tracks_from(&self, participant: &str) -> Vec<&String> {
+        self.track_owner
+            .iter()
+            .filter(|(_, p)| p.as_str() == participant)
+            .map(|(t, _)| t)
+            .collect()
+    }
+    /// Packets received on a track, 0 if none.
+    pub fn count(&self, track: &str) -> usize {
+        self.tracks.get(track).map_or(0, |v| v.len())
+    }
+}
+
+enum Cmd {
+    Publish {
+        kind: MediaKind,
+        codec: Codec,
+        source: Source,
+        rate: Duration,
+        size: usize,
+    },
+    Unpublish(u32),
+    Send(ClientMessage),
+    Vanish,
+    RequestKeyframe(String),
+}
+
+/// Handle to a running test participant.
+pub struct Client {
+    cmd: mpsc::UnboundedSender<Cmd>,
+    state: Arc<Mutex<State>>,
+    changed: Arc<Notify>,
+    next_track: u32,
+    pub id: String,
+}
+
+impl Client {
+    /// Join `room` as `name` over `transport`; returns once `joined` arrived.
+    pub async fn join(
+        mut transport: Transport,
+        room: &str,
+        name: &str,
+    ) -> Result<Client, KitError> {
+        transport
+            .tx
+            .send(ClientMessage::Join {
+                room: room.into(),
+                name: name.into(),
+            })
+            .map_err(|_| KitError::Ended)?;
+        let id = loop {
+            match tokio::time::timeout(Duration::from_secs(10), transport.rx.recv()).await {
+                Err(_) => return Err(KitError::Timeout(Duration::from_secs(10), "joined".into())),
+                Ok(None) => return Err(KitError::Ended),
+                Ok(Some(ServerMessage::Joined { participant_id, .. })) => break participant_id,
+                Ok(Some(m @ ServerMessage::Error { .. })) => return Err(KitError::Refused(m)),
+                Ok(Some(_)) => {}
+            }
+        };
+        let socket = UdpSocket::bind("127.0.0.1:0").await?;
+        // Like the server: a test client must not lose media to a small buffer.
+        let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(4 << 20);
+        let local = socket.local_addr()?;
+        let mut rtc = Rtc::builder().set_rtp_mode(true).build(Instant::now());
+        if let Ok(c) = Candidate::host(local, "udp") {
+            rtc.add_local_candidate(c);
+        }
+        let state = Arc::new(Mutex::new(State {
+            participant_id: Some(id.clone()),
+            ..Default::default()
+        }));
+        let changed = Arc::new(Notify::new());
+        let (ctx, crx) = mpsc::unbounded_channel();
+        let driver = Driver {
+            rtc,
+            socket: Some(socket),
+            local,
+            signal_tx: transport.tx,
+            state: state.clone(),
+            changed: changed.clone(),
+            pending: None,
+            first_done: false,
+            pubs: Vec::new(),
+            remote: HashMap::new(),
+            dirty: true,
+        };
+        tokio::spawn(driver.run(transport.rx, crx));
+        Ok(Client {
+            cmd: ctx,
+            state,
+            changed,
+            next_track: 0,
+            id,
+        })
+    }
+
+    /// Join over a WebSocket at `ws_url` (e.g. `ws://127.0.0.1:3000/ws`).
+    pub async fn join_ws(ws_url: &str, room: &str, name: &str) -> Result<Client, KitError> {
+        Client::join(Transport::websocket(ws_url).await?, room, name).await
+    }
+
+    /// Start publishing a synthetic track: one packet of `size` bytes every
+    /// `rate`. Returns the local track index (stamped into every payload).
+    pub fn publish(&mut self, kind: MediaKind, source: Source, rate: Duration, size: usize) -> u32 {
+        let codec = match kind {
+            MediaKind::Audio => Codec::Opus,
+            MediaKind::Video => Codec::Vp8,
+        };
+        self.publish_codec(kind, codec, source, rate, size)
+    }
+
+    /// Like [`Client::publish`] with a chosen codec (e.g. H.264 video).
+    pub fn publish_codec(
+        &mut self,
+        kind: MediaKind,
+        codec: Codec,
+        source: Source,
+        rate: Duration,
+        size: usize,
+    ) -> u32 {
+        let idx = self.next_track;
+        self.next_track += 1;
+        let _ = self.cmd.send(Cmd::Publish {
+            kind,
+            codec,
+            source,
+            rate,
+            size,
+        });
+        idx
+    }
+
+    /// Audio (Opus-like: 50 packets/s of 120 B) and video (~30 packets/s of 1000 B).
+    pub fn publish_av(&mut self) -> (u32, u32) {
+        let a = self.publish(
+            MediaKind::Audio,
+            Source::Microphone,
+            Duration::from_millis(20),
+            120,
+        );
+        let v = self.publish(
+            MediaKind::Video,
+            Source::Camera,
+            Duration::from_millis(33),
+            1000,
+        );
+        (a, v)
+    }
+
+    pub fn unpublish(&self, idx: u32) {
+        let _ = self.cmd.send(Cmd::Unpublish(idx));
+    }
+
+    pub fn chat(&self, text: &str) {
+        let _ = self
+            .cmd
+            .send(Cmd::Send(ClientMessage::Chat { text: text.into() }));
+    }
+
+    pub fn mute(&self, audio: bool, video: bool) {
+        let _ = self
+            .cmd
+            .send(Cmd::Send(ClientMessage::Mute { audio, video }));
+    }
+
+    /// Leave politely (`leave`, then the socket closes).
+    pub fn leave(self) {
+        let _ = self.cmd.send(Cmd::Send(ClientMessage::Leave));
+    }
+
+    /// Stop all UDP/ICE activity but keep signaling open: the server must
+    /// notice by itself that the media is gone.
+    pub fn vanish(&self) {
+        let _ = self.cmd.send(Cmd::Vanish);
+    }
+
+    /// Send a PLI for a received track (by roster track id), as a decoder
+    /// that lost its reference would.
+    pub fn request_keyframe(&self, track: &str) {
+        let _ = self.cmd.send(Cmd::RequestKeyframe(track.into()));
+    }
+
+    /// Read the recorded state.
+    pub fn state<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        f(&s)
+    }
+
+    /// Wait until `pred` holds on the state, or fail after `timeout`.
+    pub async fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&State) -> bool,
+    ) -> Result<(), KitError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            if self.state(&pred) {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(KitError::Timeout(timeout, what.into()));
+            }
+        }
+    }
+}
+
+struct Publication {
+    idx: u32,
+    kind: MediaKind,
+    codec: Codec,
+    source: Source,
+    rate: Duration,
+    size: usize,
+    /// The m-line once offered (None: not yet in an offer).
+    mid: Option<Mid>,
+    /// Whether the server accepted it (answer applied).
+    negotiated: bool,
+    active: bool,
+    next_send: Instant,
+    counter: u64,
+    seq: u64,
+    ts: u32,
+}
+
+struct Driver {
+    rtc: Rtc,
+    socket: Option<UdpSocket>,
+    local: SocketAddr,
+    signal_tx: mpsc::UnboundedSender<ClientMessage>,
+    state: Arc<Mutex<State>>,
+    changed: Arc<Notify>,
+    pending: Option<SdpPendingOffer>,
+    first_done: bool,
+    pubs: Vec<Publication>,
+    /// Remote mid -> (owner participant id, track id).
+    remote: HashMap<Mid, (String, String)>,
+    /// Local changes wait for negotiation.
+    dirty: bool,
+}
+
+impl Driver {
+    fn with_state(&self, f: impl FnOnce(&mut State)) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut s);
+        drop(s);
+        self.changed.notify_waiters();
+    }
+
+    async fn run(
+        mut self,
+        mut signal_rx: mpsc::UnboundedReceiver<ServerMessage>,
+        mut cmd_rx: mpsc::UnboundedReceiver<Cmd>,
+    ) {
+        let mut buf = vec![0u8; 2048];
+        loop {
+            if self.dirty && self.pending.is_none() {
+                self.offer();
+            }
+            let next = self.poll();
+            let next = self.send_media(next);
+            let sleep = tokio::time::sleep_until(next.into());
+            tokio::select! {
+                r = recv(&self.socket, &mut buf) => {
+                    if let Some((n, source)) = r
+                        && let Ok(rcv) = Receive::new(Protocol::Udp, source, self.local, &buf[..n])
+                    {
+                        let _ = self.rtc.handle_input(Input::Receive(Instant::now(), rcv));
+                    }
+                }
+                m = signal_rx.recv() => match m {
+                    Some(m) => self.signal(m),
+                    None => { self.with_state(|s| s.ended = true); return; }
+                },
+                c = cmd_rx.recv() => match c {
+                    Some(c) => self.command(c),
+                    // The handle is gone: leave by closing signaling.
+                    None => return,
+                },
+                _ = sleep => {
+                    if self.socket.is_some() {
+                        let _ = self.rtc.handle_input(Input::Timeout(Instant::now()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drive str0m until it wants time to pass; returns when.
+    fn poll(&mut self) -> Instant {
+        loop {
+            if self.socket.is_none() {
+                return Instant::now() + Duration::from_secs(3600);
+            }
+            match self.rtc.poll_output() {
+                Ok(Output::Timeout(t)) => return t,
+                Ok(Output::Transmit(t)) => {
+                    if let Some(s) = &self.socket {
+                        // A full socket buffer loses the packet, as the network would.
+                        let _ = s.try_send_to(&t.contents, t.destination);
+                    }
+                }
+                Ok(Output::Event(e)) => self.event(e),
+                Err(_) => {
+                    self.with_state(|s| s.ended = true);
+                    return Instant::now() + Duration::from_secs(3600);
+                }
+            }
+        }
+    }
+
+    fn event(&mut self, e: Event) {
+        match e {
+            Event::Connected => self.with_state(|s| s.connected = true),
+            Event::KeyframeRequest(_) => self.with_state(|s| s.keyframe_requests += 1),
+            Event::MediaAdded(m) if m.direction == Direction::RecvOnly => {
+                if let Some(media) = self.rtc.media(m.mid) {
+                    let owner = media.stream_id().to_string();
+                    let track = media.track_id().to_string();
+                    self.remote.insert(m.mid, (owner.clone(), track.clone()));
+                    self.with_state(|s| {
+                        s.track_owner.insert(track, owner);
+                    });
+                }
+            }
+            Event::RtpPacket(pkt) => {
+                let mid = self
+                    .rtc
+                    .direct_api()
+                    .stream_rx(&pkt.header.ssrc)
+                    .map(|s| s.mid());
+                let Some((_, track)) = mid.and_then(|m| self.remote.get(&m)).cloned() else {
+                    self.with_state(|s| s.unmapped += 1);
+                    return;
+                };
+                let Some(payload) = decode_payload(&pkt.payload) else {
+                    self.with_state(|s| s.corrupt += 1);
+                    return;
+                };
+                let codec = self
+                    .rtc
+                    .codec_config()
+                    .find(|c| c.pt() == pkt.header.payload_type)
+                    .map(|c| c.spec().codec);
+                let rec = Received {
+                    payload,
+                    seq: *pkt.seq_no,
+                    at: Instant::now(),
+                    at_micros: micros_now(),
+                };
+                self.with_state(|s| {
+                    if let Some(c) = codec {
+                        s.track_codec.insert(track.clone(), c);
+                    }
+                    s.tracks.entry(track).or_default().push(rec)
+                });
+            }
+            _ => {}
+        }
+    }
+
+    fn signal(&mut self, m: ServerMessage) {
+        match m {
+            ServerMessage::Answer { sdp } => {
+                let (Some(pending), Ok(answer)) =
+                    (self.pending.take(), SdpAnswer::from_sdp_string(&sdp))
+                else {
+                    return;
+                };
+                if self.rtc.sdp_api().accept_answer(pending, answer).is_ok() {
+                    self.first_done = true;
+                    for p in self.pubs.iter_mut().filter(|p| p.mid.is_some()) {
+                        p.negotiated = true;
+                    }
+                }
+            }
+            ServerMessage::Offer { sdp } => {
+                let Ok(offer) = SdpOffer::from_sdp_string(&sdp) else {
+                    return;
+                };
+                // Polite side of glare: our outstanding offer is rolled back
+                // (str0m invalidates it) and made again after answering.
+                if self.pending.take().is_some() {
+                    for p in self.pubs.iter_mut().filter(|p| !p.negotiated) {
+                        p.mid = None;
+                    }
+                    self.dirty = true;
+                }
+                if let Ok(answer) = self.rtc.sdp_api().accept_offer(offer) {
+                    let _ = self.signal_tx.send(ClientMessage::Answer {
+                        sdp: answer.to_sdp_string(),
+                    });
+                }
+                self.with_state(|s| s.offers_received += 1);
+            }
+            ServerMessage::Roster { participants } => self.with_state(|s| s.roster = participants),
+            ServerMessage::Chat { name, text, .. } => {
+                self.with_state(|s| s.chat.push((name, text)))
+            }
+            m @ ServerMessage::Error { .. } => self.with_state(|s| s.errors.push(m)),
+            _ => {}
+        }
+    }
+
+    fn command(&mut self, c: Cmd) {
+        match c {
+            Cmd::Publish {
+                kind,
+                codec,
+                source,
+                rate,
+                size,
+            } => {
+                let idx = self.pubs.len() as u32;
+                self.pubs.push(Publication {
+                    idx,
+                    kind,
+                    codec,
+                    source,
+                    rate,
+                    size,
+                    mid: None,
+                    negotiated: false,
+                    active: true,
+                    next_send: Instant::now(),
+                    counter: 0,
+                    seq: 1 + (idx as u64) * 1000,
+                    ts: 1000,
+                });
+                self.dirty = true;
+            }
+            Cmd::Unpublish(idx) => {
+                if let Some(p) = self.pubs.iter_mut().find(|p| p.idx == idx) {
+                    p.active = false;
+                    self.dirty = true;
+                }
+            }
+            Cmd::Send(m) => {
+                let _ = self.signal_tx.send(m);
+            }
+            Cmd::Vanish => self.socket = None,
+            Cmd::RequestKeyframe(track) => {
+                let mid = self
+                    .remote
+                    .iter()
+                    .find(|(_, (_, t))| *t == track)
+                    .map(|(m, _)| *m);
+                if let Some(m) = mid {
+                    let mut api = self.rtc.direct_api();
+                    if let Some(rx) = api.stream_rx_by_mid(m, None) {
+                        rx.request_keyframe(str0m::media::KeyframeRequestKind::Pli);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Offer whatever is not negotiated yet (the first offer always, with
+    /// the `sb` data channel).
+    fn offer(&mut self) {
+        self.dirty = false;
+        let mut change = self.rtc.sdp_api();
+        if !self.first_done {
+            change.add_channel("sb".into());
+        }
+        let mut tracks = Vec::new();
+        for p in self.pubs.iter_mut() {
+            match (p.active, p.mid) {
+                (true, None) => {
+                    let mid = change.add_media(p.kind, Direction::SendOnly, None, None, None);
+                    p.mid = Some(mid);
+                }
+                (false, Some(mid)) if p.negotiated => {
+                    change.set_direction(mid, Direction::Inactive)
+                }
+                _ => {}
+            }
+            if let (true, Some(mid)) = (p.active, p.mid) {
+                tracks.push(TrackSource {
+                    mid: mid.to_string(),
+                    source: p.source,
+                });
+            }
+        }
+        if let Some((offer, pending)) = change.apply() {
+            self.pending = Some(pending);
+            let _ = self.signal_tx.send(ClientMessage::Offer {
+                sdp: offer.to_sdp_string(),
+                tracks,
+            });
+        }
+    }
+
+    /// Write due media packets; returns the earlier of `next` and the next send.
+    fn send_media(&mut self, next: Instant) -> Instant {
+        let now = Instant::now();
+        let mut earliest = next;
+        let connected = self.state.lock().map(|s| s.connected).unwrap_or(false);
+        if !connected || self.socket.is_none() {
+            return earliest.min(now + Duration::from_millis(50));
+        }
+        let mut sent = Vec::new();
+        for p in self.pubs.iter_mut().filter(|p| p.active && p.negotiated) {
+            let Some(mid) = p.mid else { continue };
+            let Some(params) = self
+                .rtc
+                .codec_config()
+                .find(|c| c.spec().codec == p.codec)
+                .copied()
+            else {
+                continue;
+            };
+            let clock = params.spec().clock_rate.get();
+            while p.next_send <= now {
+                let mut api = self.rtc.direct_api();
+                let Some(stream) = api.stream_tx_by_mid(mid, None) else {
+                    break;
+                };
+                let payload = encode_payload(
+                    &Payload {
+                        track: p.idx,
+                        counter: p.counter,
+                        sent_micros: micros_now(),
+                    },
+                    p.size,
+                );
+                let w = RtpWrite::new(params.pt(), p.seq.into(), p.ts, now, payload)
+                    .marker(true)
+                    .nackable(p.kind == MediaKind::Video);
+                stream.write_rtp(w);
+                p.counter += 1;
+                p.seq += 1;
+                p.ts =
+                    p.ts.wrapping_add((clock as f64 * p.rate.as_secs_f64()) as u32);
+                p.next_send += p.rate;
+                sent.push(p.idx);
+            }
+            earliest = earliest.min(p.next_send);
+        }
+        if !sent.is_empty() {
+            self.with_state(|s| {
+                for i in sent {
+                    *s.sent.entry(i).or_default() += 1;
+                }
+            });
+            // Flush what was written.
+            let t = self.poll();
+            earliest = earliest.min(t);
+        }
+        earliest
+    }
+}
+
+/// Microseconds of wall-clock time: shared by every process on the machine,
+/// so a receiver in another process can compute latency from the payload.
+pub fn micros_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+async fn recv(socket: &Option<UdpSocket>, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {
+    match socket {
+        Some(s) => s.recv_from(buf).await.ok(),
+        None => std::future::pending().await,
+    }
+}

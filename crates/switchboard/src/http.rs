@@ -1,0 +1,88 @@
+//! HTTP routes: the web client, `/ws`, health, metrics and status.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::extract::{Path, State, WebSocketUpgrade};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::json;
+
+use crate::AppState;
+use crate::web;
+use crate::ws;
+
+pub(crate) fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/r/{room}", get(room_page))
+        .route("/ws", get(websocket))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/status", get(status))
+        .route("/{file}", get(asset))
+        .with_state(state)
+}
+
+async fn index() -> Response {
+    web::page()
+}
+
+/// The call page; the script reads the room from the path (and validates it).
+async fn room_page(Path(_room): Path<String>) -> Response {
+    web::page()
+}
+
+async fn asset(Path(file): Path<String>) -> Response {
+    web::asset(&file)
+}
+
+async fn websocket(State(state): State<Arc<AppState>>, upgrade: WebSocketUpgrade) -> Response {
+    ws::upgrade(state, upgrade)
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    match crate::metrics::render(&state) {
+        Ok(body) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+async fn status(State(state): State<Arc<AppState>>) -> Response {
+    let rooms = state.sfu.status().await.unwrap_or_default();
+    let body = json!({
+        "node": {
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_seconds": state.started.elapsed().as_secs(),
+            "ready": state.ready.load(Ordering::SeqCst),
+            "http": state.http_addr.to_string(),
+            "media": state.sfu.media_addr().to_string(),
+            "max_participants_per_room": state.config.max_participants_per_room,
+        },
+        "rooms": rooms,
+        "trunks": [],
+    });
+    axum::Json(body).into_response()
+}

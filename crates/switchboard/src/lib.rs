@@ -1,0 +1,131 @@
+//! The `switchboard` node: configuration, HTTP (web client, WebSocket
+//! signaling, health, metrics, status) and graceful shutdown, wired around
+//! the media plane (`sfu`). The binary (`main.rs`) only parses the config,
+//! sets up logging and waits for a signal; tests start nodes in-process.
+
+pub mod config;
+mod http;
+mod metrics;
+mod web;
+mod ws;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use sfu::{Sfu, SfuConfig};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+pub use config::{Config, LogFormat};
+
+/// State shared by every request handler.
+pub(crate) struct AppState {
+    pub sfu: Arc<Sfu>,
+    pub ready: AtomicBool,
+    pub started: Instant,
+    pub ws_connections: AtomicU64,
+    pub ws_total: AtomicU64,
+    pub signaling: metrics::SignalingMetrics,
+    /// Flips to true when the node shuts down; every session watches it.
+    pub shutdown: watch::Receiver<bool>,
+    pub config: Config,
+    pub http_addr: SocketAddr,
+}
+
+/// A running node.
+pub struct Node {
+    state: Arc<AppState>,
+    shutdown_tx: watch::Sender<bool>,
+    server: Option<JoinHandle<()>>,
+}
+
+impl Node {
+    /// Bind HTTP and media and start serving.
+    pub async fn start(config: Config) -> anyhow::Result<Node> {
+        let sfu = Sfu::start(SfuConfig {
+            bind: config.bind,
+            media_port: config.media_port,
+            public_ip: config.public_ip,
+            max_participants_per_room: config.max_participants_per_room,
+        })
+        .context("starting the media plane")?;
+        let listener = tokio::net::TcpListener::bind((config.bind, config.http_port))
+            .await
+            .with_context(|| format!("binding HTTP on {}:{}", config.bind, config.http_port))?;
+        let http_addr = listener.local_addr()?;
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let state = Arc::new(AppState {
+            sfu: Arc::new(sfu),
+            ready: AtomicBool::new(true),
+            started: Instant::now(),
+            ws_connections: AtomicU64::new(0),
+            ws_total: AtomicU64::new(0),
+            signaling: metrics::SignalingMetrics::default(),
+            shutdown: shutdown_rx.clone(),
+            config,
+            http_addr,
+        });
+        let app = http::router(state.clone());
+        let mut stop = shutdown_rx;
+        let server = tokio::spawn(async move {
+            let graceful = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(graceful)
+                .await
+            {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        info!(
+            http = %http_addr,
+            media = %state.sfu.media_addr(),
+            "switchboard node ready at http://{http_addr}/"
+        );
+        Ok(Node {
+            state,
+            shutdown_tx,
+            server: Some(server),
+        })
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.state.http_addr
+    }
+
+    pub fn media_addr(&self) -> SocketAddr {
+        self.state.sfu.media_addr()
+    }
+
+    /// Graceful stop: `/readyz` turns 503, every participant gets
+    /// `error shutting_down` and its socket is closed, then HTTP and media stop.
+    pub async fn shutdown(mut self) {
+        self.stop().await;
+    }
+
+    async fn stop(&mut self) {
+        self.state.ready.store(false, Ordering::SeqCst);
+        let _ = self.shutdown_tx.send(true);
+        let sfu = self.state.sfu.clone();
+        // Joins the worker thread: keep it off the async runtime.
+        let _ = tokio::task::spawn_blocking(move || sfu.close()).await;
+        if let Some(server) = self.server.take() {
+            // Sessions close themselves once the media plane has ended them;
+            // do not hang on a client that never reads.
+            let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        }
+        info!("switchboard node stopped");
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.shutdown_tx.send(true);
+        self.state.sfu.close();
+    }
+}

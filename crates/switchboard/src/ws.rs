@@ -1,0 +1,353 @@
+//! One browser's signaling session over a WebSocket.
+//!
+//! Everything from the network is untrusted: every text frame goes through
+//! `signal::parse_client`, names through `RoomName`/`DisplayName`, the frame
+//! size is capped by the WebSocket layer, and a token bucket limits the rate.
+//! Each refusal is an `{"type":"error"}` reply; the socket closes only for
+//! the codes SIGNALING.md lists.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
+use axum::response::Response;
+use futures_util::{SinkExt, StreamExt};
+use sfu::{Participant, ParticipantCommand};
+use signal::{
+    ClientMessage, DisplayName, ErrorCode, MAX_MESSAGE_BYTES, RoomName, ServerMessage, SignalError,
+    parse_client,
+};
+use tracing::{debug, info};
+
+use crate::AppState;
+
+/// Messages per second a connection may send on average, and its burst.
+pub const RATE_PER_SEC: f64 = 20.0;
+pub const RATE_BURST: f64 = 40.0;
+/// Messages dropped in a row by the rate limit before the socket is closed.
+pub const FLOOD_CLOSE_AFTER: u32 = 200;
+/// WebSocket ping interval, and silence after which the peer is gone.
+const PING_EVERY: Duration = Duration::from_secs(10);
+const SILENCE_LIMIT: Duration = Duration::from_secs(30);
+/// How long a closing socket waits for the peer's Close frame.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+pub(crate) fn upgrade(state: Arc<AppState>, upgrade: WebSocketUpgrade) -> Response {
+    // The WebSocket layer refuses anything over twice our limit without
+    // buffering it; between the two, we answer `too_large` ourselves.
+    upgrade
+        .max_message_size(2 * MAX_MESSAGE_BYTES)
+        .max_frame_size(2 * MAX_MESSAGE_BYTES)
+        .on_upgrade(move |socket| async move {
+            state.ws_connections.fetch_add(1, Ordering::Relaxed);
+            state.ws_total.fetch_add(1, Ordering::Relaxed);
+            Session::new(state.clone()).run(socket).await;
+            state.ws_connections.fetch_sub(1, Ordering::Relaxed);
+        })
+}
+
+/// Token bucket: `rate` tokens per second up to `burst`.
+#[derive(Debug)]
+pub(crate) struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
+        TokenBucket {
+            rate,
+            burst,
+            tokens: burst,
+            last: now,
+        }
+    }
+    pub fn take(&mut self, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// What to do after handling one client frame.
+enum Next {
+    Continue,
+    Close(u16, &'static str),
+}
+
+struct Session {
+    state: Arc<AppState>,
+    participant: Option<Participant>,
+    bucket: TokenBucket,
+    dropped_in_a_row: u32,
+    last_rate_error: Option<Instant>,
+}
+
+impl Session {
+    fn new(state: Arc<AppState>) -> Self {
+        Session {
+            state,
+            participant: None,
+            bucket: TokenBucket::new(RATE_PER_SEC, RATE_BURST, Instant::now()),
+            dropped_in_a_row: 0,
+            last_rate_error: None,
+        }
+    }
+
+    async fn run(mut self, socket: WebSocket) {
+        let (mut tx, mut rx) = socket.split();
+        let mut shutdown = self.state.shutdown.clone();
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.tick().await;
+        let mut last_heard = Instant::now();
+        let mut outbox: Vec<ServerMessage> = Vec::new();
+        let close: Option<(u16, &'static str)> = loop {
+            for msg in outbox.drain(..) {
+                if send(&mut tx, &msg).await.is_err() {
+                    return;
+                }
+            }
+            tokio::select! {
+                frame = rx.next() => {
+                    let Some(Ok(frame)) = frame else { break None };
+                    last_heard = Instant::now();
+                    match self.frame(frame, &mut outbox) {
+                        Next::Continue => {}
+                        Next::Close(code, why) => break Some((code, why)),
+                    }
+                }
+                event = next_event(&mut self.participant) => {
+                    match event {
+                        Some(msg) => outbox.push(msg),
+                        // The media plane ended the session (its reason, if
+                        // any, was the last message).
+                        None => break Some((close_code::NORMAL, "session ended")),
+                    }
+                }
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > SILENCE_LIMIT {
+                        debug!("signaling peer silent; closing");
+                        break Some((close_code::AWAY, "no traffic"));
+                    }
+                    if tx.send(Message::Ping(Default::default())).await.is_err() {
+                        break None;
+                    }
+                }
+                _ = stopped(&mut shutdown), if self.participant.is_none() => {
+                    outbox.push(error(ErrorCode::ShuttingDown, "the server is shutting down"));
+                    break Some((close_code::AWAY, "shutting down"));
+                }
+            }
+        };
+        for msg in outbox.drain(..) {
+            let _ = send(&mut tx, &msg).await;
+        }
+        if let Some((code, reason)) = close {
+            let _ = tx
+                .send(Message::Close(Some(CloseFrame {
+                    code,
+                    reason: reason.into(),
+                })))
+                .await;
+            // Closing handshake: read (and discard) until the peer's Close.
+            // Closing the TCP socket with unread input would reset it and
+            // the peer could lose our last messages (the error saying why).
+            let drain = async {
+                while let Some(Ok(f)) = rx.next().await {
+                    if matches!(f, Message::Close(_)) {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(CLOSE_GRACE, drain).await;
+        }
+        // Dropping the participant leaves the room.
+        if let Some(p) = self.participant.take() {
+            info!(participant = p.id(), "signaling closed");
+        }
+    }
+
+    fn refuse(&self, out: &mut Vec<ServerMessage>, e: SignalError) {
+        self.state.signaling.error(e.code);
+        out.push(e.to_message());
+    }
+
+    fn frame(&mut self, frame: Message, out: &mut Vec<ServerMessage>) -> Next {
+        let text = match frame {
+            Message::Text(t) => t,
+            Message::Binary(_) => {
+                self.refuse(
+                    out,
+                    SignalError::new(
+                        ErrorCode::BadMessage,
+                        "binary frames are not accepted; send JSON text",
+                    ),
+                );
+                return Next::Continue;
+            }
+            Message::Close(_) => return Next::Close(close_code::NORMAL, "bye"),
+            Message::Ping(_) | Message::Pong(_) => return Next::Continue,
+        };
+        let now = Instant::now();
+        if !self.bucket.take(now) {
+            self.state
+                .signaling
+                .rate_limited
+                .fetch_add(1, Ordering::Relaxed);
+            self.dropped_in_a_row += 1;
+            if self.dropped_in_a_row >= FLOOD_CLOSE_AFTER {
+                self.refuse(
+                    out,
+                    SignalError::new(ErrorCode::RateLimited, "sustained flood; closing"),
+                );
+                return Next::Close(close_code::POLICY, "flood");
+            }
+            if self
+                .last_rate_error
+                .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+            {
+                self.last_rate_error = Some(now);
+                self.refuse(out, SignalError::new(
+                    ErrorCode::RateLimited,
+                    format!("more than {RATE_PER_SEC} messages per second; messages are being dropped"),
+                ));
+            }
+            return Next::Continue;
+        }
+        self.dropped_in_a_row = 0;
+        let msg = match parse_client(text.as_str()) {
+            Ok(m) => m,
+            Err(e) => {
+                let too_large = e.code == ErrorCode::TooLarge;
+                self.refuse(out, e);
+                if too_large {
+                    return Next::Close(close_code::SIZE, "message too large");
+                }
+                return Next::Continue;
+            }
+        };
+        self.message(msg, out)
+    }
+
+    fn message(&mut self, msg: ClientMessage, out: &mut Vec<ServerMessage>) -> Next {
+        match (msg, &self.participant) {
+            (ClientMessage::Ping, _) => out.push(ServerMessage::Pong),
+            (ClientMessage::Leave, _) => return Next::Close(close_code::NORMAL, "left"),
+            (ClientMessage::Join { room, name }, None) => {
+                let room = match RoomName::parse(&room) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        self.refuse(
+                            out,
+                            SignalError::new(ErrorCode::InvalidRoom, format!("room name {e}")),
+                        );
+                        return Next::Continue;
+                    }
+                };
+                let name = match DisplayName::parse(&name) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        self.refuse(
+                            out,
+                            SignalError::new(ErrorCode::InvalidName, format!("display name {e}")),
+                        );
+                        return Next::Continue;
+                    }
+                };
+                if !self.state.ready.load(Ordering::SeqCst) {
+                    out.push(error(
+                        ErrorCode::ShuttingDown,
+                        "the server is shutting down",
+                    ));
+                    return Next::Close(close_code::AWAY, "shutting down");
+                }
+                match self.state.sfu.join(room, name) {
+                    Ok(p) => self.participant = Some(p),
+                    Err(e) => {
+                        self.refuse(out, SignalError::new(ErrorCode::Internal, e.to_string()));
+                        return Next::Close(close_code::ERROR, "media plane unavailable");
+                    }
+                }
+            }
+            (ClientMessage::Join { .. }, Some(_)) => {
+                self.refuse(
+                    out,
+                    SignalError::new(
+                        ErrorCode::AlreadyJoined,
+                        "this socket has already joined a room",
+                    ),
+                );
+            }
+            (_, None) => {
+                self.refuse(
+                    out,
+                    SignalError::new(ErrorCode::NotJoined, "send join first"),
+                );
+            }
+            (ClientMessage::Offer { sdp, tracks }, Some(p)) => {
+                p.send(ParticipantCommand::Offer { sdp, tracks })
+            }
+            (ClientMessage::Answer { sdp }, Some(p)) => p.send(ParticipantCommand::Answer { sdp }),
+            (ClientMessage::Chat { text }, Some(p)) => p.send(ParticipantCommand::Chat { text }),
+            (ClientMessage::Mute { audio, video }, Some(p)) => {
+                p.send(ParticipantCommand::Mute { audio, video })
+            }
+        }
+        Next::Continue
+    }
+}
+
+fn error(code: ErrorCode, message: &str) -> ServerMessage {
+    ServerMessage::Error {
+        code,
+        message: message.into(),
+    }
+}
+
+async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+async fn next_event(p: &mut Option<Participant>) -> Option<ServerMessage> {
+    match p {
+        Some(p) => p.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn send<S>(tx: &mut S, msg: &ServerMessage) -> Result<(), axum::Error>
+where
+    S: SinkExt<Message, Error = axum::Error> + Unpin,
+{
+    let text = serde_json::to_string(msg).unwrap_or_else(|_| {
+        r#"{"type":"error","code":"internal","message":"encoding failed"}"#.into()
+    });
+    tx.send(Message::Text(text.into())).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_allows_burst_then_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(20.0, 40.0, t0);
+        assert_eq!((0..100).filter(|_| b.take(t0)).count(), 40);
+        // One second later: 20 more.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!((0..100).filter(|_| b.take(t1)).count(), 20);
+        // Long idle refills only up to the burst.
+        let t2 = t1 + Duration::from_secs(60);
+        assert_eq!((0..100).filter(|_| b.take(t2)).count(), 40);
+    }
+}

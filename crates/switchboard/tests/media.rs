@@ -1,0 +1,357 @@
+//! Media through a real node: str0m test clients (crates/testkit) over
+//! WebSocket signaling and loopback UDP.
+
+use std::time::Duration;
+
+use signal::Kind;
+use switchboard::{Config, Node};
+use testkit::{Client, State};
+
+const T: Duration = Duration::from_secs(15);
+
+async fn node() -> Node {
+    // RUST_LOG=str0m=debug,sfu=debug shows what the media plane does.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    Node::start(Config {
+        http_port: 0,
+        media_port: 0,
+        ..Default::default()
+    })
+    .await
+    .expect("node starts")
+}
+
+async fn join(node: &Node, room: &str, name: &str) -> Client {
+    Client::join_ws(&format!("ws://{}/ws", node.http_addr()), room, name)
+        .await
+        .unwrap_or_else(|e| panic!("{name} joins {room}: {e}"))
+}
+
+/// Every packet of every received track arrived intact (the testkit drops
+/// corrupted payloads, so they would show up as gaps) and in order, with no
+/// gap once forwarding started.
+fn assert_contiguous(who: &str, s: &State) {
+    for (track, packets) in &s.tracks {
+        for w in packets.windows(2) {
+            assert_eq!(
+                w[1].payload.counter,
+                w[0].payload.counter + 1,
+                "{who}: track {track} has a gap or reordering: {} then {} (unattributed {}, corrupt {})",
+                w[0].payload.counter,
+                w[1].payload.counter,
+                s.unmapped,
+                s.corrupt
+            );
+            assert_eq!(
+                w[1].seq,
+                w[0].seq + 1,
+                "{who}: track {track} RTP sequence not contiguous"
+            );
+            assert_eq!(w[1].payload.track, w[0].payload.track);
+        }
+    }
+}
+
+fn has_tracks_from(s: &State, owner: &str, n: usize, min_packets: usize) -> bool {
+    let tracks = s.tracks_from(owner);
+    tracks.len() == n && tracks.iter().all(|t| s.count(t) >= min_packets)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_clients_receive_each_others_tracks_intact_and_in_order() {
+    let node = node().await;
+    let mut clients = Vec::new();
+    for name in ["Ann", "Ben", "Cat"] {
+        let mut c = join(&node, "trio", name).await;
+        c.publish_av();
+        clients.push(c);
+    }
+    let ids: Vec<String> = clients.iter().map(|c| c.id.clone()).collect();
+    for c in &clients {
+        let others: Vec<String> = ids.iter().filter(|i| **i != c.id).cloned().collect();
+        c.wait_until("audio+video from both others, 40 packets each", T, |s| {
+            others.iter().all(|o| has_tracks_from(s, o, 2, 40))
+        })
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; state: {:?}",
+                c.id,
+                c.state(|s| s
+                    .tracks
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.len()))
+                    .collect::<Vec<_>>())
+            )
+        });
+    }
+    for c in &clients {
+        c.state(|s| {
+            assert_contiguous(&c.id, s);
+            // Exactly the others' tracks: never its own, never twice.
+            assert_eq!(s.tracks.len(), 4, "{}: {:?}", c.id, s.tracks.keys());
+            assert!(s.tracks_from(&c.id).is_empty());
+            // The roster names every participant and its two tracks.
+            assert_eq!(s.roster.len(), 3);
+            for p in &s.roster {
+                let mut kinds: Vec<Kind> = p.tracks.iter().map(|t| t.kind).collect();
+                kinds.sort_by_key(|k| *k == Kind::Video);
+                assert_eq!(kinds, vec![Kind::Audio, Kind::Video], "{:?}", p);
+            }
+        });
+    }
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpublish_and_leave_propagate() {
+    let node = node().await;
+    let mut ann = join(&node, "duo", "Ann").await;
+    let (_audio, video) = ann.publish_av();
+    let ben = join(&node, "duo", "Ben").await;
+    let ann_id = ann.id.clone();
+    ben.wait_until("Ann's two tracks flowing", T, |s| {
+        has_tracks_from(s, &ann_id, 2, 20)
+    })
+    .await
+    .unwrap();
+    let offers_before = ben.state(|s| s.offers_received);
+
+    ann.unpublish(video);
+    ben.wait_until("roster shows only Ann's audio", T, |s| {
+        s.roster
+            .iter()
+            .find(|p| p.id == ann_id)
+            .is_some_and(|p| p.tracks.len() == 1 && p.tracks[0].kind == Kind::Audio)
+    })
+    .await
+    .unwrap();
+    ben.wait_until("a server offer removing the video", T, |s| {
+        s.offers_received > offers_before
+    })
+    .await
+    .unwrap();
+    // Video stops while audio goes on.
+    let video_track = ben.state(|s| {
+        s.roster
+            .iter()
+            .find(|p| p.id == ann_id)
+            .map(|p| p.tracks[0].id.clone())
+            .unwrap()
+    });
+    let video_id = ben.state(|s| {
+        s.tracks_from(&ann_id)
+            .into_iter()
+            .find(|t| **t != video_track)
+            .cloned()
+            .unwrap()
+    });
+    let frozen = ben.state(|s| s.count(&video_id));
+    let audio_now = ben.state(|s| s.count(&video_track));
+    ben.wait_until("50 more audio packets", T, |s| {
+        s.count(&video_track) >= audio_now + 50
+    })
+    .await
+    .unwrap();
+    assert!(
+        ben.state(|s| s.count(&video_id)) <= frozen + 5,
+        "video kept flowing after unpublish"
+    );
+
+    ann.leave();
+    ben.wait_until("Ann gone from the roster", T, |s| {
+        s.roster.len() == 1 && s.roster[0].id == ben.id
+    })
+    .await
+    .unwrap();
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_client_is_reaped() {
+    let node = node().await;
+    let ann = join(&node, "reap", "Ann").await;
+    let mut ben = join(&node, "reap", "Ben").await;
+    ben.publish_av();
+    let ben_id = ben.id.clone();
+    ann.wait_until("Ben's media flowing", T, |s| {
+        has_tracks_from(s, &ben_id, 2, 10)
+    })
+    .await
+    .unwrap();
+    ben.vanish();
+    let vanished = std::time::Instant::now();
+    // ICE consent lapses within seconds; the server removes Ben and all he held.
+    ann.wait_until("Ben reaped", Duration::from_secs(30), |s| {
+        s.roster.len() == 1 && s.roster[0].id == ann.id
+    })
+    .await
+    .unwrap();
+    eprintln!("vanished client reaped after {:?}", vanished.elapsed());
+    ben.wait_until("Ben told he was disconnected", T, |s| {
+        s.errors.iter().any(|e| {
+            matches!(
+                e,
+                signal::ServerMessage::Error {
+                    code: signal::ErrorCode::Disconnected,
+                    ..
+                }
+            )
+        })
+    })
+    .await
+    .unwrap();
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_rooms_do_not_leak_into_each_other() {
+    let node = node().await;
+    let mut a1 = join(&node, "room-one", "A1").await;
+    a1.publish_av();
+    let mut b1 = join(&node, "room-two", "B1").await;
+    b1.publish_av();
+    let a2 = join(&node, "room-one", "A2").await;
+    let b2 = join(&node, "room-two", "B2").await;
+    let (a1_id, b1_id) = (a1.id.clone(), b1.id.clone());
+    a2.wait_until("A1's media in room-one", T, |s| {
+        has_tracks_from(s, &a1_id, 2, 30)
+    })
+    .await
+    .unwrap();
+    b2.wait_until("B1's media in room-two", T, |s| {
+        has_tracks_from(s, &b1_id, 2, 30)
+    })
+    .await
+    .unwrap();
+    a2.state(|s| {
+        assert!(
+            s.tracks_from(&b1_id).is_empty(),
+            "room-two media leaked into room-one"
+        );
+        assert_eq!(s.tracks.len(), 2);
+        assert!(
+            s.roster.iter().all(|p| p.id == a1_id || p.id == a2.id),
+            "{:?}",
+            s.roster
+        );
+    });
+    b2.state(|s| {
+        assert!(
+            s.tracks_from(&a1_id).is_empty(),
+            "room-one media leaked into room-two"
+        );
+        assert_eq!(s.tracks.len(), 2);
+        assert!(
+            s.roster.iter().all(|p| p.id == b1_id || p.id == b2.id),
+            "{:?}",
+            s.roster
+        );
+    });
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyframe_requests_reach_the_publisher_coalesced() {
+    let node = node().await;
+    let mut publisher = join(&node, "kf", "Pub").await;
+    publisher.publish_av();
+    let pub_id = publisher.id.clone();
+    let subs = [
+        join(&node, "kf", "S1").await,
+        join(&node, "kf", "S2").await,
+        join(&node, "kf", "S3").await,
+    ];
+    for s in &subs {
+        s.wait_until("Pub's media", T, |st| has_tracks_from(st, &pub_id, 2, 10))
+            .await
+            .unwrap();
+    }
+    // New subscribers made the server ask the publisher for a keyframe.
+    publisher
+        .wait_until("a keyframe request for new subscribers", T, |s| {
+            s.keyframe_requests >= 1
+        })
+        .await
+        .unwrap();
+    let video = subs[0].state(|s| {
+        s.roster
+            .iter()
+            .find(|p| p.id == pub_id)
+            .and_then(|p| p.tracks.iter().find(|t| t.kind == Kind::Video))
+            .map(|t| t.id.clone())
+            .unwrap()
+    });
+    let audio_count = |s: &State| -> usize {
+        s.tracks_from(&pub_id)
+            .iter()
+            .filter(|t| ***t != video)
+            .map(|t| s.count(t))
+            .sum()
+    };
+    // Let the limiter's window (500 ms) pass: 40 audio packets = 800 ms.
+    let mark = subs[0].state(audio_count);
+    subs[0]
+        .wait_until("800 ms of audio", T, |s| audio_count(s) >= mark + 40)
+        .await
+        .unwrap();
+    let before = publisher.state(|s| s.keyframe_requests);
+    // A storm: 3 subscribers x 20 PLIs, all at once.
+    for _ in 0..20 {
+        for s in &subs {
+            s.request_keyframe(&video);
+        }
+    }
+    publisher
+        .wait_until("the storm reaches the publisher", T, |s| {
+            s.keyframe_requests > before
+        })
+        .await
+        .unwrap();
+    // Watch 1.5 s more (75 audio packets): at most one request per 500 ms
+    // window gets through, i.e. one now and one deferred.
+    let mark = subs[0].state(audio_count);
+    subs[0]
+        .wait_until("1.5 s of audio", T, |s| audio_count(s) >= mark + 75)
+        .await
+        .unwrap();
+    let relayed = publisher.state(|s| s.keyframe_requests) - before;
+    assert!(
+        (1..=2).contains(&relayed),
+        "60 PLIs from subscribers became {relayed} requests to the publisher"
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h264_and_vp9_video_are_forwarded_with_their_codec() {
+    use testkit::{Codec, MediaKind};
+    let node = node().await;
+    let mut publisher = join(&node, "codecs", "Pub").await;
+    for codec in [Codec::H264, Codec::Vp9] {
+        publisher.publish_codec(
+            MediaKind::Video,
+            codec,
+            signal::Source::Camera,
+            Duration::from_millis(33),
+            900,
+        );
+    }
+    let sub = join(&node, "codecs", "Sub").await;
+    let pub_id = publisher.id.clone();
+    sub.wait_until("both video tracks", T, |s| {
+        has_tracks_from(s, &pub_id, 2, 20)
+    })
+    .await
+    .unwrap();
+    sub.state(|s| {
+        assert_contiguous("Sub", s);
+        let mut codecs: Vec<Codec> = s.track_codec.values().copied().collect();
+        codecs.sort_by_key(|c| format!("{c:?}"));
+        assert_eq!(codecs, vec![Codec::H264, Codec::Vp9]);
+    });
+    node.shutdown().await;
+}

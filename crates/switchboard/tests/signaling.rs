@@ -1,0 +1,352 @@
+//! Signaling over a real WebSocket against an in-process node: hostile and
+//! malformed input gets the documented error, and a participant in another
+//! room keeps being served after every single abuse. Plus the HTTP endpoints.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use switchboard::{Config, Node};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+async fn node() -> Node {
+    Node::start(Config {
+        http_port: 0,
+        media_port: 0,
+        ..Default::default()
+    })
+    .await
+    .expect("node starts")
+}
+
+async fn ws(node: &Node) -> Ws {
+    let (ws, _) = connect_async(format!("ws://{}/ws", node.http_addr()))
+        .await
+        .expect("websocket connects");
+    ws
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into())).await.unwrap();
+}
+
+/// Next JSON message (skipping pings); `None` if the socket closed.
+async fn recv(ws: &mut Ws) -> Option<Value> {
+    loop {
+        let frame = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a message within 5 s");
+        match frame {
+            Some(Ok(Message::Text(t))) => return Some(serde_json::from_str(&t).unwrap()),
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+/// Receive until a message of `type` arrives (rosters etc. may come first).
+async fn recv_type(ws: &mut Ws, ty: &str) -> Value {
+    loop {
+        let m = recv(ws)
+            .await
+            .unwrap_or_else(|| panic!("socket closed while waiting for {ty}"));
+        if m["type"] == ty {
+            return m;
+        }
+    }
+}
+
+async fn expect_error(ws: &mut Ws, code: &str) -> Value {
+    let m = recv_type(ws, "error").await;
+    assert_eq!(m["code"], code, "wrong error: {m}");
+    assert!(
+        m["message"].as_str().is_some_and(|s| !s.is_empty()),
+        "error needs a message: {m}"
+    );
+    m
+}
+
+async fn joined(node: &Node, room: &str, name: &str) -> Ws {
+    let mut w = ws(node).await;
+    send(&mut w, json!({"type":"join","room":room,"name":name})).await;
+    let j = recv_type(&mut w, "joined").await;
+    assert_eq!(j["room"], room);
+    assert_eq!(j["name"], name);
+    w
+}
+
+/// The bystander in another room is still served.
+async fn still_served(w: &mut Ws) {
+    send(w, json!({"type":"ping"})).await;
+    recv_type(w, "pong").await;
+}
+
+/// Each case: what to send on a fresh socket (after an optional join) and
+/// the error code it must get.
+struct Case {
+    name: &'static str,
+    join_first: bool,
+    frame: Message,
+    code: &'static str,
+    closes: bool,
+}
+
+fn text(s: impl Into<String>) -> Message {
+    Message::Text(s.into().into())
+}
+
+fn cases() -> Vec<Case> {
+    let c = |name, join_first, frame, code| Case {
+        name,
+        join_first,
+        frame,
+        code,
+        closes: false,
+    };
+    let join =
+        |room: &str, name: &str| text(json!({"type":"join","room":room,"name":name}).to_string());
+    vec![
+        c("bad json", false, text("{not json"), "bad_json"),
+        c("json array", false, text("[1,2,3]"), "bad_json"),
+        c("json string", false, text("\"join\""), "bad_json"),
+        c("empty text", false, text(""), "bad_json"),
+        c("missing type", false, text(r#"{"room":"a"}"#), "unknown_type"),
+        c("type not a string", false, text(r#"{"type":7}"#), "unknown_type"),
+        c("unknown type", false, text(r#"{"type":"launch_missiles"}"#), "unknown_type"),
+        c("join missing name", false, text(r#"{"type":"join","room":"a"}"#), "bad_message"),
+        c("join wrong field type", false, text(r#"{"type":"join","room":5,"name":"x"}"#), "bad_message"),
+        c("join extra field", false, text(r#"{"type":"join","room":"a","name":"x","admin":true}"#), "bad_message"),
+        c("empty room", false, join("", "x"), "invalid_room"),
+        c("65-char room", false, join(&"r".repeat(65), "x"), "invalid_room"),
+        c("path traversal room", false, join("../../etc/passwd", "x"), "invalid_room"),
+        c("unicode room", false, join("räum", "x"), "invalid_room"),
+        c("room with space", false, join("a b", "x"), "invalid_room"),
+        c("empty name", false, join("ok-room", ""), "invalid_name"),
+        c("65-char name", false, join("ok-room", &"n".repeat(65)), "invalid_name"),
+        c("control char name", false, join("ok-room", "bad\u{7}name"), "invalid_name"),
+        c("offer before join", false, text(r#"{"type":"offer","sdp":"v=0","tracks":[]}"#), "not_joined"),
+        c("answer before join", false, text(r#"{"type":"answer","sdp":"v=0"}"#), "not_joined"),
+        c("chat before join", false, text(r#"{"type":"chat","text":"hi"}"#), "not_joined"),
+        c("mute before join", false, text(r#"{"type":"mute","audio":true,"video":false}"#), "not_joined"),
+        c("binary frame", false, Message::Binary(vec![0, 1, 2, 3].into()), "bad_message"),
+        c("double join", true, join("other", "y"), "already_joined"),
+        c("answer without server offer", true, text(r#"{"type":"answer","sdp":"v=0\r\n"}"#), "no_pending_offer"),
+        c("garbage sdp offer", true, text(r#"{"type":"offer","sdp":"v=0\r\nthis is not sdp","tracks":[]}"#), "invalid_sdp"),
+        c("chat too long", true, text(json!({"type":"chat","text":"x".repeat(2001)}).to_string()), "chat_too_long"),
+        c("empty chat", true, text(r#"{"type":"chat","text":"   "}"#), "bad_message"),
+        c("too many tracks", true, text(json!({"type":"offer","sdp":"v=0","tracks":(0..17).map(|i| json!({"mid": i.to_string(), "source":"camera"})).collect::<Vec<_>>()}).to_string()), "bad_message"),
+        c("unknown source", true, text(r#"{"type":"offer","sdp":"v=0","tracks":[{"mid":"0","source":"hologram"}]}"#), "bad_message"),
+        Case {
+            name: "oversized frame",
+            join_first: false,
+            frame: text(format!(r#"{{"type":"chat","text":"{}"}}"#, "x".repeat(200 * 1024))),
+            code: "too_large",
+            closes: true,
+        },
+    ]
+}
+
+#[tokio::test]
+async fn hostile_messages_get_documented_errors_and_other_rooms_keep_working() {
+    let node = node().await;
+    let mut bystander = joined(&node, "quiet-room", "Bystander").await;
+    let cases = cases();
+    assert!(cases.len() >= 20);
+    for case in cases {
+        let mut w = if case.join_first {
+            joined(&node, "abuse-room", "Abuser").await
+        } else {
+            ws(&node).await
+        };
+        w.send(case.frame).await.unwrap();
+        let m = recv_type(&mut w, "error").await;
+        assert_eq!(m["code"], case.code, "case {:?}: got {m}", case.name);
+        if case.closes {
+            assert_eq!(
+                recv(&mut w).await,
+                None,
+                "case {:?}: socket must close",
+                case.name
+            );
+        } else {
+            // The session goes on after a refusal.
+            still_served(&mut w).await;
+        }
+        still_served(&mut bystander).await;
+    }
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_flood_is_rate_limited_then_closed_without_hurting_others() {
+    let node = node().await;
+    let mut bystander = joined(&node, "calm", "Calm").await;
+    let mut w = ws(&node).await;
+    for _ in 0..300 {
+        if w.send(text(r#"{"type":"ping"}"#)).await.is_err() {
+            break;
+        }
+    }
+    let mut pongs = 0;
+    let mut rate_limited = 0;
+    while let Some(m) = recv(&mut w).await {
+        match m["type"].as_str() {
+            Some("pong") => pongs += 1,
+            Some("error") => {
+                assert_eq!(m["code"], "rate_limited", "{m}");
+                rate_limited += 1;
+            }
+            _ => panic!("unexpected {m}"),
+        }
+    }
+    assert!(
+        (40..300).contains(&pongs),
+        "burst is served, the rest dropped: {pongs} pongs"
+    );
+    assert!(rate_limited >= 1, "the client is told it is rate limited");
+    still_served(&mut bystander).await;
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn chat_and_mute_reach_the_room_but_not_other_rooms() {
+    let node = node().await;
+    let mut a = joined(&node, "room-a", "Ann").await;
+    let mut b = joined(&node, "room-a", "Ben").await;
+    let mut other = joined(&node, "room-b", "Olga").await;
+    send(&mut a, json!({"type":"chat","text":"hi Ben"})).await;
+    let c = recv_type(&mut b, "chat").await;
+    assert_eq!(
+        (c["name"].as_str(), c["text"].as_str()),
+        (Some("Ann"), Some("hi Ben"))
+    );
+    assert!(c["ts"].as_u64().unwrap() > 1_600_000_000_000);
+    let echo = recv_type(&mut a, "chat").await;
+    assert_eq!(echo["text"], "hi Ben");
+    send(&mut a, json!({"type":"mute","audio":true,"video":false})).await;
+    loop {
+        let r = recv_type(&mut b, "roster").await;
+        let ann = r["participants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "Ann")
+            .cloned();
+        if ann.is_some_and(|p| p["audio_muted"] == true) {
+            break;
+        }
+    }
+    // Olga saw only her own room: her ping is answered with nothing else queued before.
+    send(&mut other, json!({"type":"ping"})).await;
+    loop {
+        let m = recv(&mut other).await.unwrap();
+        assert_ne!(m["type"], "chat", "chat leaked across rooms: {m}");
+        if m["type"] == "roster" {
+            let names: Vec<_> = m["participants"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["name"].clone())
+                .collect();
+            assert_eq!(names, vec![json!("Olga")]);
+        }
+        if m["type"] == "pong" {
+            break;
+        }
+    }
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn full_room_is_refused_and_closed() {
+    let node = Node::start(Config {
+        http_port: 0,
+        media_port: 0,
+        max_participants_per_room: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let _first = joined(&node, "tiny", "One").await;
+    let mut second = ws(&node).await;
+    send(
+        &mut second,
+        json!({"type":"join","room":"tiny","name":"Two"}),
+    )
+    .await;
+    expect_error(&mut second, "full").await;
+    assert_eq!(recv(&mut second).await, None, "socket closes after full");
+    node.shutdown().await;
+}
+
+async fn get(node: &Node, path: &str) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(node.http_addr()).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_lowercase(), body.to_string())
+}
+
+#[tokio::test]
+async fn http_endpoints() {
+    let node = node().await;
+    let (s, _, body) = get(&node, "/healthz").await;
+    assert_eq!((s, body.trim()), (200, "ok"));
+    let (s, _, _) = get(&node, "/readyz").await;
+    assert_eq!(s, 200);
+    let (s, head, body) = get(&node, "/r/standup").await;
+    assert_eq!(s, 200);
+    assert!(head.contains("content-type: text/html"));
+    assert!(body.contains("/app.js"));
+    let (s, head, _) = get(&node, "/app.js").await;
+    assert_eq!(s, 200);
+    assert!(head.contains("javascript"));
+    assert_eq!(get(&node, "/nope.js").await.0, 404);
+
+    let _w = joined(&node, "status-room", "Sam").await;
+    let (s, _, body) = get(&node, "/api/status").await;
+    assert_eq!(s, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["rooms"][0]["name"], "status-room");
+    assert_eq!(v["rooms"][0]["participants"][0]["name"], "Sam");
+    assert!(v["trunks"].as_array().unwrap().is_empty());
+    assert!(v["node"]["version"].is_string());
+
+    let (s, _, body) = get(&node, "/metrics").await;
+    assert_eq!(s, 200);
+    assert!(body.contains("switchboard_participants 1"), "{body}");
+    assert!(body.contains("switchboard_rooms 1"), "{body}");
+    assert!(body.contains("switchboard_ws_connections 1"), "{body}");
+    assert!(body.contains("# EOF"));
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_tells_participants_and_stops_serving() {
+    let node = node().await;
+    let addr = node.http_addr();
+    let mut w = joined(&node, "bye-room", "Bea").await;
+    let stop = tokio::spawn(node.shutdown());
+    expect_error(&mut w, "shutting_down").await;
+    assert_eq!(recv(&mut w).await, None, "socket closes on shutdown");
+    stop.await.unwrap();
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "HTTP stops accepting after shutdown"
+    );
+}
