@@ -671,10 +671,24 @@ impl Sim {
         n.alive = false;
         n.epoch += 1;
         n.timer = None;
-        // A crash breaks every trunk of the node without a word.
-        for c in self.conns.values_mut() {
+        // A crash breaks every trunk of the node without a word; sometimes
+        // the transport's idle timeout (~3.2 s) reports it before the
+        // heartbeat does.
+        let mut lost = Vec::new();
+        for (id, c) in self.conns.iter_mut() {
             if c.ends[0].0 == i || c.ends[1].0 == i {
                 c.broken = c.broken || !graceful;
+                if !graceful {
+                    let other = if c.ends[0].0 == i { 1 } else { 0 };
+                    lost.push((*id, other));
+                }
+            }
+        }
+        lost.sort_unstable();
+        for (conn, to) in lost {
+            if self.rng.random_bool(0.5) {
+                let t = now + ms(self.rng.random_range(2900..3300));
+                self.at(t, Ev::Lost { conn, to });
             }
         }
         // Within heartbeat × misses + one heartbeat, every node forgets it;
@@ -884,7 +898,9 @@ impl Sim {
                 let conns: Vec<u64> = self
                     .conns
                     .iter()
-                    .filter(|(_, c)| c.ends[1].0 == i && c.ends[1].1 == self.nodes[i].epoch)
+                    .filter(|(_, c)| {
+                        !c.broken && c.ends[1].0 == i && c.ends[1].1 == self.nodes[i].epoch
+                    })
                     .map(|(k, _)| *k)
                     .collect();
                 let mut conns = conns;
@@ -908,6 +924,18 @@ impl Sim {
                 }
                 if self.nodes[i].node.metrics().unknown_wire_drops != before + 1 {
                     self.fail("unknown wire id drop not counted".into());
+                }
+                // Sometimes a corrupt control frame too: the trunk must close
+                // (Goodbye) and the cluster recover through redial + resync.
+                if self.rng.random_bool(0.3) {
+                    let errors = self.nodes[i].node.metrics().protocol_errors;
+                    self.nodes[i]
+                        .node
+                        .handle_frame(ConnId(conn), &[0xff; 3], now);
+                    if self.nodes[i].node.metrics().protocol_errors > errors + 1 {
+                        self.fail("one bad frame counted twice".into());
+                    }
+                    self.pump(i);
                 }
             }
         }
