@@ -1042,7 +1042,9 @@ impl Worker {
             dirty.insert(m);
         }
         metrics.rtp_packets_out.fetch_add(sent, Ordering::Relaxed);
-        metrics.rtp_bytes_out.fetch_add(sent * len, Ordering::Relaxed);
+        metrics
+            .rtp_bytes_out
+            .fetch_add(sent * len, Ordering::Relaxed);
     }
 
     // ---- keyframes ------------------------------------------------------
