@@ -26,7 +26,11 @@ async fn node() -> Node {
 }
 
 async fn ws(node: &Node) -> Ws {
-    let (ws, _) = connect_async(format!("ws://{}/ws", node.http_addr()))
+    connect(node.http_addr()).await
+}
+
+async fn connect(addr: std::net::SocketAddr) -> Ws {
+    let (ws, _) = connect_async(format!("ws://{addr}/ws"))
         .await
         .expect("websocket connects");
     ws
@@ -285,9 +289,29 @@ async fn full_room_is_refused_and_closed() {
     node.shutdown().await;
 }
 
+/// Scrape `/metrics` until `ok` holds (state changes land asynchronously).
+async fn metrics_eventually(node: &Node, ok: impl Fn(&str) -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, _, body) = get(node, "/metrics").await;
+        if ok(&body) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metrics never matched: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn get(node: &Node, path: &str) -> (u16, String, String) {
+    get_addr(node.http_addr(), path).await
+}
+
+async fn get_addr(addr: std::net::SocketAddr, path: &str) -> (u16, String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = TcpStream::connect(node.http_addr()).await.unwrap();
+    let mut s = TcpStream::connect(addr).await.unwrap();
     let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
@@ -313,10 +337,23 @@ async fn http_endpoints() {
     assert_eq!(s, 200);
     assert!(head.contains("content-type: text/html"));
     assert!(body.contains("/app.js"));
+    let (s, _, body) = get(&node, "/").await;
+    assert_eq!(s, 200);
+    assert!(body.contains("/app.js"), "the room picker is the same page");
     let (s, head, _) = get(&node, "/app.js").await;
     assert_eq!(s, 200);
     assert!(head.contains("javascript"));
+    let (s, head, _) = get(&node, "/style.css").await;
+    assert_eq!(s, 200);
+    assert!(head.contains("content-type: text/css"));
     assert_eq!(get(&node, "/nope.js").await.0, 404);
+    assert_eq!(get(&node, "/%2e%2e/Cargo.toml").await.0, 404);
+    assert_eq!(get(&node, "/r/").await.0, 404);
+
+    // One refusal, counted by code in /metrics.
+    let mut bad = ws(&node).await;
+    bad.send(text("{nope")).await.unwrap();
+    expect_error(&mut bad, "bad_json").await;
 
     let _w = joined(&node, "status-room", "Sam").await;
     let (s, _, body) = get(&node, "/api/status").await;
@@ -331,8 +368,107 @@ async fn http_endpoints() {
     assert_eq!(s, 200);
     assert!(body.contains("switchboard_participants 1"), "{body}");
     assert!(body.contains("switchboard_rooms 1"), "{body}");
-    assert!(body.contains("switchboard_ws_connections 1"), "{body}");
+    assert!(body.contains("switchboard_ws_connections 2"), "{body}");
+    assert!(
+        body.contains(r#"switchboard_signaling_errors_total{code="bad_json"} 1"#),
+        "{body}"
+    );
+    for name in [
+        "switchboard_tracks ",
+        "switchboard_rtp_packets_in_total ",
+        "switchboard_rtp_bytes_in_total ",
+        "switchboard_rtp_packets_out_total ",
+        "switchboard_rtp_bytes_out_total ",
+        "switchboard_keyframe_requests_total ",
+        "switchboard_participants_reaped_total ",
+        "switchboard_ws_accepted_total ",
+        "switchboard_signaling_rate_limited_total ",
+    ] {
+        assert!(body.contains(name), "missing {name}: {body}");
+    }
     assert!(body.contains("# EOF"));
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn readyz_turns_503_while_shutting_down() {
+    let node = node().await;
+    let addr = node.http_addr();
+    assert_eq!(get(&node, "/readyz").await.0, 200);
+    let mut w = joined(&node, "drain-room", "Dee").await;
+    let stop = tokio::spawn(node.shutdown());
+    expect_error(&mut w, "shutting_down").await;
+    // The node now waits for this socket's closing handshake (we have not
+    // read its Close yet), still serving HTTP: not ready, but alive.
+    let (s, _, _) = get_addr(addr, "/readyz").await;
+    assert_eq!(s, 503, "not ready once shutdown has begun");
+    let (s, _, _) = get_addr(addr, "/healthz").await;
+    assert_eq!(s, 200, "still alive while draining");
+    let mut late = connect(addr).await;
+    late.send(text(r#"{"type":"join","room":"late","name":"Lou"}"#))
+        .await
+        .unwrap();
+    expect_error(&mut late, "shutting_down").await;
+    assert_eq!(recv(&mut late).await, None, "late joiner is closed");
+    assert_eq!(recv(&mut w).await, None, "socket closes on shutdown");
+    stop.await.unwrap();
+}
+
+#[tokio::test]
+async fn binary_and_control_floods_are_rate_limited_too() {
+    let node = node().await;
+    let mut bystander = joined(&node, "calm-2", "Calm").await;
+    let mut w = ws(&node).await;
+    for _ in 0..300 {
+        if w.send(Message::Binary(vec![1, 2, 3].into())).await.is_err() {
+            break;
+        }
+    }
+    let (mut bad_message, mut rate_limited) = (0, 0);
+    while let Some(m) = recv(&mut w).await {
+        match m["code"].as_str() {
+            Some("bad_message") => bad_message += 1,
+            Some("rate_limited") => rate_limited += 1,
+            _ => panic!("unexpected {m}"),
+        }
+    }
+    assert!(
+        (40..300).contains(&bad_message),
+        "only the burst is answered: {bad_message}"
+    );
+    assert!(rate_limited >= 1);
+    still_served(&mut bystander).await;
+    let (_, _, body) = get(&node, "/metrics").await;
+    let dropped: u64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("switchboard_signaling_rate_limited_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(dropped >= 1, "{body}");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_frame_beyond_the_websocket_cap_closes_only_that_socket() {
+    let node = node().await;
+    let mut bystander = joined(&node, "calm-3", "Calm").await;
+    let mut w = joined(&node, "big-room", "Big").await;
+    let huge = format!(r#"{{"type":"chat","text":"{}"}}"#, "x".repeat(1024 * 1024));
+    // The server may cut the connection while we are still writing.
+    let _ = w.send(text(huge)).await;
+    loop {
+        match recv(&mut w).await {
+            None => break,
+            Some(m) if m["type"] == "error" => assert_eq!(m["code"], "too_large", "{m}"),
+            Some(_) => {}
+        }
+    }
+    still_served(&mut bystander).await;
+    // The big socket's session ended and its participant left.
+    metrics_eventually(&node, |m| {
+        m.contains("switchboard_ws_connections 1\n") && m.contains("switchboard_participants 1\n")
+    })
+    .await;
     node.shutdown().await;
 }
 
