@@ -146,6 +146,9 @@ impl Session {
                         Some(msg) => outbox.push(msg),
                         // The media plane ended the session (its reason, if
                         // any, was the last message).
+                        None if !self.state.ready.load(Ordering::SeqCst) => {
+                            break Some((close_code::AWAY, "shutting down"))
+                        }
                         None => break Some((close_code::NORMAL, "session ended")),
                     }
                 }

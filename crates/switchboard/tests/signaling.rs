@@ -54,6 +54,21 @@ async fn recv(ws: &mut Ws) -> Option<Value> {
     }
 }
 
+/// Skip messages until the server's Close frame; its code (`None` if the
+/// connection ended without one).
+async fn close_code(ws: &mut Ws) -> Option<u16> {
+    loop {
+        let frame = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("the socket closes within 5 s");
+        match frame {
+            Some(Ok(Message::Close(c))) => return c.map(|c| u16::from(c.code)),
+            None | Some(Err(_)) => return None,
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
 /// Receive until a message of `type` arrives (rosters etc. may come first).
 async fn recv_type(ws: &mut Ws, ty: &str) -> Value {
     loop {
@@ -173,9 +188,9 @@ async fn hostile_messages_get_documented_errors_and_other_rooms_keep_working() {
         assert_eq!(m["code"], case.code, "case {:?}: got {m}", case.name);
         if case.closes {
             assert_eq!(
-                recv(&mut w).await,
-                None,
-                "case {:?}: socket must close",
+                close_code(&mut w).await,
+                Some(1009),
+                "case {:?}: socket must close with 1009",
                 case.name
             );
         } else {
@@ -391,6 +406,29 @@ async fn http_endpoints() {
 }
 
 #[tokio::test]
+async fn leave_closes_normally_and_leaves_the_room() {
+    let node = node().await;
+    let mut stay = joined(&node, "exit-room", "Stay").await;
+    let mut go = joined(&node, "exit-room", "Go").await;
+    send(&mut go, json!({"type":"leave"})).await;
+    assert_eq!(close_code(&mut go).await, Some(1000));
+    // The room's roster drops the leaver.
+    loop {
+        let r = recv_type(&mut stay, "roster").await;
+        let names: Vec<_> = r["participants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].clone())
+            .collect();
+        if names == vec![json!("Stay")] {
+            break;
+        }
+    }
+    node.shutdown().await;
+}
+
+#[tokio::test]
 async fn readyz_turns_503_while_shutting_down() {
     let node = node().await;
     let addr = node.http_addr();
@@ -479,7 +517,7 @@ async fn shutdown_tells_participants_and_stops_serving() {
     let mut w = joined(&node, "bye-room", "Bea").await;
     let stop = tokio::spawn(node.shutdown());
     expect_error(&mut w, "shutting_down").await;
-    assert_eq!(recv(&mut w).await, None, "socket closes on shutdown");
+    assert_eq!(close_code(&mut w).await, Some(1001), "closed as going away");
     stop.await.unwrap();
     assert!(
         TcpStream::connect(addr).await.is_err(),
