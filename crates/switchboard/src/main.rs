@@ -6,9 +6,13 @@ use switchboard::{Config, LogFormat, Node};
 use tracing_subscriber::EnvFilter;
 
 fn init_logging(format: LogFormat) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_from_env("SWITCHBOARD_LOG")
-        .or_else(|_| EnvFilter::try_new("info"))
-        .context("bad SWITCHBOARD_LOG")?;
+    // Unset means `info`; a typo is an error rather than silently `info`.
+    let filter = match std::env::var("SWITCHBOARD_LOG") {
+        Ok(spec) => {
+            EnvFilter::try_new(&spec).with_context(|| format!("bad SWITCHBOARD_LOG {spec:?}"))?
+        }
+        Err(_) => EnvFilter::new("info"),
+    };
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match format {
         LogFormat::Human => builder.init(),
