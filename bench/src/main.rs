@@ -44,6 +44,7 @@ impl Server {
     fn start(bin: &str) -> anyhow::Result<Server> {
         let mut child = Command::new(bin)
             .args(["--http-port", "0", "--media-port", "0"])
+            .args(["--max-participants-per-room", "10000"])
             .env("SWITCHBOARD_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -940,9 +940,18 @@ impl Worker {
     /// One RTP packet from a publisher: write it to every subscriber.
     fn forward(&mut self, from: Pid, pkt: RtpPacket) {
         let len = pkt.payload.len() as u64;
-        self.metrics.rtp_packets_in.fetch_add(1, Ordering::Relaxed);
-        self.metrics.rtp_bytes_in.fetch_add(len, Ordering::Relaxed);
-        let Some(publisher) = self.peers.get_mut(&from) else {
+        // Borrow the fields apart: the room is read while subscribers are
+        // written, without copying its member list per packet.
+        let Worker {
+            peers,
+            rooms,
+            metrics,
+            dirty,
+            ..
+        } = self;
+        metrics.rtp_packets_in.fetch_add(1, Ordering::Relaxed);
+        metrics.rtp_bytes_in.fetch_add(len, Ordering::Relaxed);
+        let Some(publisher) = peers.get_mut(&from) else {
             return;
         };
         let ssrc = pkt.header.ssrc;
@@ -957,25 +966,25 @@ impl Worker {
             return;
         };
         let clock_rate = params.spec().clock_rate.get();
-        let Some(room) = self.rooms.get(&publisher.room) else {
+        let Some(room) = rooms.get(&publisher.room) else {
             return;
         };
         let nackable = matches!(
             room.tracks.get(&track_id).map(|t| t.kind),
             Some(MediaKind::Video)
         );
-        let members = room.members.clone();
         let ext = ExtensionValues {
             audio_level: pkt.header.ext_vals.audio_level,
             voice_activity: pkt.header.ext_vals.voice_activity,
             video_orientation: pkt.header.ext_vals.video_orientation,
             ..Default::default()
         };
-        for m in members {
+        let mut sent = 0u64;
+        for &m in &room.members {
             if m == from {
                 continue;
             }
-            let Some(sub_peer) = self.peers.get_mut(&m) else {
+            let Some(sub_peer) = peers.get_mut(&m) else {
                 continue;
             };
             if sub_peer.ended.is_some() {
@@ -1029,10 +1038,11 @@ impl Worker {
                 sub_peer.ended = Some(End::Failed);
                 continue;
             }
-            self.metrics.rtp_packets_out.fetch_add(1, Ordering::Relaxed);
-            self.metrics.rtp_bytes_out.fetch_add(len, Ordering::Relaxed);
-            self.dirty.insert(m);
+            sent += 1;
+            dirty.insert(m);
         }
+        metrics.rtp_packets_out.fetch_add(sent, Ordering::Relaxed);
+        metrics.rtp_bytes_out.fetch_add(sent * len, Ordering::Relaxed);
     }
 
     // ---- keyframes ------------------------------------------------------

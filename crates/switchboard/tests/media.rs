@@ -253,3 +253,105 @@ async fn two_rooms_do_not_leak_into_each_other() {
     });
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyframe_requests_reach_the_publisher_coalesced() {
+    let node = node().await;
+    let mut publisher = join(&node, "kf", "Pub").await;
+    publisher.publish_av();
+    let pub_id = publisher.id.clone();
+    let subs = [
+        join(&node, "kf", "S1").await,
+        join(&node, "kf", "S2").await,
+        join(&node, "kf", "S3").await,
+    ];
+    for s in &subs {
+        s.wait_until("Pub's media", T, |st| has_tracks_from(st, &pub_id, 2, 10))
+            .await
+            .unwrap();
+    }
+    // New subscribers made the server ask the publisher for a keyframe.
+    publisher
+        .wait_until("a keyframe request for new subscribers", T, |s| {
+            s.keyframe_requests >= 1
+        })
+        .await
+        .unwrap();
+    let video = subs[0].state(|s| {
+        s.roster
+            .iter()
+            .find(|p| p.id == pub_id)
+            .and_then(|p| p.tracks.iter().find(|t| t.kind == Kind::Video))
+            .map(|t| t.id.clone())
+            .unwrap()
+    });
+    let audio_count = |s: &State| -> usize {
+        s.tracks_from(&pub_id)
+            .iter()
+            .filter(|t| ***t != video)
+            .map(|t| s.count(t))
+            .sum()
+    };
+    // Let the limiter's window (500 ms) pass: 40 audio packets = 800 ms.
+    let mark = subs[0].state(audio_count);
+    subs[0]
+        .wait_until("800 ms of audio", T, |s| audio_count(s) >= mark + 40)
+        .await
+        .unwrap();
+    let before = publisher.state(|s| s.keyframe_requests);
+    // A storm: 3 subscribers x 20 PLIs, all at once.
+    for _ in 0..20 {
+        for s in &subs {
+            s.request_keyframe(&video);
+        }
+    }
+    publisher
+        .wait_until("the storm reaches the publisher", T, |s| {
+            s.keyframe_requests > before
+        })
+        .await
+        .unwrap();
+    // Watch 1.5 s more (75 audio packets): at most one request per 500 ms
+    // window gets through, i.e. one now and one deferred.
+    let mark = subs[0].state(audio_count);
+    subs[0]
+        .wait_until("1.5 s of audio", T, |s| audio_count(s) >= mark + 75)
+        .await
+        .unwrap();
+    let relayed = publisher.state(|s| s.keyframe_requests) - before;
+    assert!(
+        (1..=2).contains(&relayed),
+        "60 PLIs from subscribers became {relayed} requests to the publisher"
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h264_and_vp9_video_are_forwarded_with_their_codec() {
+    use testkit::{Codec, MediaKind};
+    let node = node().await;
+    let mut publisher = join(&node, "codecs", "Pub").await;
+    for codec in [Codec::H264, Codec::Vp9] {
+        publisher.publish_codec(
+            MediaKind::Video,
+            codec,
+            signal::Source::Camera,
+            Duration::from_millis(33),
+            900,
+        );
+    }
+    let sub = join(&node, "codecs", "Sub").await;
+    let pub_id = publisher.id.clone();
+    sub.wait_until("both video tracks", T, |s| {
+        has_tracks_from(s, &pub_id, 2, 20)
+    })
+    .await
+    .unwrap();
+    sub.state(|s| {
+        assert_contiguous("Sub", s);
+        let mut codecs: Vec<Codec> = s.track_codec.values().copied().collect();
+        codecs.sort_by_key(|c| format!("{c:?}"));
+        assert_eq!(codecs, vec![Codec::H264, Codec::Vp9]);
+    });
+    node.shutdown().await;
+}

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use signal::{ClientMessage, ParticipantView, ServerMessage, Source, TrackSource};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+pub use str0m::format::Codec;
 pub use str0m::media::MediaKind;
 use str0m::media::{Direction, Mid};
 use str0m::net::{Protocol, Receive};
@@ -114,6 +115,10 @@ pub struct State {
     /// payload was not intact.
     pub unmapped: u64,
     pub corrupt: u64,
+    /// Codec of each received track, from the payload type of its packets.
+    pub track_codec: HashMap<String, Codec>,
+    /// Keyframe requests (PLI/FIR) the server sent us for our tracks.
+    pub keyframe_requests: u64,
     /// Packets sent per local track index.
     pub sent: BTreeMap<u32, u64>,
 }
@@ -136,6 +141,7 @@ impl State {
 enum Cmd {
     Publish {
         kind: MediaKind,
+        codec: Codec,
         source: Source,
         rate: Duration,
         size: usize,
@@ -143,6 +149,7 @@ enum Cmd {
     Unpublish(u32),
     Send(ClientMessage),
     Vanish,
+    RequestKeyframe(String),
 }
 
 /// Handle to a running test participant.
@@ -222,10 +229,27 @@ impl Client {
     /// Start publishing a synthetic track: one packet of `size` bytes every
     /// `rate`. Returns the local track index (stamped into every payload).
     pub fn publish(&mut self, kind: MediaKind, source: Source, rate: Duration, size: usize) -> u32 {
+        let codec = match kind {
+            MediaKind::Audio => Codec::Opus,
+            MediaKind::Video => Codec::Vp8,
+        };
+        self.publish_codec(kind, codec, source, rate, size)
+    }
+
+    /// Like [`Client::publish`] with a chosen codec (e.g. H.264 video).
+    pub fn publish_codec(
+        &mut self,
+        kind: MediaKind,
+        codec: Codec,
+        source: Source,
+        rate: Duration,
+        size: usize,
+    ) -> u32 {
         let idx = self.next_track;
         self.next_track += 1;
         let _ = self.cmd.send(Cmd::Publish {
             kind,
+            codec,
             source,
             rate,
             size,
@@ -277,6 +301,12 @@ impl Client {
         let _ = self.cmd.send(Cmd::Vanish);
     }
 
+    /// Send a PLI for a received track (by roster track id), as a decoder
+    /// that lost its reference would.
+    pub fn request_keyframe(&self, track: &str) {
+        let _ = self.cmd.send(Cmd::RequestKeyframe(track.into()));
+    }
+
     /// Read the recorded state.
     pub fn state<R>(&self, f: impl FnOnce(&State) -> R) -> R {
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -306,6 +336,7 @@ impl Client {
 struct Publication {
     idx: u32,
     kind: MediaKind,
+    codec: Codec,
     source: Source,
     rate: Duration,
     size: usize,
@@ -409,6 +440,7 @@ impl Driver {
     fn event(&mut self, e: Event) {
         match e {
             Event::Connected => self.with_state(|s| s.connected = true),
+            Event::KeyframeRequest(_) => self.with_state(|s| s.keyframe_requests += 1),
             Event::MediaAdded(m) if m.direction == Direction::RecvOnly => {
                 if let Some(media) = self.rtc.media(m.mid) {
                     let owner = media.stream_id().to_string();
@@ -433,13 +465,23 @@ impl Driver {
                     self.with_state(|s| s.corrupt += 1);
                     return;
                 };
+                let codec = self
+                    .rtc
+                    .codec_config()
+                    .find(|c| c.pt() == pkt.header.payload_type)
+                    .map(|c| c.spec().codec);
                 let rec = Received {
                     payload,
                     seq: *pkt.seq_no,
                     at: Instant::now(),
                     at_micros: micros_now(),
                 };
-                self.with_state(|s| s.tracks.entry(track).or_default().push(rec));
+                self.with_state(|s| {
+                    if let Some(c) = codec {
+                        s.track_codec.insert(track.clone(), c);
+                    }
+                    s.tracks.entry(track).or_default().push(rec)
+                });
             }
             _ => {}
         }
@@ -492,6 +534,7 @@ impl Driver {
         match c {
             Cmd::Publish {
                 kind,
+                codec,
                 source,
                 rate,
                 size,
@@ -500,6 +543,7 @@ impl Driver {
                 self.pubs.push(Publication {
                     idx,
                     kind,
+                    codec,
                     source,
                     rate,
                     size,
@@ -523,6 +567,19 @@ impl Driver {
                 let _ = self.signal_tx.send(m);
             }
             Cmd::Vanish => self.socket = None,
+            Cmd::RequestKeyframe(track) => {
+                let mid = self
+                    .remote
+                    .iter()
+                    .find(|(_, (_, t))| *t == track)
+                    .map(|(m, _)| *m);
+                if let Some(m) = mid {
+                    let mut api = self.rtc.direct_api();
+                    if let Some(rx) = api.stream_rx_by_mid(m, None) {
+                        rx.request_keyframe(str0m::media::KeyframeRequestKind::Pli);
+                    }
+                }
+            }
         }
     }
 
@@ -576,10 +633,7 @@ impl Driver {
             let Some(params) = self
                 .rtc
                 .codec_config()
-                .find(|c| match p.kind {
-                    MediaKind::Audio => c.spec().codec == str0m::format::Codec::Opus,
-                    MediaKind::Video => c.spec().codec == str0m::format::Codec::Vp8,
-                })
+                .find(|c| c.spec().codec == p.codec)
                 .copied()
             else {
                 continue;
