@@ -214,7 +214,16 @@ async fn a_flood_is_rate_limited_then_closed_without_hurting_others() {
     }
     let mut pongs = 0;
     let mut rate_limited = 0;
-    while let Some(m) = recv(&mut w).await {
+    let close = loop {
+        let frame = tokio::time::timeout(WAIT, w.next())
+            .await
+            .expect("a frame within 5 s");
+        let m: Value = match frame {
+            Some(Ok(Message::Text(t))) => serde_json::from_str(&t).unwrap(),
+            Some(Ok(Message::Close(c))) => break c.map(|c| u16::from(c.code)),
+            Some(Ok(_)) => continue,
+            None | Some(Err(_)) => break None,
+        };
         match m["type"].as_str() {
             Some("pong") => pongs += 1,
             Some("error") => {
@@ -223,7 +232,12 @@ async fn a_flood_is_rate_limited_then_closed_without_hurting_others() {
             }
             _ => panic!("unexpected {m}"),
         }
-    }
+    };
+    assert_eq!(
+        close,
+        Some(1008),
+        "a sustained flood is closed as a policy violation"
+    );
     assert!(
         (40..300).contains(&pongs),
         "burst is served, the rest dropped: {pongs} pongs"
