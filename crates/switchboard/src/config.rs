@@ -21,6 +21,8 @@ const DEFAULT_HTTP_PORT: u16 = 3000;
 /// container port mapping can be written once.
 const DEFAULT_MEDIA_PORT: u16 = 3001;
 const DEFAULT_MAX_PARTICIPANTS_PER_ROOM: usize = 100;
+/// The web client sends `join` as soon as its socket opens; 10 s is ample.
+const DEFAULT_JOIN_TIMEOUT_SECS: u64 = 10;
 
 /// Everything a node needs to start. `Default` runs a single node on
 /// http://127.0.0.1:3000 with media on UDP 3001.
@@ -51,6 +53,15 @@ pub struct Config {
         default_value_t = DEFAULT_MAX_PARTICIPANTS_PER_ROOM
     )]
     pub max_participants_per_room: usize,
+    /// Seconds a signaling socket may stay open without joining a room
+    /// (then `error not_joined` and close): idle sockets cost a task each.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_JOIN_TIMEOUT_SECS",
+        default_value_t = DEFAULT_JOIN_TIMEOUT_SECS,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub join_timeout_secs: u64,
     /// Log output format (the filter is SWITCHBOARD_LOG, RUST_LOG syntax).
     #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
@@ -75,6 +86,7 @@ impl Default for Config {
             media_port: DEFAULT_MEDIA_PORT,
             public_ip: None,
             max_participants_per_room: DEFAULT_MAX_PARTICIPANTS_PER_ROOM,
+            join_timeout_secs: DEFAULT_JOIN_TIMEOUT_SECS,
             log_format: LogFormat::Human,
         }
     }
@@ -89,6 +101,7 @@ pub struct FileConfig {
     pub media_port: Option<u16>,
     pub public_ip: Option<IpAddr>,
     pub max_participants_per_room: Option<usize>,
+    pub join_timeout_secs: Option<u64>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -155,6 +168,12 @@ impl Config {
             .filter(|_| unset("max_participants_per_room"))
         {
             self.max_participants_per_room = v;
+        }
+        if let Some(v) = file
+            .join_timeout_secs
+            .filter(|_| unset("join_timeout_secs"))
+        {
+            self.join_timeout_secs = v.max(1);
         }
         if let Some(v) = file.log_format.filter(|_| unset("log_format")) {
             self.log_format = v;
@@ -256,6 +275,7 @@ mod tests {
         assert!(toml::from_str::<FileConfig>("http_port = 70000").is_err());
         assert!(Config::try_parse_args(["switchboard", "--bind", "nope"]).is_err());
         assert!(Config::try_parse_args(["switchboard", "--log-format", "xml"]).is_err());
+        assert!(Config::try_parse_args(["switchboard", "--join-timeout-secs", "0"]).is_err());
         assert!(
             Config::try_parse_args(["switchboard", "--config", "/nonexistent/sb.toml"]).is_err()
         );

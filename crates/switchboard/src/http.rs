@@ -80,6 +80,7 @@ async fn status(State(state): State<Arc<AppState>>) -> Response {
             "http": state.http_addr.to_string(),
             "media": state.sfu.media_addr().to_string(),
             "max_participants_per_room": state.config.max_participants_per_room,
+            "participants": rooms.iter().map(|r| r.participants.len()).sum::<usize>(),
         },
         "rooms": rooms,
         "trunks": [],

@@ -115,6 +115,9 @@ impl Session {
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.tick().await;
         let mut last_heard = Instant::now();
+        let join_deadline =
+            tokio::time::sleep(Duration::from_secs(self.state.config.join_timeout_secs));
+        tokio::pin!(join_deadline);
         let mut outbox: Vec<ServerMessage> = Vec::new();
         let close: Option<(u16, &'static str)> = loop {
             for msg in outbox.drain(..) {
@@ -161,6 +164,14 @@ impl Session {
                     if !matches!(tokio::time::timeout(SEND_TIMEOUT, ping).await, Ok(Ok(()))) {
                         break None;
                     }
+                }
+                _ = &mut join_deadline, if self.participant.is_none() => {
+                    let secs = self.state.config.join_timeout_secs;
+                    self.refuse(&mut outbox, SignalError::new(
+                        ErrorCode::NotJoined,
+                        format!("no join within {secs} s; closing"),
+                    ));
+                    break Some((close_code::POLICY, "no join"));
                 }
                 _ = stopped(&mut shutdown), if self.participant.is_none() => {
                     outbox.push(error(ErrorCode::ShuttingDown, "the server is shutting down"));

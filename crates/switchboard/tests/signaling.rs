@@ -392,6 +392,11 @@ async fn http_endpoints() {
     assert_eq!(v["rooms"][0]["participants"][0]["name"], "Sam");
     assert!(v["trunks"].as_array().unwrap().is_empty());
     assert!(v["node"]["version"].is_string());
+    assert!(v["node"]["uptime_seconds"].is_u64());
+    assert_eq!(v["node"]["ready"], true);
+    assert_eq!(v["node"]["participants"], 1);
+    assert_eq!(v["node"]["http"], node.http_addr().to_string());
+    assert_eq!(v["node"]["media"], node.media_addr().to_string());
 
     let (s, _, body) = get(&node, "/metrics").await;
     assert_eq!(s, 200);
@@ -416,6 +421,26 @@ async fn http_endpoints() {
         assert!(body.contains(name), "missing {name}: {body}");
     }
     assert!(body.contains("# EOF"));
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_socket_that_never_joins_is_closed() {
+    let node = Node::start(Config {
+        http_port: 0,
+        media_port: 0,
+        join_timeout_secs: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut member = joined(&node, "idle-room", "Ida").await;
+    let mut idle = ws(&node).await;
+    let e = expect_error(&mut idle, "not_joined").await;
+    assert!(e["message"].as_str().unwrap().contains("1 s"), "{e}");
+    assert_eq!(close_code(&mut idle).await, Some(1008));
+    // The deadline only applies before `join`.
+    still_served(&mut member).await;
     node.shutdown().await;
 }
 
