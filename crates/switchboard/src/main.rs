@@ -13,7 +13,11 @@ fn init_logging(format: LogFormat) -> anyhow::Result<()> {
         }
         Err(_) => EnvFilter::new("info"),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colours only for a terminal, not for a log file or a collector.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -40,8 +44,12 @@ async fn terminated() {
 async fn main() -> anyhow::Result<()> {
     let config = Config::from_env()?;
     init_logging(config.log_format)?;
+    let format = config.log_format;
     let node = Node::start(config).await?;
-    println!("Switchboard is running: open http://{}/", node.http_addr());
+    // JSON output stays pure JSON lines: the "ready" event carries the URL.
+    if format == LogFormat::Human {
+        println!("Switchboard is running: open http://{}/", node.http_addr());
+    }
     terminated().await;
     tracing::info!("signal received; shutting down");
     node.shutdown().await;

@@ -70,7 +70,10 @@ impl Running {
 
     /// The `http://ADDR/` the binary prints at start.
     fn http_addr(&self) -> (String, Vec<String>) {
-        let lines = self.wait_line(|l| l.contains("Switchboard is running"));
+        // Human output prints a line for people; JSON output only its
+        // `ready` event, which carries the same URL.
+        let lines =
+            self.wait_line(|l| l.contains("Switchboard is running") || l.contains("node ready at"));
         let last = lines.last().cloned().unwrap_or_default();
         let addr = last
             .split("http://")
@@ -149,11 +152,11 @@ fn file_env_and_flags_combine_and_sigterm_exits_zero() {
     assert_eq!(s, 200);
     let v: serde_json::Value = serde_json::from_str(&body).expect("status is JSON");
     assert_eq!(v["node"]["max_participants_per_room"], 3, "env beats file");
-    // The file asked for JSON logs.
+    // The file asked for JSON logs: every line is a JSON object.
     assert!(
         lines
             .iter()
-            .any(|l| l.starts_with('{') && serde_json::from_str::<serde_json::Value>(l).is_ok()),
+            .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v.is_object())),
         "JSON log lines expected: {lines:#?}"
     );
     node.signal("-TERM");
@@ -178,7 +181,8 @@ fn flags_beat_env_and_sigint_exits_zero() {
             ("SWITCHBOARD_LOG_FORMAT", "json"),
         ],
     );
-    let (addr, lines) = node.http_addr();
+    let (addr, _) = node.http_addr();
+    let lines = node.wait_line(|l| l.contains("Switchboard is running"));
     assert!(!addr.ends_with(":1"), "the flag wins over the env: {addr}");
     assert!(
         lines.iter().all(|l| !l.starts_with('{')),
