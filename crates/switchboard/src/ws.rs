@@ -179,6 +179,11 @@ impl Session {
                 }
             }
         };
+        // Leave the room now (dropping the participant), not after the
+        // closing handshake: the others' rosters should not wait on it.
+        if let Some(p) = self.participant.take() {
+            info!(participant = p.id(), "signaling closed");
+        }
         for msg in outbox.drain(..) {
             let _ = send(&mut tx, &msg).await;
         }
@@ -199,10 +204,6 @@ impl Session {
                 }
             };
             let _ = tokio::time::timeout(CLOSE_GRACE, drain).await;
-        }
-        // Dropping the participant leaves the room.
-        if let Some(p) = self.participant.take() {
-            info!(participant = p.id(), "signaling closed");
         }
     }
 
