@@ -1,26 +1,69 @@
 //! Node configuration: defaults < TOML file < `SWITCHBOARD_*` env < flags.
+//!
+//! [`Config`] is the clap command line itself (each flag also read from its
+//! `SWITCHBOARD_*` variable). The TOML file sits between the defaults and
+//! the environment: after parsing, clap says where each value came from
+//! ([`ArgMatches::value_source`]), and a value that is only clap's default
+//! is replaced by the file's.
 
+use std::ffi::OsString;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
 use serde::Deserialize;
+
+const DEFAULT_BIND: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+const DEFAULT_HTTP_PORT: u16 = 3000;
+/// A fixed media port by default (rather than 0) so a firewall rule or a
+/// container port mapping can be written once.
+const DEFAULT_MEDIA_PORT: u16 = 3001;
+const DEFAULT_MAX_PARTICIPANTS_PER_ROOM: usize = 100;
+/// The web client sends `join` as soon as its socket opens; 10 s is ample.
+const DEFAULT_JOIN_TIMEOUT_SECS: u64 = 10;
 
 /// Everything a node needs to start. `Default` runs a single node on
 /// http://127.0.0.1:3000 with media on UDP 3001.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Parser)]
+#[command(name = "switchboard", version, about = "A WebRTC SFU for group calls")]
 pub struct Config {
+    /// TOML file with any of the settings below (keys: the flag names with
+    /// `_`, e.g. `http_port = 8080`); flags and env override it.
+    #[arg(long, env = "SWITCHBOARD_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Address HTTP and media bind to. A specific address: the ICE-lite
-    /// media plane advertises it as its candidate.
+    /// media plane advertises it as its candidate (unless --public-ip).
+    #[arg(long, env = "SWITCHBOARD_BIND", default_value_t = DEFAULT_BIND)]
     pub bind: IpAddr,
     /// HTTP port (web client, signaling, health, metrics); 0 = any free port.
+    #[arg(long, env = "SWITCHBOARD_HTTP_PORT", default_value_t = DEFAULT_HTTP_PORT)]
     pub http_port: u16,
     /// UDP port for all media; 0 = any free port.
+    #[arg(long, env = "SWITCHBOARD_MEDIA_PORT", default_value_t = DEFAULT_MEDIA_PORT)]
     pub media_port: u16,
-    /// Address advertised to browsers instead of `bind` (NAT, containers).
+    /// Address advertised to browsers instead of --bind (NAT, containers).
+    #[arg(long, env = "SWITCHBOARD_PUBLIC_IP")]
     pub public_ip: Option<IpAddr>,
+    /// Most participants in one room on this node.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_PARTICIPANTS_PER_ROOM",
+        default_value_t = DEFAULT_MAX_PARTICIPANTS_PER_ROOM
+    )]
     pub max_participants_per_room: usize,
+    /// Seconds a signaling socket may stay open without joining a room
+    /// (then `error not_joined` and close): idle sockets cost a task each.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_JOIN_TIMEOUT_SECS",
+        default_value_t = DEFAULT_JOIN_TIMEOUT_SECS,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub join_timeout_secs: u64,
+    /// Log output format (the filter is SWITCHBOARD_LOG, RUST_LOG syntax).
+    #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
 }
 
@@ -32,46 +75,21 @@ pub enum LogFormat {
     Json,
 }
 
+/// The same values clap uses as defaults; written out rather than parsed so
+/// that `Default` never reads the process environment.
 impl Default for Config {
     fn default() -> Self {
         Config {
-            bind: IpAddr::from([127, 0, 0, 1]),
-            http_port: 3000,
-            media_port: 3001,
+            config: None,
+            bind: DEFAULT_BIND,
+            http_port: DEFAULT_HTTP_PORT,
+            media_port: DEFAULT_MEDIA_PORT,
             public_ip: None,
-            max_participants_per_room: 100,
+            max_participants_per_room: DEFAULT_MAX_PARTICIPANTS_PER_ROOM,
+            join_timeout_secs: DEFAULT_JOIN_TIMEOUT_SECS,
             log_format: LogFormat::Human,
         }
     }
-}
-
-/// Command line (each flag also read from its `SWITCHBOARD_*` variable).
-/// Everything is optional here so that a value can be told apart from a
-/// default and the TOML file can sit between them.
-#[derive(Debug, Parser, Default)]
-#[command(name = "switchboard", version, about = "A WebRTC SFU for group calls")]
-pub struct Args {
-    /// TOML file with any of the settings below (keys: bind, http_port, ...).
-    #[arg(long, env = "SWITCHBOARD_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Address to bind HTTP and media to [default: 127.0.0.1].
-    #[arg(long, env = "SWITCHBOARD_BIND")]
-    pub bind: Option<IpAddr>,
-    /// HTTP port; 0 = any free port [default: 3000].
-    #[arg(long, env = "SWITCHBOARD_HTTP_PORT")]
-    pub http_port: Option<u16>,
-    /// UDP media port; 0 = any free port [default: 3001].
-    #[arg(long, env = "SWITCHBOARD_MEDIA_PORT")]
-    pub media_port: Option<u16>,
-    /// Address advertised in ICE candidates instead of --bind.
-    #[arg(long, env = "SWITCHBOARD_PUBLIC_IP")]
-    pub public_ip: Option<IpAddr>,
-    /// Most participants per room on this node [default: 100].
-    #[arg(long, env = "SWITCHBOARD_MAX_PARTICIPANTS_PER_ROOM")]
-    pub max_participants_per_room: Option<usize>,
-    /// Log output format [default: human].
-    #[arg(long, env = "SWITCHBOARD_LOG_FORMAT")]
-    pub log_format: Option<LogFormat>,
 }
 
 /// The TOML file: same keys as the flags, with `_`.
@@ -83,6 +101,7 @@ pub struct FileConfig {
     pub media_port: Option<u16>,
     pub public_ip: Option<IpAddr>,
     pub max_participants_per_room: Option<usize>,
+    pub join_timeout_secs: Option<u64>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -95,30 +114,70 @@ impl FileConfig {
 }
 
 impl Config {
-    /// Resolve flags/env (`args`) over the file over the defaults.
-    pub fn resolve(args: Args, file: FileConfig) -> Config {
-        let d = Config::default();
-        Config {
-            bind: args.bind.or(file.bind).unwrap_or(d.bind),
-            http_port: args.http_port.or(file.http_port).unwrap_or(d.http_port),
-            media_port: args.media_port.or(file.media_port).unwrap_or(d.media_port),
-            public_ip: args.public_ip.or(file.public_ip).or(d.public_ip),
-            max_participants_per_room: args
-                .max_participants_per_room
-                .or(file.max_participants_per_room)
-                .unwrap_or(d.max_participants_per_room),
-            log_format: args.log_format.or(file.log_format).unwrap_or(d.log_format),
-        }
+    /// Parse the process's command line, environment and config file.
+    /// `--help`/`--version` and usage errors print and exit, as clap does.
+    pub fn from_env() -> anyhow::Result<Config> {
+        let matches = Config::command().get_matches();
+        Config::from_matches(&matches, FileConfig::load)
     }
 
-    /// Parse the process's command line, environment and config file.
-    pub fn from_env() -> anyhow::Result<Config> {
-        let args = Args::parse();
-        let file = match &args.config {
-            Some(p) => FileConfig::load(p)?,
-            None => FileConfig::default(),
+    /// Like [`Config::from_env`] for a given command line (env still read),
+    /// returning usage errors instead of exiting.
+    pub fn try_parse_args<I, T>(args: I) -> anyhow::Result<Config>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let matches = Config::command().try_get_matches_from(args)?;
+        Config::from_matches(&matches, FileConfig::load)
+    }
+
+    fn from_matches(
+        matches: &ArgMatches,
+        load: impl FnOnce(&Path) -> anyhow::Result<FileConfig>,
+    ) -> anyhow::Result<Config> {
+        let mut config = Config::from_arg_matches(matches)?;
+        if let Some(path) = config.config.clone() {
+            config.apply_file(load(&path)?, matches);
+        }
+        Ok(config)
+    }
+
+    /// Take each value from the file unless a flag or env var set it.
+    fn apply_file(&mut self, file: FileConfig, matches: &ArgMatches) {
+        let unset = |id: &str| {
+            !matches!(
+                matches.value_source(id),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            )
         };
-        Ok(Config::resolve(args, file))
+        if let Some(v) = file.bind.filter(|_| unset("bind")) {
+            self.bind = v;
+        }
+        if let Some(v) = file.http_port.filter(|_| unset("http_port")) {
+            self.http_port = v;
+        }
+        if let Some(v) = file.media_port.filter(|_| unset("media_port")) {
+            self.media_port = v;
+        }
+        if let Some(v) = file.public_ip.filter(|_| unset("public_ip")) {
+            self.public_ip = Some(v);
+        }
+        if let Some(v) = file
+            .max_participants_per_room
+            .filter(|_| unset("max_participants_per_room"))
+        {
+            self.max_participants_per_room = v;
+        }
+        if let Some(v) = file
+            .join_timeout_secs
+            .filter(|_| unset("join_timeout_secs"))
+        {
+            self.join_timeout_secs = v.max(1);
+        }
+        if let Some(v) = file.log_format.filter(|_| unset("log_format")) {
+            self.log_format = v;
+        }
     }
 }
 
@@ -135,21 +194,31 @@ mod tests {
         ENV.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Parse `args` with `file` as the TOML file's text (when `--config` is given).
+    fn parse(args: &[&str], file: &str) -> Config {
+        let matches = Config::command()
+            .try_get_matches_from(args)
+            .expect("valid args");
+        Config::from_matches(&matches, |_| Ok(toml::from_str(file)?)).expect("valid config")
+    }
+
     #[test]
     fn defaults_serve_a_single_node_on_3000() {
-        let c = Config::resolve(Args::default(), FileConfig::default());
-        assert_eq!(c, Config::default());
+        let _env = env_lock();
+        assert_eq!(parse(&["switchboard"], ""), Config::default());
+        let c = Config::default();
         assert_eq!(c.http_port, 3000);
         assert_eq!(c.bind.to_string(), "127.0.0.1");
+        Config::command().debug_assert();
     }
 
     #[test]
     fn flag_beats_file_beats_default() {
         let _env = env_lock();
-        let file: FileConfig =
-            toml::from_str("http_port = 8080\nmedia_port = 9000\nlog_format = \"json\"").unwrap();
-        let args = Args::try_parse_from(["switchboard", "--http-port", "7000"]).unwrap();
-        let c = Config::resolve(args, file);
+        let c = parse(
+            &["switchboard", "--config", "x.toml", "--http-port", "7000"],
+            "http_port = 8080\nmedia_port = 9000\nlog_format = \"json\"",
+        );
         assert_eq!(c.http_port, 7000, "flag wins");
         assert_eq!(c.media_port, 9000, "file beats default");
         assert_eq!(c.log_format, LogFormat::Json);
@@ -157,20 +226,40 @@ mod tests {
     }
 
     #[test]
-    fn env_is_read_and_flag_beats_env() {
+    fn a_flag_equal_to_the_default_still_beats_the_file() {
+        let _env = env_lock();
+        let c = parse(
+            &["switchboard", "--config", "x.toml", "--http-port", "3000"],
+            "http_port = 8080",
+        );
+        assert_eq!(c.http_port, 3000);
+    }
+
+    #[test]
+    fn env_is_read_and_flag_beats_env_beats_file() {
         let _env = env_lock();
         // SAFETY: every test that reads the environment holds the lock.
         unsafe {
             std::env::set_var("SWITCHBOARD_PUBLIC_IP", "203.0.113.7");
             std::env::set_var("SWITCHBOARD_MAX_PARTICIPANTS_PER_ROOM", "5");
         }
-        let args = Args::try_parse_from(["switchboard", "--max-participants-per-room", "9"]);
+        let matches = Config::command().try_get_matches_from([
+            "switchboard",
+            "--config",
+            "x.toml",
+            "--max-participants-per-room",
+            "9",
+        ]);
         unsafe {
             std::env::remove_var("SWITCHBOARD_PUBLIC_IP");
             std::env::remove_var("SWITCHBOARD_MAX_PARTICIPANTS_PER_ROOM");
         }
-        let file: FileConfig = toml::from_str("public_ip = \"198.51.100.1\"").unwrap();
-        let c = Config::resolve(args.unwrap(), file);
+        let c = Config::from_matches(&matches.unwrap(), |_| {
+            Ok(toml::from_str(
+                "public_ip = \"198.51.100.1\"\nmax_participants_per_room = 2",
+            )?)
+        })
+        .unwrap();
         assert_eq!(
             c.public_ip.unwrap().to_string(),
             "203.0.113.7",
@@ -184,6 +273,11 @@ mod tests {
         let _env = env_lock();
         assert!(toml::from_str::<FileConfig>("htp_port = 1").is_err());
         assert!(toml::from_str::<FileConfig>("http_port = 70000").is_err());
-        assert!(Args::try_parse_from(["switchboard", "--bind", "nope"]).is_err());
+        assert!(Config::try_parse_args(["switchboard", "--bind", "nope"]).is_err());
+        assert!(Config::try_parse_args(["switchboard", "--log-format", "xml"]).is_err());
+        assert!(Config::try_parse_args(["switchboard", "--join-timeout-secs", "0"]).is_err());
+        assert!(
+            Config::try_parse_args(["switchboard", "--config", "/nonexistent/sb.toml"]).is_err()
+        );
     }
 }

@@ -23,7 +23,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/status", get(status))
-        .route("/{file}", get(asset))
+        .route("/{*path}", get(asset))
         .with_state(state)
 }
 
@@ -36,8 +36,8 @@ async fn room_page(Path(_room): Path<String>) -> Response {
     web::page()
 }
 
-async fn asset(Path(file): Path<String>) -> Response {
-    web::asset(&file)
+async fn asset(Path(path): Path<String>) -> Response {
+    web::asset(&path)
 }
 
 async fn websocket(State(state): State<Arc<AppState>>, upgrade: WebSocketUpgrade) -> Response {
@@ -80,6 +80,7 @@ async fn status(State(state): State<Arc<AppState>>) -> Response {
             "http": state.http_addr.to_string(),
             "media": state.sfu.media_addr().to_string(),
             "max_participants_per_room": state.config.max_participants_per_room,
+            "participants": rooms.iter().map(|r| r.participants.len()).sum::<usize>(),
         },
         "rooms": rooms,
         "trunks": [],

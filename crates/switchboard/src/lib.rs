@@ -22,12 +22,17 @@ use tracing::info;
 
 pub use config::{Config, LogFormat};
 
+/// Longest a graceful shutdown waits for signaling sockets to close, and
+/// then for the HTTP server to finish.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+
 /// State shared by every request handler.
 pub(crate) struct AppState {
     pub sfu: Arc<Sfu>,
     pub ready: AtomicBool,
     pub started: Instant,
-    pub ws_connections: AtomicU64,
+    /// Open signaling sockets; shutdown waits for it to reach 0.
+    pub ws_connections: watch::Sender<u64>,
     pub ws_total: AtomicU64,
     pub signaling: metrics::SignalingMetrics,
     /// Flips to true when the node shuts down; every session watches it.
@@ -39,7 +44,11 @@ pub(crate) struct AppState {
 /// A running node.
 pub struct Node {
     state: Arc<AppState>,
+    /// Tells sessions the node is going away.
     shutdown_tx: watch::Sender<bool>,
+    /// Stops the HTTP listener; sent only once the sessions are gone, so
+    /// `/readyz` answers 503 (rather than connection refused) meanwhile.
+    http_stop: watch::Sender<bool>,
     server: Option<JoinHandle<()>>,
 }
 
@@ -62,7 +71,7 @@ impl Node {
             sfu: Arc::new(sfu),
             ready: AtomicBool::new(true),
             started: Instant::now(),
-            ws_connections: AtomicU64::new(0),
+            ws_connections: watch::Sender::new(0),
             ws_total: AtomicU64::new(0),
             signaling: metrics::SignalingMetrics::default(),
             shutdown: shutdown_rx.clone(),
@@ -70,7 +79,7 @@ impl Node {
             http_addr,
         });
         let app = http::router(state.clone());
-        let mut stop = shutdown_rx;
+        let (http_stop, mut stop) = watch::channel(false);
         let server = tokio::spawn(async move {
             let graceful = async move {
                 let _ = stop.wait_for(|s| *s).await;
@@ -90,6 +99,7 @@ impl Node {
         Ok(Node {
             state,
             shutdown_tx,
+            http_stop,
             server: Some(server),
         })
     }
@@ -103,7 +113,8 @@ impl Node {
     }
 
     /// Graceful stop: `/readyz` turns 503, every participant gets
-    /// `error shutting_down` and its socket is closed, then HTTP and media stop.
+    /// `error shutting_down` and its socket is closed, the media plane stops,
+    /// and HTTP stops once the sockets are gone (or after [`DRAIN_LIMIT`]).
     pub async fn shutdown(mut self) {
         self.stop().await;
     }
@@ -112,12 +123,24 @@ impl Node {
         self.state.ready.store(false, Ordering::SeqCst);
         let _ = self.shutdown_tx.send(true);
         let sfu = self.state.sfu.clone();
-        // Joins the worker thread: keep it off the async runtime.
+        // Tells every participant `shutting_down` and ends their event
+        // streams, so their sessions close; joins the worker thread, so keep
+        // it off the async runtime.
         let _ = tokio::task::spawn_blocking(move || sfu.close()).await;
+        let mut open = self.state.ws_connections.subscribe();
+        // Do not hang on a client that never completes the close handshake.
+        if tokio::time::timeout(DRAIN_LIMIT, open.wait_for(|n| *n == 0))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = *open.borrow(),
+                "signaling sockets still open after the drain limit"
+            );
+        }
+        let _ = self.http_stop.send(true);
         if let Some(server) = self.server.take() {
-            // Sessions close themselves once the media plane has ended them;
-            // do not hang on a client that never reads.
-            let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+            let _ = tokio::time::timeout(DRAIN_LIMIT, server).await;
         }
         info!("switchboard node stopped");
     }
@@ -126,6 +149,7 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.shutdown_tx.send(true);
+        let _ = self.http_stop.send(true);
         self.state.sfu.close();
     }
 }

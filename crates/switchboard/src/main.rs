@@ -6,10 +6,18 @@ use switchboard::{Config, LogFormat, Node};
 use tracing_subscriber::EnvFilter;
 
 fn init_logging(format: LogFormat) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_from_env("SWITCHBOARD_LOG")
-        .or_else(|_| EnvFilter::try_new("info"))
-        .context("bad SWITCHBOARD_LOG")?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Unset means `info`; a typo is an error rather than silently `info`.
+    let filter = match std::env::var("SWITCHBOARD_LOG") {
+        Ok(spec) => {
+            EnvFilter::try_new(&spec).with_context(|| format!("bad SWITCHBOARD_LOG {spec:?}"))?
+        }
+        Err(_) => EnvFilter::new("info"),
+    };
+    // Colours only for a terminal, not for a log file or a collector.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -36,8 +44,12 @@ async fn terminated() {
 async fn main() -> anyhow::Result<()> {
     let config = Config::from_env()?;
     init_logging(config.log_format)?;
+    let format = config.log_format;
     let node = Node::start(config).await?;
-    println!("Switchboard is running: open http://{}/", node.http_addr());
+    // JSON output stays pure JSON lines: the "ready" event carries the URL.
+    if format == LogFormat::Human {
+        println!("Switchboard is running: open http://{}/", node.http_addr());
+    }
     terminated().await;
     tracing::info!("signal received; shutting down");
     node.shutdown().await;

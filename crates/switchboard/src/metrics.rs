@@ -88,7 +88,7 @@ pub(crate) fn render(state: &AppState) -> Result<String, std::fmt::Error> {
             (
                 "switchboard_ws_connections",
                 "Open signaling WebSockets",
-                state.ws_connections.load(Ordering::Relaxed) as i64,
+                *state.ws_connections.borrow() as i64,
             ),
             (
                 "switchboard_ready",
@@ -133,7 +133,7 @@ pub(crate) fn render(state: &AppState) -> Result<String, std::fmt::Error> {
                 g(&m.udp_packets_dropped),
             ),
             (
-                "switchboard_ws_connections_total",
+                "switchboard_ws_accepted",
                 "Signaling WebSockets accepted",
                 state.ws_total.load(Ordering::Relaxed),
             ),

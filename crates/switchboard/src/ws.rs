@@ -32,6 +32,10 @@ const PING_EVERY: Duration = Duration::from_secs(10);
 const SILENCE_LIMIT: Duration = Duration::from_secs(30);
 /// How long a closing socket waits for the peer's Close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Longest a single outgoing frame may wait for the peer to read. A client
+/// that stops reading would otherwise park its session forever while the
+/// media plane keeps queueing rosters and chat for it.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) fn upgrade(state: Arc<AppState>, upgrade: WebSocketUpgrade) -> Response {
     // The WebSocket layer refuses anything over twice our limit without
@@ -40,10 +44,12 @@ pub(crate) fn upgrade(state: Arc<AppState>, upgrade: WebSocketUpgrade) -> Respon
         .max_message_size(2 * MAX_MESSAGE_BYTES)
         .max_frame_size(2 * MAX_MESSAGE_BYTES)
         .on_upgrade(move |socket| async move {
-            state.ws_connections.fetch_add(1, Ordering::Relaxed);
+            state.ws_connections.send_modify(|n| *n += 1);
             state.ws_total.fetch_add(1, Ordering::Relaxed);
             Session::new(state.clone()).run(socket).await;
-            state.ws_connections.fetch_sub(1, Ordering::Relaxed);
+            state
+                .ws_connections
+                .send_modify(|n| *n = n.saturating_sub(1));
         })
 }
 
@@ -109,16 +115,29 @@ impl Session {
         let mut ping = tokio::time::interval(PING_EVERY);
         ping.tick().await;
         let mut last_heard = Instant::now();
+        let join_deadline =
+            tokio::time::sleep(Duration::from_secs(self.state.config.join_timeout_secs));
+        tokio::pin!(join_deadline);
         let mut outbox: Vec<ServerMessage> = Vec::new();
         let close: Option<(u16, &'static str)> = loop {
             for msg in outbox.drain(..) {
                 if send(&mut tx, &msg).await.is_err() {
+                    debug!("signaling peer not reading; dropping the session");
                     return;
                 }
             }
             tokio::select! {
                 frame = rx.next() => {
-                    let Some(Ok(frame)) = frame else { break None };
+                    let frame = match frame {
+                        Some(Ok(frame)) => frame,
+                        Some(Err(e)) => {
+                            // Includes frames over the WebSocket layer's size
+                            // cap: the stream cannot be resynchronised.
+                            debug!(error = %e, "signaling socket read failed");
+                            break None;
+                        }
+                        None => break None,
+                    };
                     last_heard = Instant::now();
                     match self.frame(frame, &mut outbox) {
                         Next::Continue => {}
@@ -130,6 +149,9 @@ impl Session {
                         Some(msg) => outbox.push(msg),
                         // The media plane ended the session (its reason, if
                         // any, was the last message).
+                        None if !self.state.ready.load(Ordering::SeqCst) => {
+                            break Some((close_code::AWAY, "shutting down"))
+                        }
                         None => break Some((close_code::NORMAL, "session ended")),
                     }
                 }
@@ -138,9 +160,18 @@ impl Session {
                         debug!("signaling peer silent; closing");
                         break Some((close_code::AWAY, "no traffic"));
                     }
-                    if tx.send(Message::Ping(Default::default())).await.is_err() {
+                    let ping = tx.send(Message::Ping(Default::default()));
+                    if !matches!(tokio::time::timeout(SEND_TIMEOUT, ping).await, Ok(Ok(()))) {
                         break None;
                     }
+                }
+                _ = &mut join_deadline, if self.participant.is_none() => {
+                    let secs = self.state.config.join_timeout_secs;
+                    self.refuse(&mut outbox, SignalError::new(
+                        ErrorCode::NotJoined,
+                        format!("no join within {secs} s; closing"),
+                    ));
+                    break Some((close_code::POLICY, "no join"));
                 }
                 _ = stopped(&mut shutdown), if self.participant.is_none() => {
                     outbox.push(error(ErrorCode::ShuttingDown, "the server is shutting down"));
@@ -148,16 +179,20 @@ impl Session {
                 }
             }
         };
+        // Leave the room now (dropping the participant), not after the
+        // closing handshake: the others' rosters should not wait on it.
+        if let Some(p) = self.participant.take() {
+            info!(participant = p.id(), "signaling closed");
+        }
         for msg in outbox.drain(..) {
             let _ = send(&mut tx, &msg).await;
         }
         if let Some((code, reason)) = close {
-            let _ = tx
-                .send(Message::Close(Some(CloseFrame {
-                    code,
-                    reason: reason.into(),
-                })))
-                .await;
+            let close = tx.send(Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            })));
+            let _ = tokio::time::timeout(SEND_TIMEOUT, close).await;
             // Closing handshake: read (and discard) until the peer's Close.
             // Closing the TCP socket with unread input would reset it and
             // the peer could lose our last messages (the error saying why).
@@ -170,10 +205,6 @@ impl Session {
             };
             let _ = tokio::time::timeout(CLOSE_GRACE, drain).await;
         }
-        // Dropping the participant leaves the room.
-        if let Some(p) = self.participant.take() {
-            info!(participant = p.id(), "signaling closed");
-        }
     }
 
     fn refuse(&self, out: &mut Vec<ServerMessage>, e: SignalError) {
@@ -182,6 +213,14 @@ impl Session {
     }
 
     fn frame(&mut self, frame: Message, out: &mut Vec<ServerMessage>) -> Next {
+        if matches!(frame, Message::Close(_)) {
+            return Next::Close(close_code::NORMAL, "bye");
+        }
+        // Every other frame counts against the rate limit, binary and
+        // control frames included: each costs the server a reply.
+        if let Some(next) = self.rate_limit(out) {
+            return next;
+        }
         let text = match frame {
             Message::Text(t) => t,
             Message::Binary(_) => {
@@ -194,36 +233,8 @@ impl Session {
                 );
                 return Next::Continue;
             }
-            Message::Close(_) => return Next::Close(close_code::NORMAL, "bye"),
-            Message::Ping(_) | Message::Pong(_) => return Next::Continue,
+            Message::Close(_) | Message::Ping(_) | Message::Pong(_) => return Next::Continue,
         };
-        let now = Instant::now();
-        if !self.bucket.take(now) {
-            self.state
-                .signaling
-                .rate_limited
-                .fetch_add(1, Ordering::Relaxed);
-            self.dropped_in_a_row += 1;
-            if self.dropped_in_a_row >= FLOOD_CLOSE_AFTER {
-                self.refuse(
-                    out,
-                    SignalError::new(ErrorCode::RateLimited, "sustained flood; closing"),
-                );
-                return Next::Close(close_code::POLICY, "flood");
-            }
-            if self
-                .last_rate_error
-                .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
-            {
-                self.last_rate_error = Some(now);
-                self.refuse(out, SignalError::new(
-                    ErrorCode::RateLimited,
-                    format!("more than {RATE_PER_SEC} messages per second; messages are being dropped"),
-                ));
-            }
-            return Next::Continue;
-        }
-        self.dropped_in_a_row = 0;
         let msg = match parse_client(text.as_str()) {
             Ok(m) => m,
             Err(e) => {
@@ -236,6 +247,40 @@ impl Session {
             }
         };
         self.message(msg, out)
+    }
+
+    /// Take a token for one incoming frame. `Some` when the frame must be
+    /// dropped: at most one `rate_limited` reply per second, and the socket
+    /// is closed once [`FLOOD_CLOSE_AFTER`] frames in a row were dropped.
+    fn rate_limit(&mut self, out: &mut Vec<ServerMessage>) -> Option<Next> {
+        let now = Instant::now();
+        if !self.bucket.take(now) {
+            self.state
+                .signaling
+                .rate_limited
+                .fetch_add(1, Ordering::Relaxed);
+            self.dropped_in_a_row += 1;
+            if self.dropped_in_a_row >= FLOOD_CLOSE_AFTER {
+                self.refuse(
+                    out,
+                    SignalError::new(ErrorCode::RateLimited, "sustained flood; closing"),
+                );
+                return Some(Next::Close(close_code::POLICY, "flood"));
+            }
+            if self
+                .last_rate_error
+                .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+            {
+                self.last_rate_error = Some(now);
+                self.refuse(out, SignalError::new(
+                    ErrorCode::RateLimited,
+                    format!("more than {RATE_PER_SEC} messages per second; messages are being dropped"),
+                ));
+            }
+            return Some(Next::Continue);
+        }
+        self.dropped_in_a_row = 0;
+        None
     }
 
     fn message(&mut self, msg: ClientMessage, out: &mut Vec<ServerMessage>) -> Next {
@@ -272,6 +317,14 @@ impl Session {
                 }
                 match self.state.sfu.join(room, name) {
                     Ok(p) => self.participant = Some(p),
+                    // Shutdown began between the check above and the join.
+                    Err(_) if !self.state.ready.load(Ordering::SeqCst) => {
+                        out.push(error(
+                            ErrorCode::ShuttingDown,
+                            "the server is shutting down",
+                        ));
+                        return Next::Close(close_code::AWAY, "shutting down");
+                    }
                     Err(e) => {
                         self.refuse(out, SignalError::new(ErrorCode::Internal, e.to_string()));
                         return Next::Close(close_code::ERROR, "media plane unavailable");
@@ -331,7 +384,13 @@ where
     let text = serde_json::to_string(msg).unwrap_or_else(|_| {
         r#"{"type":"error","code":"internal","message":"encoding failed"}"#.into()
     });
-    tx.send(Message::Text(text.into())).await
+    match tokio::time::timeout(SEND_TIMEOUT, tx.send(Message::Text(text.into()))).await {
+        Ok(r) => r,
+        Err(_) => Err(axum::Error::new(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "peer did not read in time",
+        ))),
+    }
 }
 
 #[cfg(test)]

@@ -26,7 +26,11 @@ async fn node() -> Node {
 }
 
 async fn ws(node: &Node) -> Ws {
-    let (ws, _) = connect_async(format!("ws://{}/ws", node.http_addr()))
+    connect(node.http_addr()).await
+}
+
+async fn connect(addr: std::net::SocketAddr) -> Ws {
+    let (ws, _) = connect_async(format!("ws://{addr}/ws"))
         .await
         .expect("websocket connects");
     ws
@@ -45,6 +49,21 @@ async fn recv(ws: &mut Ws) -> Option<Value> {
         match frame {
             Some(Ok(Message::Text(t))) => return Some(serde_json::from_str(&t).unwrap()),
             Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+/// Skip messages until the server's Close frame; its code (`None` if the
+/// connection ended without one).
+async fn close_code(ws: &mut Ws) -> Option<u16> {
+    loop {
+        let frame = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("the socket closes within 5 s");
+        match frame {
+            Some(Ok(Message::Close(c))) => return c.map(|c| u16::from(c.code)),
+            None | Some(Err(_)) => return None,
             Some(Ok(_)) => continue,
         }
     }
@@ -79,6 +98,17 @@ async fn joined(node: &Node, room: &str, name: &str) -> Ws {
     assert_eq!(j["room"], room);
     assert_eq!(j["name"], name);
     w
+}
+
+/// Names in the next roster.
+async fn roster_names(ws: &mut Ws) -> Vec<Value> {
+    let r = recv_type(ws, "roster").await;
+    r["participants"]
+        .as_array()
+        .expect("participants is a list")
+        .iter()
+        .map(|p| p["name"].clone())
+        .collect()
 }
 
 /// The bystander in another room is still served.
@@ -169,9 +199,9 @@ async fn hostile_messages_get_documented_errors_and_other_rooms_keep_working() {
         assert_eq!(m["code"], case.code, "case {:?}: got {m}", case.name);
         if case.closes {
             assert_eq!(
-                recv(&mut w).await,
-                None,
-                "case {:?}: socket must close",
+                close_code(&mut w).await,
+                Some(1009),
+                "case {:?}: socket must close with 1009",
                 case.name
             );
         } else {
@@ -195,7 +225,16 @@ async fn a_flood_is_rate_limited_then_closed_without_hurting_others() {
     }
     let mut pongs = 0;
     let mut rate_limited = 0;
-    while let Some(m) = recv(&mut w).await {
+    let close = loop {
+        let frame = tokio::time::timeout(WAIT, w.next())
+            .await
+            .expect("a frame within 5 s");
+        let m: Value = match frame {
+            Some(Ok(Message::Text(t))) => serde_json::from_str(&t).unwrap(),
+            Some(Ok(Message::Close(c))) => break c.map(|c| u16::from(c.code)),
+            Some(Ok(_)) => continue,
+            None | Some(Err(_)) => break None,
+        };
         match m["type"].as_str() {
             Some("pong") => pongs += 1,
             Some("error") => {
@@ -204,7 +243,12 @@ async fn a_flood_is_rate_limited_then_closed_without_hurting_others() {
             }
             _ => panic!("unexpected {m}"),
         }
-    }
+    };
+    assert_eq!(
+        close,
+        Some(1008),
+        "a sustained flood is closed as a policy violation"
+    );
     assert!(
         (40..300).contains(&pongs),
         "burst is served, the rest dropped: {pongs} pongs"
@@ -285,9 +329,29 @@ async fn full_room_is_refused_and_closed() {
     node.shutdown().await;
 }
 
+/// Scrape `/metrics` until `ok` holds (state changes land asynchronously).
+async fn metrics_eventually(node: &Node, ok: impl Fn(&str) -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, _, body) = get(node, "/metrics").await;
+        if ok(&body) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metrics never matched: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn get(node: &Node, path: &str) -> (u16, String, String) {
+    get_addr(node.http_addr(), path).await
+}
+
+async fn get_addr(addr: std::net::SocketAddr, path: &str) -> (u16, String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = TcpStream::connect(node.http_addr()).await.unwrap();
+    let mut s = TcpStream::connect(addr).await.unwrap();
     let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
@@ -313,10 +377,23 @@ async fn http_endpoints() {
     assert_eq!(s, 200);
     assert!(head.contains("content-type: text/html"));
     assert!(body.contains("/app.js"));
+    let (s, _, body) = get(&node, "/").await;
+    assert_eq!(s, 200);
+    assert!(body.contains("/app.js"), "the room picker is the same page");
     let (s, head, _) = get(&node, "/app.js").await;
     assert_eq!(s, 200);
     assert!(head.contains("javascript"));
+    let (s, head, _) = get(&node, "/style.css").await;
+    assert_eq!(s, 200);
+    assert!(head.contains("content-type: text/css"));
     assert_eq!(get(&node, "/nope.js").await.0, 404);
+    assert_eq!(get(&node, "/%2e%2e/Cargo.toml").await.0, 404);
+    assert_eq!(get(&node, "/r/").await.0, 404);
+
+    // One refusal, counted by code in /metrics.
+    let mut bad = ws(&node).await;
+    bad.send(text("{nope")).await.unwrap();
+    expect_error(&mut bad, "bad_json").await;
 
     let _w = joined(&node, "status-room", "Sam").await;
     let (s, _, body) = get(&node, "/api/status").await;
@@ -326,13 +403,155 @@ async fn http_endpoints() {
     assert_eq!(v["rooms"][0]["participants"][0]["name"], "Sam");
     assert!(v["trunks"].as_array().unwrap().is_empty());
     assert!(v["node"]["version"].is_string());
+    assert!(v["node"]["uptime_seconds"].is_u64());
+    assert_eq!(v["node"]["ready"], true);
+    assert_eq!(v["node"]["participants"], 1);
+    assert_eq!(v["node"]["http"], node.http_addr().to_string());
+    assert_eq!(v["node"]["media"], node.media_addr().to_string());
 
     let (s, _, body) = get(&node, "/metrics").await;
     assert_eq!(s, 200);
     assert!(body.contains("switchboard_participants 1"), "{body}");
     assert!(body.contains("switchboard_rooms 1"), "{body}");
-    assert!(body.contains("switchboard_ws_connections 1"), "{body}");
+    assert!(body.contains("switchboard_ws_connections 2"), "{body}");
+    assert!(
+        body.contains(r#"switchboard_signaling_errors_total{code="bad_json"} 1"#),
+        "{body}"
+    );
+    for name in [
+        "switchboard_tracks ",
+        "switchboard_rtp_packets_in_total ",
+        "switchboard_rtp_bytes_in_total ",
+        "switchboard_rtp_packets_out_total ",
+        "switchboard_rtp_bytes_out_total ",
+        "switchboard_keyframe_requests_total ",
+        "switchboard_participants_reaped_total ",
+        "switchboard_ws_accepted_total ",
+        "switchboard_signaling_rate_limited_total ",
+    ] {
+        assert!(body.contains(name), "missing {name}: {body}");
+    }
     assert!(body.contains("# EOF"));
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_socket_that_never_joins_is_closed() {
+    let node = Node::start(Config {
+        http_port: 0,
+        media_port: 0,
+        join_timeout_secs: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut member = joined(&node, "idle-room", "Ida").await;
+    let mut idle = ws(&node).await;
+    let e = expect_error(&mut idle, "not_joined").await;
+    assert!(e["message"].as_str().unwrap().contains("1 s"), "{e}");
+    assert_eq!(close_code(&mut idle).await, Some(1008));
+    // The deadline only applies before `join`.
+    still_served(&mut member).await;
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn leave_closes_normally_and_leaves_the_room() {
+    let node = node().await;
+    let mut stay = joined(&node, "exit-room", "Stay").await;
+    let mut go = joined(&node, "exit-room", "Go").await;
+    while roster_names(&mut stay).await.len() != 2 {}
+    send(&mut go, json!({"type":"leave"})).await;
+    // The room's roster drops the leaver at once: not after the leaver's
+    // closing handshake (which waits up to 2 s for a client that, like this
+    // one, is not reading).
+    let dropped = async { while roster_names(&mut stay).await != vec![json!("Stay")] {} };
+    tokio::time::timeout(Duration::from_millis(1500), dropped)
+        .await
+        .expect("the leaver left the roster before its closing handshake");
+    assert_eq!(close_code(&mut go).await, Some(1000));
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn readyz_turns_503_while_shutting_down() {
+    let node = node().await;
+    let addr = node.http_addr();
+    assert_eq!(get(&node, "/readyz").await.0, 200);
+    let mut w = joined(&node, "drain-room", "Dee").await;
+    let stop = tokio::spawn(node.shutdown());
+    expect_error(&mut w, "shutting_down").await;
+    // The node now waits for this socket's closing handshake (we have not
+    // read its Close yet), still serving HTTP: not ready, but alive.
+    let (s, _, _) = get_addr(addr, "/readyz").await;
+    assert_eq!(s, 503, "not ready once shutdown has begun");
+    let (s, _, _) = get_addr(addr, "/healthz").await;
+    assert_eq!(s, 200, "still alive while draining");
+    let mut late = connect(addr).await;
+    late.send(text(r#"{"type":"join","room":"late","name":"Lou"}"#))
+        .await
+        .unwrap();
+    expect_error(&mut late, "shutting_down").await;
+    assert_eq!(recv(&mut late).await, None, "late joiner is closed");
+    assert_eq!(recv(&mut w).await, None, "socket closes on shutdown");
+    stop.await.unwrap();
+}
+
+#[tokio::test]
+async fn binary_and_control_floods_are_rate_limited_too() {
+    let node = node().await;
+    let mut bystander = joined(&node, "calm-2", "Calm").await;
+    let mut w = ws(&node).await;
+    for _ in 0..300 {
+        if w.send(Message::Binary(vec![1, 2, 3].into())).await.is_err() {
+            break;
+        }
+    }
+    let (mut bad_message, mut rate_limited) = (0, 0);
+    while let Some(m) = recv(&mut w).await {
+        match m["code"].as_str() {
+            Some("bad_message") => bad_message += 1,
+            Some("rate_limited") => rate_limited += 1,
+            _ => panic!("unexpected {m}"),
+        }
+    }
+    assert!(
+        (40..300).contains(&bad_message),
+        "only the burst is answered: {bad_message}"
+    );
+    assert!(rate_limited >= 1);
+    still_served(&mut bystander).await;
+    let (_, _, body) = get(&node, "/metrics").await;
+    let dropped: u64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("switchboard_signaling_rate_limited_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(dropped >= 1, "{body}");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_frame_beyond_the_websocket_cap_closes_only_that_socket() {
+    let node = node().await;
+    let mut bystander = joined(&node, "calm-3", "Calm").await;
+    let mut w = joined(&node, "big-room", "Big").await;
+    let huge = format!(r#"{{"type":"chat","text":"{}"}}"#, "x".repeat(1024 * 1024));
+    // The server may cut the connection while we are still writing.
+    let _ = w.send(text(huge)).await;
+    loop {
+        match recv(&mut w).await {
+            None => break,
+            Some(m) if m["type"] == "error" => assert_eq!(m["code"], "too_large", "{m}"),
+            Some(_) => {}
+        }
+    }
+    still_served(&mut bystander).await;
+    // The big socket's session ended and its participant left.
+    metrics_eventually(&node, |m| {
+        m.contains("switchboard_ws_connections 1\n") && m.contains("switchboard_participants 1\n")
+    })
+    .await;
     node.shutdown().await;
 }
 
@@ -343,7 +562,7 @@ async fn shutdown_tells_participants_and_stops_serving() {
     let mut w = joined(&node, "bye-room", "Bea").await;
     let stop = tokio::spawn(node.shutdown());
     expect_error(&mut w, "shutting_down").await;
-    assert_eq!(recv(&mut w).await, None, "socket closes on shutdown");
+    assert_eq!(close_code(&mut w).await, Some(1001), "closed as going away");
     stop.await.unwrap();
     assert!(
         TcpStream::connect(addr).await.is_err(),
