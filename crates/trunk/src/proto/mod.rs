@@ -1,4 +1,4 @@
-//! Sans-IO core of the trunk protocol (see `docs/TRUNK.md`).
+//! Sans-IO core of the trunk protocol (see the trunk section of `docs/ARCHITECTURE.md`).
 //!
 //! Inputs are method calls on [`Node`] carrying a [`Time`]; outputs are values
 //! pulled with [`Node::poll_transmit`], [`Node::poll_event`] and
