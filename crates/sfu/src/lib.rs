@@ -9,15 +9,22 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-pub use signal::{DisplayName, ParticipantView, RoomName, ServerMessage, TrackSource};
+pub use signal::{
+    DisplayName, Kind, ParticipantView, RoomName, ServerMessage, Source, TrackSource,
+};
 
 mod demux;
 mod keyframe;
 mod metrics;
+mod remote;
 mod rewrite;
 mod worker;
 
 pub use metrics::SfuMetrics;
+pub use remote::{
+    CodecInfo, MediaPacket, REMOTE_MEDIA_QUEUE, RemoteCommand, RemoteEvent, RemoteLink, RoomEvent,
+    TrackDescription,
+};
 
 /// Media-plane configuration.
 #[derive(Debug, Clone)]
@@ -109,6 +116,20 @@ impl Sfu {
     /// handle with `Joined` then `Roster`, or `Error { Full }` and closes it.
     pub fn join(&self, room: RoomName, name: DisplayName) -> Result<Participant, SfuError> {
         self.inner.join(room, name)
+    }
+
+    /// Attach another node to `room` as a member (the trunk adapter does
+    /// this per room link). If the room is not open here the link gets
+    /// [`RemoteEvent::Closed`] at once; nothing is created for it. `node`
+    /// names the remote node in logs.
+    pub fn attach(&self, room: RoomName, node: &str) -> Result<RemoteLink, SfuError> {
+        self.inner.attach(room, node.to_owned())
+    }
+
+    /// Rooms opening and closing on this node, starting with the ones open
+    /// now.
+    pub fn watch_rooms(&self) -> Result<tokio::sync::mpsc::UnboundedReceiver<RoomEvent>, SfuError> {
+        self.inner.watch_rooms()
     }
 
     /// Live counters (cheap to read; export them as metrics).

@@ -15,6 +15,8 @@ pub struct SfuMetrics {
     pub keyframe_requests_sent: AtomicU64,
     pub participants_reaped: AtomicU64,
     pub udp_packets_dropped: AtomicU64,
+    /// Media for remote nodes dropped because a link's queue was full.
+    pub remote_media_dropped: AtomicU64,
 }
 
 impl SfuMetrics {

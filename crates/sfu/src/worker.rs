@@ -39,6 +39,10 @@ use tracing::{debug, info, warn};
 
 use crate::demux::Demux;
 use crate::keyframe::{KEYFRAME_INTERVAL, KeyframeLimiter};
+use crate::remote::{
+    CodecInfo, MediaPacket, REMOTE_MEDIA_QUEUE, RemoteCommand, RemoteEvent, RemoteLink, RoomEvent,
+    TrackDescription,
+};
 use crate::rewrite::Rewriter;
 use crate::{Participant, ParticipantCommand, RoomStatus, SfuConfig, SfuError, SfuMetrics};
 
@@ -67,6 +71,16 @@ enum Cmd {
     },
     Participant(String, ParticipantCommand),
     Leave(String),
+    Attach {
+        key: LinkKey,
+        room: RoomName,
+        node: String,
+        control: UnboundedSender<RemoteEvent>,
+        media: tokio::sync::mpsc::Sender<RemoteEvent>,
+    },
+    Remote(LinkKey, RemoteCommand),
+    Detach(LinkKey),
+    WatchRooms(UnboundedSender<RoomEvent>),
     Status(tokio::sync::oneshot::Sender<Vec<RoomStatus>>),
     Shutdown,
 }
@@ -90,10 +104,17 @@ impl Commands {
     pub(crate) fn leave(&self, id: &str) {
         let _ = self.send(Cmd::Leave(id.to_owned()));
     }
+    pub(crate) fn remote(&self, key: LinkKey, cmd: RemoteCommand) {
+        let _ = self.send(Cmd::Remote(key, cmd));
+    }
+    pub(crate) fn detach(&self, key: LinkKey) {
+        let _ = self.send(Cmd::Detach(key));
+    }
 }
 
 pub(crate) struct Handle {
     commands: Commands,
+    next_link: std::sync::atomic::AtomicU64,
     addr: SocketAddr,
     metrics: Arc<SfuMetrics>,
     thread: std::sync::Mutex<Option<JoinHandle<()>>>,
@@ -136,6 +157,8 @@ impl Handle {
             next_track: 1,
             dirty: HashSet::new(),
             ids: HashMap::new(),
+            links: HashMap::new(),
+            room_watchers: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("sfu-worker".into())
@@ -143,6 +166,7 @@ impl Handle {
             .map_err(SfuError::Worker)?;
         Ok(Handle {
             commands: Commands { tx, waker },
+            next_link: std::sync::atomic::AtomicU64::new(1),
             addr: local,
             metrics,
             thread: std::sync::Mutex::new(Some(thread)),
@@ -168,6 +192,31 @@ impl Handle {
             commands: self.commands.clone(),
             events: erx,
         })
+    }
+    pub(crate) fn attach(&self, room: RoomName, node: String) -> Result<RemoteLink, SfuError> {
+        let key = self.next_link.fetch_add(1, Ordering::Relaxed);
+        let (ctx, crx) = tokio::sync::mpsc::unbounded_channel();
+        let (mtx, mrx) = tokio::sync::mpsc::channel(REMOTE_MEDIA_QUEUE);
+        self.commands.send(Cmd::Attach {
+            key,
+            room,
+            node,
+            control: ctx,
+            media: mtx,
+        })?;
+        Ok(RemoteLink {
+            key,
+            commands: self.commands.clone(),
+            control: crx,
+            media: mrx,
+        })
+    }
+    pub(crate) fn watch_rooms(
+        &self,
+    ) -> Result<tokio::sync::mpsc::UnboundedReceiver<RoomEvent>, SfuError> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.commands.send(Cmd::WatchRooms(tx))?;
+        Ok(rx)
     }
     pub(crate) async fn status(&self) -> Result<Vec<RoomStatus>, SfuError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -197,27 +246,76 @@ impl Drop for Handle {
 /// Worker-local participant key (cheap to copy and hash; the public id is a string).
 type Pid = u64;
 
-/// A published track, as the room knows it.
-///
-/// This is the seam for the trunk: the room forwards by track, and a track's
-/// publisher is a room member — today always a local participant; a remote
-/// node's adapter will be another kind of member publishing the same way.
+/// Worker-local key of an attached [`RemoteLink`].
+type LinkKey = u64;
+
+/// Where a track's packets come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// A participant here, on the m-line `mid` of its PeerConnection.
+    Local { pid: Pid, mid: Mid },
+    /// Another node, through a remote link.
+    Remote { link: LinkKey },
+}
+
+/// A published track, as the room knows it. The room forwards by track;
+/// the publisher is a local participant or a remote node (the trunk seam).
 #[derive(Debug)]
 struct Track {
     id: String,
-    owner: Pid,
-    /// The m-line on the publisher's PeerConnection that carries it.
-    mid: Mid,
+    /// Public id of the publishing participant.
+    participant: String,
+    origin: Origin,
     kind: MediaKind,
     source: Source,
     keyframes: KeyframeLimiter,
+    /// The codec its packets carry: given for remote tracks, learned from
+    /// the first packet for local ones (which are announced to remote
+    /// links only then).
+    codec: Option<PayloadParams>,
 }
 
-#[derive(Debug, Default)]
+/// A participant on another node, known through a remote link.
+#[derive(Debug)]
+struct RemoteParticipant {
+    link: LinkKey,
+    name: String,
+    audio_muted: bool,
+    video_muted: bool,
+}
+
+/// A remote node's membership of a room.
+struct Link {
+    node: String,
+    control: UnboundedSender<RemoteEvent>,
+    media: tokio::sync::mpsc::Sender<RemoteEvent>,
+    /// Local track ids the remote node subscribed to.
+    subs: HashSet<String>,
+}
+
+impl Link {
+    fn tell(&self, e: RemoteEvent) {
+        let _ = self.control.send(e);
+    }
+}
+
+#[derive(Default)]
 struct Room {
+    /// Local participants. A room exists while it has at least one.
     members: Vec<Pid>,
     /// Track id -> track, in publication order.
     tracks: BTreeMap<String, Track>,
+    links: BTreeMap<LinkKey, Link>,
+    /// Public id -> participant on another node.
+    remote_participants: BTreeMap<String, RemoteParticipant>,
+}
+
+impl Room {
+    fn tell_links(&self, e: RemoteEvent) {
+        for l in self.links.values() {
+            l.tell(e.clone());
+        }
+    }
 }
 
 /// One forwarded track on a subscriber's PeerConnection.
@@ -292,6 +390,9 @@ struct Worker {
     next_track: u64,
     /// Peers whose `Rtc` got input and must be polled until their next timeout.
     dirty: HashSet<Pid>,
+    /// Attached remote link -> its room.
+    links: HashMap<LinkKey, RoomName>,
+    room_watchers: Vec<UnboundedSender<RoomEvent>>,
 }
 
 fn now_ms() -> u64 {
@@ -445,15 +546,15 @@ impl Worker {
             self.drive_now(pid);
         }
         let mut requests = Vec::new();
-        for room in self.rooms.values_mut() {
+        for (name, room) in self.rooms.iter_mut() {
             for t in room.tracks.values_mut() {
                 if t.keyframes.poll(now) {
-                    requests.push((t.owner, t.mid));
+                    requests.push((name.clone(), t.id.clone(), t.origin));
                 }
             }
         }
-        for (owner, mid) in requests {
-            self.send_keyframe_request(owner, mid);
+        for (room, track, origin) in requests {
+            self.send_keyframe_request(&room, &track, origin);
         }
     }
 
@@ -573,6 +674,21 @@ impl Worker {
                     p.ended.get_or_insert(End::Left);
                 }
             }
+            Cmd::Attach {
+                key,
+                room,
+                node,
+                control,
+                media,
+            } => self.attach(key, room, node, control, media),
+            Cmd::Remote(key, cmd) => self.remote_command(key, cmd),
+            Cmd::Detach(key) => self.detach(key),
+            Cmd::WatchRooms(tx) => {
+                for room in self.rooms.keys() {
+                    let _ = tx.send(RoomEvent::Opened(room.clone()));
+                }
+                self.room_watchers.push(tx);
+            }
             Cmd::Status(reply) => {
                 let rooms = self
                     .rooms
@@ -659,8 +775,19 @@ impl Worker {
                 ended: None,
             },
         );
+        if !self.rooms.contains_key(&room) {
+            info!(%room, "room opened");
+            self.room_watchers
+                .retain(|w| w.send(RoomEvent::Opened(room.clone())).is_ok());
+        }
         let r = self.rooms.entry(room.clone()).or_default();
         r.members.push(pid);
+        if let Some(p) = self.peers.get(&pid) {
+            r.tell_links(RemoteEvent::ParticipantJoined {
+                id: p.id.clone(),
+                name: p.name.to_string(),
+            });
+        }
         self.update_gauges();
         self.dirty.insert(pid);
         self.broadcast_roster(&room);
@@ -757,19 +884,33 @@ impl Worker {
                 }
             }
             ParticipantCommand::Chat { text } => {
+                let room = peer.room.clone();
+                if let Some(r) = self.rooms.get(&room) {
+                    r.tell_links(RemoteEvent::Chat {
+                        from: peer.id.clone(),
+                        name: peer.name.to_string(),
+                        text: text.clone(),
+                    });
+                }
                 let msg = ServerMessage::Chat {
                     from: peer.id.clone(),
                     name: peer.name.to_string(),
                     text,
                     ts: now_ms(),
                 };
-                let room = peer.room.clone();
                 self.broadcast(&room, msg);
             }
             ParticipantCommand::Mute { audio, video } => {
                 peer.audio_muted = audio;
                 peer.video_muted = video;
                 let room = peer.room.clone();
+                if let Some(r) = self.rooms.get(&room) {
+                    r.tell_links(RemoteEvent::Mute {
+                        id: peer.id.clone(),
+                        audio,
+                        video,
+                    });
+                }
                 self.broadcast_roster(&room);
             }
         }
@@ -804,11 +945,12 @@ impl Worker {
                 info!(participant = %peer.id, track = %track_id, ?kind, ?source, "published");
                 let track = Track {
                     id: track_id.clone(),
-                    owner: pid,
-                    mid,
+                    participant: peer.id.clone(),
+                    origin: Origin::Local { pid, mid },
                     kind,
                     source,
                     keyframes: KeyframeLimiter::new(KEYFRAME_INTERVAL),
+                    codec: None,
                 };
                 if let Some(r) = self.rooms.get_mut(&room) {
                     r.tracks.insert(track_id, track);
@@ -818,7 +960,7 @@ impl Worker {
                 peer.published.remove(&mid);
                 info!(participant = %peer.id, track = %track_id, "unpublished");
                 if let Some(r) = self.rooms.get_mut(&room) {
-                    r.tracks.remove(&track_id);
+                    remove_track(r, &track_id);
                 }
             }
             _ => return,
@@ -864,11 +1006,8 @@ impl Worker {
         let new: Vec<(String, MediaKind, String)> = room
             .tracks
             .iter()
-            .filter(|(id, t)| t.owner != pid && !peer.subs.contains_key(*id))
-            .map(|(id, t)| {
-                let owner = self.peers.get(&t.owner).map(|o| o.id.clone());
-                (id.clone(), t.kind, owner.unwrap_or_default())
-            })
+            .filter(|(id, t)| t.participant != peer.id && !peer.subs.contains_key(*id))
+            .map(|(id, t)| (id.clone(), t.kind, t.participant.clone()))
             .collect();
         let Some(peer) = self.peers.get_mut(&pid) else {
             return;
@@ -937,21 +1076,14 @@ impl Worker {
 
     // ---- forwarding -----------------------------------------------------
 
-    /// One RTP packet from a publisher: write it to every subscriber.
+    /// One RTP packet from a local publisher: write it to every subscriber,
+    /// here and on subscribed remote nodes.
     fn forward(&mut self, from: Pid, pkt: RtpPacket) {
-        let len = pkt.payload.len() as u64;
-        // Borrow the fields apart: the room is read while subscribers are
-        // written, without copying its member list per packet.
-        let Worker {
-            peers,
-            rooms,
-            metrics,
-            dirty,
-            ..
-        } = self;
-        metrics.rtp_packets_in.fetch_add(1, Ordering::Relaxed);
-        metrics.rtp_bytes_in.fetch_add(len, Ordering::Relaxed);
-        let Some(publisher) = peers.get_mut(&from) else {
+        self.metrics.rtp_packets_in.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .rtp_bytes_in
+            .fetch_add(pkt.payload.len() as u64, Ordering::Relaxed);
+        let Some(publisher) = self.peers.get_mut(&from) else {
             return;
         };
         let ssrc = pkt.header.ssrc;
@@ -965,23 +1097,119 @@ impl Worker {
         let Some(params) = publisher.rtc.codec_config().find(|p| p.pt() == pt).copied() else {
             return;
         };
-        let clock_rate = params.spec().clock_rate.get();
-        let Some(room) = rooms.get(&publisher.room) else {
+        let room_name = publisher.room.clone();
+        let Some(room) = self.rooms.get_mut(&room_name) else {
             return;
         };
-        let nackable = matches!(
-            room.tracks.get(&track_id).map(|t| t.kind),
-            Some(MediaKind::Video)
-        );
-        let ext = ExtensionValues {
+        let Some(track) = room.tracks.get_mut(&track_id) else {
+            return;
+        };
+        if track.codec.is_none() {
+            // First packet: now the codec is known, other nodes can be told.
+            track.codec = Some(params);
+            let desc = describe(track, params);
+            room.tell_links(RemoteEvent::TrackAdded(desc));
+        }
+        let packet = MediaPacket {
+            ssrc: *ssrc,
+            seq: *pkt.seq_no,
+            rtp_ts: pkt.header.timestamp,
+            marker: pkt.header.marker,
+            payload_type: *pt,
+            payload: pkt.payload,
             audio_level: pkt.header.ext_vals.audio_level,
             voice_activity: pkt.header.ext_vals.voice_activity,
-            video_orientation: pkt.header.ext_vals.video_orientation,
+        };
+        let mut ext = ExtensionValues {
+            audio_level: packet.audio_level,
+            voice_activity: packet.voice_activity,
             ..Default::default()
         };
+        ext.video_orientation = pkt.header.ext_vals.video_orientation;
+        for link in room.links.values() {
+            if link.subs.contains(&track_id)
+                && link
+                    .media
+                    .try_send(RemoteEvent::Media {
+                        track: track_id.clone(),
+                        packet: packet.clone(),
+                    })
+                    .is_err()
+            {
+                self.metrics
+                    .remote_media_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.fan_out(&room_name, &track_id, params, &packet, ext, pkt.timestamp);
+    }
+
+    /// A packet of a remote track, from its link.
+    fn remote_media(&mut self, key: LinkKey, track_id: &str, packet: MediaPacket) {
+        let Some(room_name) = self.links.get(&key).cloned() else {
+            return;
+        };
+        let Some(track) = self
+            .rooms
+            .get(&room_name)
+            .and_then(|r| r.tracks.get(track_id))
+        else {
+            return; // removed meanwhile: late packets are dropped, never create anything
+        };
+        if track.origin != (Origin::Remote { link: key }) {
+            return;
+        }
+        let Some(params) = track.codec else {
+            return;
+        };
+        if packet.payload_type != *params.pt() {
+            debug!(track = %track_id, pt = packet.payload_type, "remote packet with an unannounced payload type");
+            return;
+        }
+        self.metrics.rtp_packets_in.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .rtp_bytes_in
+            .fetch_add(packet.payload.len() as u64, Ordering::Relaxed);
+        let ext = ExtensionValues {
+            audio_level: packet.audio_level,
+            voice_activity: packet.voice_activity,
+            ..Default::default()
+        };
+        self.fan_out(&room_name, track_id, params, &packet, ext, Instant::now());
+    }
+
+    /// Write one packet of `track_id` to every local subscriber of it, each
+    /// with its own numbering and payload type.
+    fn fan_out(
+        &mut self,
+        room: &RoomName,
+        track_id: &str,
+        params: PayloadParams,
+        packet: &MediaPacket,
+        ext: ExtensionValues,
+        arrival: Instant,
+    ) {
+        // Borrow the fields apart: the room is read while subscribers are
+        // written, without copying its member list per packet.
+        let Worker {
+            peers,
+            rooms,
+            metrics,
+            dirty,
+            ..
+        } = self;
+        let Some(room) = rooms.get(room) else {
+            return;
+        };
+        let Some(track) = room.tracks.get(track_id) else {
+            return;
+        };
+        let nackable = track.kind == MediaKind::Video;
+        let clock_rate = params.spec().clock_rate.get();
+        let in_pt = packet.payload_type;
         let mut sent = 0u64;
         for &m in &room.members {
-            if m == from {
+            if matches!(track.origin, Origin::Local { pid, .. } if pid == m) {
                 continue;
             }
             let Some(sub_peer) = peers.get_mut(&m) else {
@@ -990,17 +1218,17 @@ impl Worker {
             if sub_peer.ended.is_some() {
                 continue;
             }
-            let Some(sub) = sub_peer.subs.get_mut(&track_id) else {
-                continue;
+            let Some(sub) = sub_peer.subs.get_mut(track_id) else {
+                continue; // its own track, or not negotiated yet
             };
             if !sub.active {
                 continue;
             }
-            let out_pt = match sub.pt_map.iter().find(|(p, _)| *p == *pt) {
+            let out_pt = match sub.pt_map.iter().find(|(p, _)| *p == in_pt) {
                 Some((_, out)) => *out,
                 None => {
                     let out = map_pt(&sub_peer.rtc, params);
-                    sub.pt_map.push((*pt, out));
+                    sub.pt_map.push((in_pt, out));
                     out
                 }
             };
@@ -1008,13 +1236,10 @@ impl Worker {
                 debug!(track = %track_id, "no common codec; not forwarded");
                 continue;
             };
-            let Some((seq, ts)) = sub.rewriter.rewrite(
-                *ssrc,
-                *pkt.seq_no,
-                pkt.header.timestamp,
-                pkt.timestamp,
-                clock_rate,
-            ) else {
+            let Some((seq, ts)) =
+                sub.rewriter
+                    .rewrite(packet.ssrc, packet.seq, packet.rtp_ts, arrival, clock_rate)
+            else {
                 debug!(track = %track_id, "packet older than its source; not forwarded");
                 continue;
             };
@@ -1027,10 +1252,10 @@ impl Worker {
                 out_pt.into(),
                 seq.into(),
                 ts,
-                pkt.timestamp,
-                pkt.payload.clone(),
+                arrival,
+                packet.payload.clone(),
             )
-            .marker(pkt.header.marker)
+            .marker(packet.marker)
             .ext_vals(ext.clone())
             .nackable(nackable);
             let r = catch_unwind(AssertUnwindSafe(|| stream.write_rtp(write)));
@@ -1041,6 +1266,7 @@ impl Worker {
             sent += 1;
             dirty.insert(m);
         }
+        let len = packet.payload.len() as u64;
         metrics.rtp_packets_out.fetch_add(sent, Ordering::Relaxed);
         metrics
             .rtp_bytes_out
@@ -1072,22 +1298,38 @@ impl Worker {
             return;
         }
         if t.keyframes.request(Instant::now()) {
-            let (owner, mid) = (t.owner, t.mid);
-            self.send_keyframe_request(owner, mid);
+            let origin = t.origin;
+            self.send_keyframe_request(room, track_id, origin);
         }
     }
 
-    fn send_keyframe_request(&mut self, owner: Pid, mid: Mid) {
-        let Some(p) = self.peers.get_mut(&owner) else {
-            return;
-        };
-        if let Some(rx) = p.rtc.direct_api().stream_rx_by_mid(mid, None) {
-            rx.request_keyframe(KeyframeRequestKind::Pli);
-            self.metrics
-                .keyframe_requests_sent
-                .fetch_add(1, Ordering::Relaxed);
-            self.dirty.insert(owner);
+    /// Ask a track's publisher for a keyframe (the limiter already agreed):
+    /// a PLI to a local browser, or a request over the track's remote link.
+    fn send_keyframe_request(&mut self, room: &RoomName, track_id: &str, origin: Origin) {
+        match origin {
+            Origin::Local { pid, mid } => {
+                let Some(p) = self.peers.get_mut(&pid) else {
+                    return;
+                };
+                let mut api = p.rtc.direct_api();
+                let Some(rx) = api.stream_rx_by_mid(mid, None) else {
+                    return;
+                };
+                rx.request_keyframe(KeyframeRequestKind::Pli);
+                self.dirty.insert(pid);
+            }
+            Origin::Remote { link } => {
+                let Some(l) = self.rooms.get(room).and_then(|r| r.links.get(&link)) else {
+                    return;
+                };
+                l.tell(RemoteEvent::KeyframeRequest {
+                    track: track_id.to_owned(),
+                });
+            }
         }
+        self.metrics
+            .keyframe_requests_sent
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     // ---- rosters, chat, leaving -----------------------------------------
@@ -1096,26 +1338,36 @@ impl Worker {
         let Some(r) = self.rooms.get(room) else {
             return Vec::new();
         };
-        r.members
+        let tracks_of = |id: &str| -> Vec<TrackView> {
+            r.tracks
+                .values()
+                .filter(|t| t.participant == id)
+                .map(|t| TrackView {
+                    id: t.id.clone(),
+                    kind: kind_of(t.kind),
+                    source: t.source,
+                })
+                .collect()
+        };
+        let local = r
+            .members
             .iter()
-            .filter_map(|pid| self.peers.get(pid).map(|p| (pid, p)))
-            .map(|(pid, p)| ParticipantView {
+            .filter_map(|pid| self.peers.get(pid))
+            .map(|p| ParticipantView {
                 id: p.id.clone(),
                 name: p.name.to_string(),
                 audio_muted: p.audio_muted,
                 video_muted: p.video_muted,
-                tracks: r
-                    .tracks
-                    .values()
-                    .filter(|t| t.owner == *pid)
-                    .map(|t| TrackView {
-                        id: t.id.clone(),
-                        kind: kind_of(t.kind),
-                        source: t.source,
-                    })
-                    .collect(),
-            })
-            .collect()
+                tracks: tracks_of(&p.id),
+            });
+        let remote = r.remote_participants.iter().map(|(id, p)| ParticipantView {
+            id: id.clone(),
+            name: p.name.clone(),
+            audio_muted: p.audio_muted,
+            video_muted: p.video_muted,
+            tracks: tracks_of(id),
+        });
+        local.chain(remote).collect()
     }
 
     fn broadcast_roster(&self, room: &RoomName) {
@@ -1176,17 +1428,288 @@ impl Worker {
         let mut empty = false;
         if let Some(r) = self.rooms.get_mut(&room) {
             r.members.retain(|m| *m != pid);
-            r.tracks.retain(|_, t| t.owner != pid);
+            let own: Vec<String> = r
+                .tracks
+                .values()
+                .filter(|t| t.participant == peer.id)
+                .map(|t| t.id.clone())
+                .collect();
+            for id in own {
+                remove_track(r, &id);
+            }
+            r.tell_links(RemoteEvent::ParticipantLeft {
+                id: peer.id.clone(),
+            });
             empty = r.members.is_empty();
         }
         if empty {
-            self.rooms.remove(&room);
-            info!(%room, "room closed");
+            self.close_room(&room);
         } else {
             self.broadcast_roster(&room);
             self.renegotiate_room(&room, None);
         }
         self.update_gauges();
+    }
+
+    /// The last local participant left: the room and every link to it end.
+    fn close_room(&mut self, room: &RoomName) {
+        let Some(r) = self.rooms.remove(room) else {
+            return;
+        };
+        for (key, link) in r.links {
+            link.tell(RemoteEvent::Closed);
+            self.links.remove(&key);
+        }
+        info!(%room, "room closed");
+        self.room_watchers
+            .retain(|w| w.send(RoomEvent::Closed(room.clone())).is_ok());
+    }
+
+    // ---- remote links (the trunk seam) ----------------------------------
+
+    fn attach(
+        &mut self,
+        key: LinkKey,
+        room: RoomName,
+        node: String,
+        control: UnboundedSender<RemoteEvent>,
+        media: tokio::sync::mpsc::Sender<RemoteEvent>,
+    ) {
+        let Some(r) = self.rooms.get_mut(&room) else {
+            // Not open here: nothing is created for a room with nobody in
+            // it; the adapter learns at once and closes its room link.
+            let _ = control.send(RemoteEvent::Closed);
+            return;
+        };
+        let link = Link {
+            node,
+            control,
+            media,
+            subs: HashSet::new(),
+        };
+        // Resync: everything this node has in the room, origin-only.
+        for pid in &r.members {
+            if let Some(p) = self.peers.get(pid) {
+                link.tell(RemoteEvent::ParticipantJoined {
+                    id: p.id.clone(),
+                    name: p.name.to_string(),
+                });
+                if p.audio_muted || p.video_muted {
+                    link.tell(RemoteEvent::Mute {
+                        id: p.id.clone(),
+                        audio: p.audio_muted,
+                        video: p.video_muted,
+                    });
+                }
+            }
+        }
+        for t in r.tracks.values() {
+            if let (Origin::Local { .. }, Some(codec)) = (t.origin, t.codec) {
+                link.tell(RemoteEvent::TrackAdded(describe(t, codec)));
+            }
+        }
+        // Remote tracks are not told: a node learns a track from its
+        // origin only, never relayed through a third node.
+        info!(%room, node = %link.node, "remote link attached");
+        r.links.insert(key, link);
+        self.links.insert(key, room);
+    }
+
+    fn detach(&mut self, key: LinkKey) {
+        let Some(room) = self.links.remove(&key) else {
+            return;
+        };
+        let Some(r) = self.rooms.get_mut(&room) else {
+            return;
+        };
+        if let Some(link) = r.links.remove(&key) {
+            info!(%room, node = %link.node, "remote link detached");
+        }
+        let tracks: Vec<String> = r
+            .tracks
+            .values()
+            .filter(|t| t.origin == (Origin::Remote { link: key }))
+            .map(|t| t.id.clone())
+            .collect();
+        for id in &tracks {
+            remove_track(r, id);
+        }
+        let before = r.remote_participants.len();
+        r.remote_participants.retain(|_, p| p.link != key);
+        if tracks.is_empty() && before == r.remote_participants.len() {
+            return;
+        }
+        self.update_gauges();
+        self.broadcast_roster(&room);
+        self.renegotiate_room(&room, None);
+    }
+
+    fn remote_command(&mut self, key: LinkKey, cmd: RemoteCommand) {
+        let Some(room) = self.links.get(&key).cloned() else {
+            return; // detached or its room closed: late commands create nothing
+        };
+        if let RemoteCommand::Media { track, packet } = cmd {
+            return self.remote_media(key, &track, packet);
+        }
+        let Some(r) = self.rooms.get_mut(&room) else {
+            return;
+        };
+        // Ids a remote node may not claim: a local participant's, or one
+        // another link brought.
+        let local_ids: HashSet<&str> = r
+            .members
+            .iter()
+            .filter_map(|pid| self.peers.get(pid).map(|p| p.id.as_str()))
+            .collect();
+        let owns =
+            |r: &Room, id: &str| r.remote_participants.get(id).is_some_and(|p| p.link == key);
+        match cmd {
+            RemoteCommand::Media { .. } => {}
+            RemoteCommand::ParticipantJoined { id, name } => {
+                if local_ids.contains(id.as_str())
+                    || r.remote_participants
+                        .get(&id)
+                        .is_some_and(|p| p.link != key)
+                {
+                    warn!(%room, participant = %id, "remote participant id already taken; ignored");
+                    return;
+                }
+                let p = r
+                    .remote_participants
+                    .entry(id)
+                    .or_insert(RemoteParticipant {
+                        link: key,
+                        name: String::new(),
+                        audio_muted: false,
+                        video_muted: false,
+                    });
+                p.name = name.to_string();
+                self.broadcast_roster(&room);
+            }
+            RemoteCommand::ParticipantLeft { id } => {
+                if !owns(r, &id) {
+                    return;
+                }
+                r.remote_participants.remove(&id);
+                let own: Vec<String> = r
+                    .tracks
+                    .values()
+                    .filter(|t| t.participant == id)
+                    .map(|t| t.id.clone())
+                    .collect();
+                for t in &own {
+                    remove_track(r, t);
+                }
+                self.update_gauges();
+                self.broadcast_roster(&room);
+                if !own.is_empty() {
+                    self.renegotiate_room(&room, None);
+                }
+            }
+            RemoteCommand::Mute { id, audio, video } => {
+                let Some(p) = r.remote_participants.get_mut(&id) else {
+                    return;
+                };
+                if p.link != key {
+                    return;
+                }
+                p.audio_muted = audio;
+                p.video_muted = video;
+                self.broadcast_roster(&room);
+            }
+            RemoteCommand::TrackAdded(desc) => {
+                if !owns(r, &desc.participant) || r.tracks.contains_key(&desc.id) {
+                    warn!(%room, track = %desc.id, "remote track of an unknown participant or with a taken id; ignored");
+                    return;
+                }
+                let Some(codec) = desc.codec.to_params() else {
+                    warn!(%room, track = %desc.id, mime = %desc.codec.mime_type, "remote track with a codec we cannot forward; ignored");
+                    return;
+                };
+                let kind = match desc.kind {
+                    Kind::Audio => MediaKind::Audio,
+                    Kind::Video => MediaKind::Video,
+                };
+                if codec.spec().codec.kind() != kind {
+                    warn!(%room, track = %desc.id, "remote track kind and codec disagree; ignored");
+                    return;
+                }
+                info!(%room, track = %desc.id, participant = %desc.participant, "remote track added");
+                r.tracks.insert(
+                    desc.id.clone(),
+                    Track {
+                        id: desc.id.clone(),
+                        participant: desc.participant,
+                        origin: Origin::Remote { link: key },
+                        kind,
+                        source: desc.source,
+                        keyframes: KeyframeLimiter::new(KEYFRAME_INTERVAL),
+                        codec: Some(codec),
+                    },
+                );
+                // Everyone here receives every track: want it at once.
+                if let Some(l) = r.links.get(&key) {
+                    l.tell(RemoteEvent::Subscribe { track: desc.id });
+                }
+                self.update_gauges();
+                self.broadcast_roster(&room);
+                self.renegotiate_room(&room, None);
+            }
+            RemoteCommand::TrackRemoved { id } => {
+                if r.tracks.get(&id).map(|t| t.origin) != Some(Origin::Remote { link: key }) {
+                    return;
+                }
+                remove_track(r, &id);
+                self.update_gauges();
+                self.broadcast_roster(&room);
+                self.renegotiate_room(&room, None);
+            }
+            RemoteCommand::Subscribe { track } => {
+                let local = r
+                    .tracks
+                    .get(&track)
+                    .is_some_and(|t| matches!(t.origin, Origin::Local { .. }));
+                if !local {
+                    return; // only origins serve tracks
+                }
+                let Some(l) = r.links.get_mut(&key) else {
+                    return;
+                };
+                if l.subs.insert(track.clone()) {
+                    // A new subscriber needs a keyframe to start decoding.
+                    self.keyframe_for_track(&room, &track);
+                }
+            }
+            RemoteCommand::Unsubscribe { track } => {
+                if let Some(l) = r.links.get_mut(&key) {
+                    l.subs.remove(&track);
+                }
+            }
+            RemoteCommand::KeyframeRequest { track } => {
+                let local = r
+                    .tracks
+                    .get(&track)
+                    .is_some_and(|t| matches!(t.origin, Origin::Local { .. }));
+                if local {
+                    self.keyframe_for_track(&room, &track);
+                }
+            }
+            RemoteCommand::Chat { from, text } => {
+                let Some(p) = r.remote_participants.get(&from) else {
+                    return;
+                };
+                if p.link != key {
+                    return;
+                }
+                let msg = ServerMessage::Chat {
+                    from,
+                    name: p.name.clone(),
+                    text,
+                    ts: now_ms(),
+                };
+                self.broadcast(&room, msg);
+            }
+        }
     }
 
     fn update_gauges(&self) {
@@ -1210,6 +1733,31 @@ impl Worker {
             self.remove(pid, End::Left);
         }
         info!("media worker stopped");
+    }
+}
+
+/// Remove a track from its room: local subscribers lose it at the next
+/// renegotiation; remote nodes are told if they knew of it.
+fn remove_track(room: &mut Room, id: &str) {
+    let Some(t) = room.tracks.remove(id) else {
+        return;
+    };
+    for l in room.links.values_mut() {
+        l.subs.remove(id);
+    }
+    if matches!(t.origin, Origin::Local { .. }) && t.codec.is_some() {
+        room.tell_links(RemoteEvent::TrackRemoved { id: t.id });
+    }
+}
+
+/// A local track as remote nodes learn of it.
+fn describe(t: &Track, codec: PayloadParams) -> TrackDescription {
+    TrackDescription {
+        id: t.id.clone(),
+        participant: t.participant.clone(),
+        kind: kind_of(t.kind),
+        source: t.source,
+        codec: CodecInfo::from_params(&codec),
     }
 }
 

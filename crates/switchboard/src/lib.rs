@@ -112,6 +112,11 @@ impl Node {
         self.state.sfu.media_addr()
     }
 
+    /// The media plane (the trunk adapter attaches remote links to it).
+    pub fn sfu(&self) -> &Arc<Sfu> {
+        &self.state.sfu
+    }
+
     /// Graceful stop: `/readyz` turns 503, every participant gets
     /// `error shutting_down` and its socket is closed, the media plane stops,
     /// and HTTP stops once the sockets are gone (or after [`DRAIN_LIMIT`]).

@@ -133,6 +133,11 @@ pub(crate) fn render(state: &AppState) -> Result<String, std::fmt::Error> {
                 g(&m.udp_packets_dropped),
             ),
             (
+                "switchboard_remote_media_dropped",
+                "Media packets for other nodes dropped because a trunk link's queue was full",
+                g(&m.remote_media_dropped),
+            ),
+            (
                 "switchboard_ws_accepted",
                 "Signaling WebSockets accepted",
                 state.ws_total.load(Ordering::Relaxed),
