@@ -15,11 +15,13 @@ pub use signal::{
 
 mod demux;
 mod keyframe;
+mod media_wire;
 mod metrics;
 mod remote;
 mod rewrite;
 mod worker;
 
+pub use media_wire::{MediaWireError, SeqExtender};
 pub use metrics::SfuMetrics;
 pub use remote::{
     CodecInfo, MediaPacket, REMOTE_MEDIA_QUEUE, RemoteCommand, RemoteEvent, RemoteLink, RoomEvent,

@@ -4,10 +4,13 @@
 //! each link's events to the other as commands. str0m test clients on
 //! different nodes must then see and hear each other as if in one room.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sfu::{DisplayName, RemoteCommand, RemoteEvent, RemoteLink, RoomName, Sfu};
+use sfu::{
+    DisplayName, MediaPacket, RemoteCommand, RemoteEvent, RemoteLink, RoomName, SeqExtender, Sfu,
+};
 use signal::Kind;
 use switchboard::{Config, Node};
 use testkit::{Client, State};
@@ -34,8 +37,10 @@ async fn join(node: &Node, room: &str, name: &str) -> Client {
         .unwrap_or_else(|e| panic!("{name} joins {room}: {e}"))
 }
 
-/// What one node's link says, as the other node's link hears it.
-fn relay(e: RemoteEvent) -> Option<RemoteCommand> {
+/// What one node's link says, as the other node's link hears it. Media
+/// crosses as RTP bytes, as on the trunk, with one sequence extender per
+/// track on the receiving side.
+fn relay(e: RemoteEvent, seqs: &mut HashMap<String, SeqExtender>) -> Option<RemoteCommand> {
     Some(match e {
         RemoteEvent::ParticipantJoined { id, name } => RemoteCommand::ParticipantJoined {
             id,
@@ -46,7 +51,12 @@ fn relay(e: RemoteEvent) -> Option<RemoteCommand> {
         RemoteEvent::TrackAdded(d) => RemoteCommand::TrackAdded(d),
         RemoteEvent::TrackRemoved { id } => RemoteCommand::TrackRemoved { id },
         RemoteEvent::Subscribe { track } => RemoteCommand::Subscribe { track },
-        RemoteEvent::Media { track, packet } => RemoteCommand::Media { track, packet },
+        RemoteEvent::Media { track, packet } => {
+            let bytes = packet.to_rtp();
+            let ext = seqs.entry(track.clone()).or_default();
+            let packet = MediaPacket::from_rtp(&bytes, ext).expect("our own RTP parses");
+            RemoteCommand::Media { track, packet }
+        }
         RemoteEvent::KeyframeRequest { track } => RemoteCommand::KeyframeRequest { track },
         RemoteEvent::Chat { from, text, .. } => RemoteCommand::Chat { from, text },
         RemoteEvent::Closed => return None,
@@ -60,12 +70,13 @@ fn bridge(a: &Arc<Sfu>, b: &Arc<Sfu>, room: &str) -> tokio::task::JoinHandle<()>
     let mut la = a.attach(room.clone(), "b").unwrap();
     let mut lb = b.attach(room, "a").unwrap();
     tokio::spawn(async move {
+        let (mut to_b, mut to_a) = (HashMap::new(), HashMap::new());
         loop {
-            let (e, to): (Option<RemoteEvent>, &RemoteLink) = tokio::select! {
-                e = la.recv() => (e, &lb),
-                e = lb.recv() => (e, &la),
+            let (e, to, seqs): (Option<RemoteEvent>, &RemoteLink, _) = tokio::select! {
+                e = la.recv() => (e, &lb, &mut to_b),
+                e = lb.recv() => (e, &la, &mut to_a),
             };
-            match e.and_then(relay) {
+            match e.and_then(|e| relay(e, seqs)) {
                 Some(cmd) => to.send(cmd),
                 None => return,
             }
