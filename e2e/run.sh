@@ -1,20 +1,28 @@
 #!/usr/bin/env bash
-# Real-browser tests. Installs what they need (Debian chromium, npm
-# playwright-core), builds and starts a node on free ports, runs the tests,
-# stops the node. SWITCHBOARD_BIN=<path> skips the build.
+# Real-browser tests. Installs what they need (Debian chromium and
+# firefox-esr, npm playwright-core and puppeteer-core), builds the node, and
+# runs two suites against real nodes on free ports:
+#   tests/call.test.mjs      two Chromium pages, node on 127.0.0.1
+#   tests/firefox.test.mjs   Firefox + Chromium, node on a veth address in a
+#                            network namespace this script creates (Firefox
+#                            does not use 127.0.0.1 for WebRTC; needs root)
+# Each node must exit 0 on SIGTERM. SWITCHBOARD_BIN=<path> skips the build.
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT="$(cd .. && pwd)"
 
-if ! command -v chromium >/dev/null 2>&1; then
-  echo "== installing chromium"
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+[ -x /usr/lib/firefox-esr/firefox-esr ] || missing+=(firefox-esr)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "== installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq chromium >/dev/null
+  apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 echo "== npm ci"
-npm ci --no-audit --no-fund --silent
+PUPPETEER_SKIP_DOWNLOAD=1 npm ci --no-audit --no-fund --silent
 
 if [ -z "${SWITCHBOARD_BIN:-}" ]; then
   echo "== building switchboard (release)"
@@ -24,26 +32,62 @@ if [ -z "${SWITCHBOARD_BIN:-}" ]; then
 fi
 
 mkdir -p artifacts
-LOG=artifacts/switchboard.log
-SWITCHBOARD_LOG="${SWITCHBOARD_LOG:-info,sfu=debug}" \
-  "$SWITCHBOARD_BIN" --http-port 0 --media-port 0 >"$LOG" 2>&1 &
-PID=$!
-cleanup() { kill -TERM "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; }
+PIDS=()
+NETNS=""
+cleanup() {
+  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  if [ -n "$NETNS" ]; then ip netns del "$NETNS" 2>/dev/null || true; fi
+}
 trap cleanup EXIT
 
-URL=""
-for _ in $(seq 1 100); do
-  URL="$(grep -o 'http://[0-9.:]*/' "$LOG" | head -1 || true)"
-  [ -n "$URL" ] && break
-  kill -0 "$PID" 2>/dev/null || { cat "$LOG"; echo "switchboard exited"; exit 1; }
-  sleep 0.1
-done
-[ -n "$URL" ] || { cat "$LOG"; echo "switchboard did not start"; exit 1; }
-echo "== node at $URL"
+# start_node <log> <command prefix...> -- <switchboard args...>: starts a
+# node, waits for the URL it prints, sets NODE_PID and NODE_URL.
+start_node() {
+  local log="$1"; shift
+  local prefix=()
+  while [ "$1" != "--" ]; do prefix+=("$1"); shift; done
+  shift
+  SWITCHBOARD_LOG="${SWITCHBOARD_LOG:-info,sfu=debug}" \
+    "${prefix[@]}" "$SWITCHBOARD_BIN" "$@" --http-port 0 --media-port 0 >"$log" 2>&1 &
+  NODE_PID=$!
+  PIDS+=("$NODE_PID")
+  NODE_URL=""
+  for _ in $(seq 1 100); do
+    NODE_URL="$(grep -o 'http://[0-9.:]*/' "$log" | head -1 || true)"
+    [ -n "$NODE_URL" ] && break
+    kill -0 "$NODE_PID" 2>/dev/null || { cat "$log"; echo "switchboard exited"; exit 1; }
+    sleep 0.1
+  done
+  [ -n "$NODE_URL" ] || { cat "$log"; echo "switchboard did not start"; exit 1; }
+  NODE_URL="${NODE_URL%/}"
+}
 
-SB_URL="${URL%/}" node --test --test-concurrency=1 tests/
+# stop_node <pid>: SIGTERM must end the node with exit code 0.
+stop_node() {
+  kill -TERM "$1"
+  if wait "$1"; then echo "== node stopped cleanly"; else echo "node exit code $?"; exit 1; fi
+  PIDS=("${PIDS[@]/$1}")
+}
 
-# Graceful shutdown on SIGTERM must exit 0.
-kill -TERM "$PID"
-if wait "$PID"; then echo "== node stopped cleanly"; else echo "node exit code $?"; exit 1; fi
-trap - EXIT
+start_node artifacts/switchboard.log env --
+echo "== node at $NODE_URL"
+SB_URL="$NODE_URL" node --test --test-concurrency=1 tests/call.test.mjs
+stop_node "$NODE_PID"
+
+# A namespace with one veth pair (both ends inside) and a default route:
+# Firefox gathers host candidates only on non-loopback interfaces, and only
+# when a default route exists (measured; see docs/ARCHITECTURE.md).
+NETNS="sbe2e-$$"
+ip netns add "$NETNS"
+NS=(ip netns exec "$NETNS")
+"${NS[@]}" ip link set lo up
+"${NS[@]}" ip link add veth-sb type veth peer name veth-br
+"${NS[@]}" ip addr add 10.77.0.1/24 dev veth-sb
+"${NS[@]}" ip addr add 10.77.0.2/24 dev veth-br
+"${NS[@]}" ip link set veth-sb up
+"${NS[@]}" ip link set veth-br up
+"${NS[@]}" ip route add default via 10.77.0.1 dev veth-br
+start_node artifacts/switchboard-netns.log "${NS[@]}" -- --bind 10.77.0.1
+echo "== node at $NODE_URL (namespace $NETNS)"
+SB_URL="$NODE_URL" "${NS[@]}" node --test --test-concurrency=1 tests/firefox.test.mjs
+stop_node "$NODE_PID"
