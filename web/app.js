@@ -207,7 +207,14 @@ function startPc() {
   pc.onconnectionstatechange = () => {
     const s = pc.connectionState;
     if (s === 'connected') { state.phase = 'connected'; setConn('connected', 'Connected'); }
-    else if (s === 'failed') { setConn('error', 'Media failed'); }
+    else if (s === 'failed') {
+      setConn('error', 'Media failed');
+      // Firefox never uses loopback candidates: a node on 127.0.0.1 is
+      // unreachable for it (see docs/ARCHITECTURE.md, Measured facts).
+      if (/firefox/i.test(navigator.userAgent) && /^(127\.|localhost$|\[::1\]$)/.test(location.hostname)) {
+        banner('Firefox does not send WebRTC media to a server on 127.0.0.1. Use Chromium for a node on this machine, or reach the node on a non-loopback address (see the README).', true);
+      }
+    }
     else if (s === 'connecting' || s === 'new') { setConn('connecting', 'Connecting media…'); }
   };
   applyMute();
