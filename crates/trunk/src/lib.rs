@@ -6,3 +6,7 @@
 //! deterministic multi-node schedules per second.
 
 pub mod proto;
+
+/// The I/O driver over QUIC (feature `quic`, on by default).
+#[cfg(feature = "quic")]
+pub mod quic;

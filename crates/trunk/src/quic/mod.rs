@@ -1,0 +1,11 @@
+//! The QUIC driver of the trunk (DESIGN: "One connection per node pair"):
+//! quinn endpoints, dialing and accepting, mutual TLS from the cluster
+//! secret, the control stream and media datagrams, timers. All protocol
+//! decisions are made by [`crate::proto::Node`]; this module only moves
+//! bytes and time in and effects out.
+
+mod driver;
+pub mod identity;
+
+pub use driver::{DriverMetrics, Trunk, TrunkConfig, TrunkError, TrunkEvent, TrunkStatus};
+pub use identity::{ALPN, Identity, IdentityError};
