@@ -7,7 +7,7 @@ use libfuzzer_sys::fuzz_target;
 use trunk::proto::wire::{self, Message, PROTOCOL_VERSION};
 use trunk::proto::{
     CodecParams, Config, ConnId, Incarnation, Node, NodeId, ParticipantId, ParticipantInfo,
-    RoomName, Time, TrackId, TrackInfo, TrackKind,
+    RoomName, Time, TrackId, TrackInfo, TrackKind, TrackSource,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -27,6 +27,7 @@ fuzz_target!(|data: &[u8]| {
         let track = TrackInfo {
             participant: pid,
             kind: TrackKind::Video,
+            source: TrackSource::Camera,
             codec: CodecParams {
                 mime_type: "video/VP8".into(),
                 clock_rate: 90_000,

@@ -7,7 +7,7 @@ use std::hint::black_box;
 use trunk::proto::wire::{self, Message};
 use trunk::proto::{
     CodecParams, Config, ConnId, Gens, Layer, Node, NodeId, ParticipantId, ParticipantInfo,
-    RoomName, Time, TrackId, TrackInfo, TrackKind, Transmit, WireId,
+    RoomName, Time, TrackId, TrackInfo, TrackKind, TrackSource, Transmit, WireId,
 };
 
 fn datagram(c: &mut Criterion) {
@@ -51,6 +51,7 @@ fn linked_pair() -> (Node, Node, RoomName) {
         TrackInfo {
             participant: ParticipantId(1),
             kind: TrackKind::Video,
+            source: TrackSource::Camera,
             codec: CodecParams {
                 mime_type: "video/VP8".into(),
                 clock_rate: 90_000,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use trunk::proto::wire::{self, Message};
 use trunk::proto::{
     CloseCode, CodecParams, Config, ConnId, Event, Layer, Node, NodeId, ParticipantId,
-    ParticipantInfo, RoomName, Time, TrackId, TrackInfo, TrackKind, Transmit, WireId,
+    ParticipantInfo, RoomName, Time, TrackId, TrackInfo, TrackKind, TrackSource, Transmit, WireId,
 };
 
 /// Nodes plus connections delivered instantly, in order, by [`Net::run`].
@@ -127,6 +127,7 @@ fn track(p: u64) -> TrackInfo {
     TrackInfo {
         participant: ParticipantId(p),
         kind: TrackKind::Video,
+        source: TrackSource::Camera,
         codec: CodecParams {
             mime_type: "video/VP8".into(),
             clock_rate: 90_000,

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc::UnboundedReceiver;
 use trunk::proto::{
     CloseCode, CodecParams, Config, Event, Layer, NodeId, ParticipantId, ParticipantInfo, RoomName,
-    TrackId, TrackInfo, TrackKind, WireId,
+    TrackId, TrackInfo, TrackKind, TrackSource, WireId,
 };
 use trunk::quic::{Identity, Trunk, TrunkConfig, TrunkEvent};
 
@@ -68,6 +68,7 @@ fn video(participant: u64) -> TrackInfo {
     TrackInfo {
         participant: ParticipantId(participant),
         kind: TrackKind::Video,
+        source: TrackSource::Camera,
         codec: CodecParams {
             mime_type: "video/VP8".into(),
             clock_rate: 90_000,

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use trunk::proto::wire;
 use trunk::proto::{
     CodecParams, Config, ConnId, Event, Node, NodeId, ParticipantId, ParticipantInfo, RoomName,
-    Time, TrackId, TrackInfo, TrackKind, Transmit,
+    Time, TrackId, TrackInfo, TrackKind, TrackSource, Transmit,
 };
 
 const A: NodeId = NodeId(1);
@@ -128,6 +128,7 @@ fn video(participant: u64) -> TrackInfo {
     TrackInfo {
         participant: ParticipantId(participant),
         kind: TrackKind::Video,
+        source: TrackSource::Camera,
         codec: CodecParams {
             mime_type: "video/VP8".into(),
             clock_rate: 90_000,

@@ -22,7 +22,8 @@ use std::time::Duration;
 use trunk::proto::wire;
 use trunk::proto::{
     CodecParams, Config, ConnId, Event, Incarnation, Layer, Node, NodeId, ParticipantId,
-    ParticipantInfo, PlantedBugs, RoomName, Time, TrackId, TrackInfo, TrackKind, Transmit, WireId,
+    ParticipantInfo, PlantedBugs, RoomName, Time, TrackId, TrackInfo, TrackKind, TrackSource,
+    Transmit, WireId,
 };
 
 const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -785,6 +786,11 @@ impl Sim {
                         TrackKind::Video
                     } else {
                         TrackKind::Audio
+                    },
+                    source: if layers > 1 {
+                        TrackSource::Camera
+                    } else {
+                        TrackSource::Microphone
                     },
                     codec: CodecParams {
                         mime_type: "video/VP8".into(),

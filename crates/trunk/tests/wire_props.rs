@@ -5,7 +5,7 @@ use proptest::prelude::*;
 use trunk::proto::wire::{self, MAX_FRAME, Message};
 use trunk::proto::{
     CloseCode, CodecParams, Generation, Gens, Incarnation, Layer, NodeId, ParticipantId,
-    ParticipantInfo, RoomName, TrackInfo, TrackKind, WireId,
+    ParticipantInfo, RoomName, TrackInfo, TrackKind, TrackSource, WireId,
 };
 
 fn room() -> impl Strategy<Value = RoomName> {
@@ -37,6 +37,11 @@ fn track() -> impl Strategy<Value = TrackInfo> {
             } else {
                 TrackKind::Audio
             },
+            source: [
+                TrackSource::Camera,
+                TrackSource::Microphone,
+                TrackSource::Screen,
+            ][usize::from(pt % 3)],
             codec: CodecParams {
                 mime_type: mime,
                 clock_rate: clock,

@@ -26,6 +26,6 @@ pub use ratelimit::RateLimiter;
 pub use time::Time;
 pub use types::{
     CloseCode, CodecParams, ConnId, Generation, Gens, Incarnation, Layer, NodeId, ParticipantId,
-    ParticipantInfo, RoomName, RoomNameError, TrackId, TrackInfo, TrackKind, WireId,
+    ParticipantInfo, RoomName, RoomNameError, TrackId, TrackInfo, TrackKind, TrackSource, WireId,
 };
 pub use wire::{Message, PROTOCOL_VERSION};

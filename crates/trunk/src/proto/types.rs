@@ -123,11 +123,21 @@ pub struct CodecParams {
     pub fmtp: String,
 }
 
+/// What a track shows, so receiving nodes lay it out like the origin does
+/// (a screen share is not a camera tile).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TrackSource {
+    Camera,
+    Microphone,
+    Screen,
+}
+
 /// One published track: who, what, how, and which simulcast layers exist.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrackInfo {
     pub participant: ParticipantId,
     pub kind: TrackKind,
+    pub source: TrackSource,
     pub codec: CodecParams,
     /// Simulcast layers (rids) in order lowest first; one entry if no simulcast.
     pub layers: Vec<String>,
