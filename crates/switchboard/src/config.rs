@@ -23,6 +23,40 @@ const DEFAULT_MEDIA_PORT: u16 = 3001;
 const DEFAULT_MAX_PARTICIPANTS_PER_ROOM: usize = 100;
 /// The web client sends `join` as soon as its socket opens; 10 s is ample.
 const DEFAULT_JOIN_TIMEOUT_SECS: u64 = 10;
+/// UDP port of the trunk (QUIC) when clustering.
+const DEFAULT_TRUNK_PORT: u16 = 3002;
+const DEFAULT_CLUSTER_NAME: &str = "switchboard";
+
+/// A peer node to dial: `<node id>@<host:port>` (the id it was started with).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub node_id: u64,
+    pub addr: std::net::SocketAddr,
+}
+
+impl std::str::FromStr for Peer {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (id, addr) = s
+            .split_once('@')
+            .ok_or_else(|| format!("peer `{s}`: expected <node id>@<host:port>"))?;
+        let node_id = id
+            .parse()
+            .map_err(|_| format!("peer `{s}`: node id must be a number"))?;
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(addr)
+            .map_err(|e| format!("peer `{s}`: {e}"))?
+            .next()
+            .ok_or_else(|| format!("peer `{s}`: address resolves to nothing"))?;
+        Ok(Peer { node_id, addr })
+    }
+}
+
+impl<'de> Deserialize<'de> for Peer {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
 
 /// Everything a node needs to start. `Default` runs a single node on
 /// http://127.0.0.1:3000 with media on UDP 3001.
@@ -65,6 +99,25 @@ pub struct Config {
     /// Log output format (the filter is SWITCHBOARD_LOG, RUST_LOG syntax).
     #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
+    /// Shared secret of the cluster (≥ 16 bytes). Set it to join rooms with
+    /// other nodes over trunks; unset, the node runs alone. Prefer the env
+    /// variable or the file: a flag shows in `ps`.
+    #[arg(long, env = "SWITCHBOARD_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+    /// This node's id in the cluster (peers name it in their --peer); random
+    /// if unset.
+    #[arg(long, env = "SWITCHBOARD_NODE_ID")]
+    pub node_id: Option<u64>,
+    /// Cluster name: nodes of another cluster are refused even with the secret.
+    #[arg(long, env = "SWITCHBOARD_CLUSTER_NAME", default_value = DEFAULT_CLUSTER_NAME)]
+    pub cluster_name: String,
+    /// UDP port of the trunk (QUIC); 0 = any free port.
+    #[arg(long, env = "SWITCHBOARD_TRUNK_PORT", default_value_t = DEFAULT_TRUNK_PORT)]
+    pub trunk_port: u16,
+    /// A node to dial, `<node id>@<host:port>`; repeat, or comma-separate in
+    /// the env variable. Nodes not listed may still dial us.
+    #[arg(long = "peer", env = "SWITCHBOARD_PEERS", value_delimiter = ',')]
+    pub peers: Vec<Peer>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
@@ -88,6 +141,11 @@ impl Default for Config {
             max_participants_per_room: DEFAULT_MAX_PARTICIPANTS_PER_ROOM,
             join_timeout_secs: DEFAULT_JOIN_TIMEOUT_SECS,
             log_format: LogFormat::Human,
+            cluster_secret: None,
+            node_id: None,
+            cluster_name: DEFAULT_CLUSTER_NAME.to_owned(),
+            trunk_port: DEFAULT_TRUNK_PORT,
+            peers: Vec::new(),
         }
     }
 }
@@ -103,6 +161,11 @@ pub struct FileConfig {
     pub max_participants_per_room: Option<usize>,
     pub join_timeout_secs: Option<u64>,
     pub log_format: Option<LogFormat>,
+    pub cluster_secret: Option<String>,
+    pub node_id: Option<u64>,
+    pub cluster_name: Option<String>,
+    pub trunk_port: Option<u16>,
+    pub peers: Option<Vec<Peer>>,
 }
 
 impl FileConfig {
@@ -177,6 +240,21 @@ impl Config {
         }
         if let Some(v) = file.log_format.filter(|_| unset("log_format")) {
             self.log_format = v;
+        }
+        if let Some(v) = file.cluster_secret.filter(|_| unset("cluster_secret")) {
+            self.cluster_secret = Some(v);
+        }
+        if let Some(v) = file.node_id.filter(|_| unset("node_id")) {
+            self.node_id = Some(v);
+        }
+        if let Some(v) = file.cluster_name.filter(|_| unset("cluster_name")) {
+            self.cluster_name = v;
+        }
+        if let Some(v) = file.trunk_port.filter(|_| unset("trunk_port")) {
+            self.trunk_port = v;
+        }
+        if let Some(v) = file.peers.filter(|_| unset("peers")) {
+            self.peers = v;
         }
     }
 }

@@ -70,6 +70,30 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
+/// The cluster as `/api/status` shows it: this node's id and trunk address,
+/// and each known peer with its link state and RTT.
+async fn trunks(state: &AppState) -> serde_json::Value {
+    let Some(cluster) = &state.cluster else {
+        return json!([]);
+    };
+    let Some(status) = cluster.status().await else {
+        return json!([]);
+    };
+    status
+        .node
+        .peers
+        .iter()
+        .map(|(id, p)| {
+            json!({
+                "node_id": id.0,
+                "up": p.up,
+                "rtt_ms": p.rtt.map(|r| r.as_secs_f64() * 1000.0),
+                "rooms": p.rooms.keys().map(|r| r.as_str()).collect::<Vec<_>>(),
+            })
+        })
+        .collect()
+}
+
 async fn status(State(state): State<Arc<AppState>>) -> Response {
     let rooms = state.sfu.status().await.unwrap_or_default();
     let body = json!({
@@ -83,7 +107,7 @@ async fn status(State(state): State<Arc<AppState>>) -> Response {
             "participants": rooms.iter().map(|r| r.participants.len()).sum::<usize>(),
         },
         "rooms": rooms,
-        "trunks": [],
+        "trunks": trunks(&state).await,
     });
     axum::Json(body).into_response()
 }

@@ -3,6 +3,7 @@
 //! the media plane (`sfu`). The binary (`main.rs`) only parses the config,
 //! sets up logging and waits for a signal; tests start nodes in-process.
 
+mod cluster;
 pub mod config;
 mod http;
 mod metrics;
@@ -39,6 +40,8 @@ pub(crate) struct AppState {
     pub shutdown: watch::Receiver<bool>,
     pub config: Config,
     pub http_addr: SocketAddr,
+    /// The trunk side, if this node is in a cluster.
+    pub cluster: Option<cluster::Cluster>,
 }
 
 /// A running node.
@@ -67,8 +70,13 @@ impl Node {
             .with_context(|| format!("binding HTTP on {}:{}", config.bind, config.http_port))?;
         let http_addr = listener.local_addr()?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let sfu = Arc::new(sfu);
+        let cluster = cluster::Cluster::start(&config, sfu.clone())?;
+        if let Some(c) = &cluster {
+            info!(node_id = c.node_id(), trunk = %c.trunk_addr(), "clustering");
+        }
         let state = Arc::new(AppState {
-            sfu: Arc::new(sfu),
+            sfu,
             ready: AtomicBool::new(true),
             started: Instant::now(),
             ws_connections: watch::Sender::new(0),
@@ -77,6 +85,7 @@ impl Node {
             shutdown: shutdown_rx.clone(),
             config,
             http_addr,
+            cluster,
         });
         let app = http::router(state.clone());
         let (http_stop, mut stop) = watch::channel(false);
@@ -112,6 +121,11 @@ impl Node {
         self.state.sfu.media_addr()
     }
 
+    /// The trunk's UDP address, if this node is in a cluster.
+    pub fn trunk_addr(&self) -> Option<SocketAddr> {
+        self.state.cluster.as_ref().map(|c| c.trunk_addr())
+    }
+
     /// The media plane (the trunk adapter attaches remote links to it).
     pub fn sfu(&self) -> &Arc<Sfu> {
         &self.state.sfu
@@ -132,6 +146,10 @@ impl Node {
         // streams, so their sessions close; joins the worker thread, so keep
         // it off the async runtime.
         let _ = tokio::task::spawn_blocking(move || sfu.close()).await;
+        // Then Goodbye to the other nodes: they drop our participants at once.
+        if let Some(c) = &self.state.cluster {
+            c.shutdown().await;
+        }
         let mut open = self.state.ws_connections.subscribe();
         // Do not hang on a client that never completes the close handshake.
         if tokio::time::timeout(DRAIN_LIMIT, open.wait_for(|n| *n == 0))

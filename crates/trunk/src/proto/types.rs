@@ -130,6 +130,9 @@ pub enum TrackSource {
     Camera,
     Microphone,
     Screen,
+    /// The audio of a screen share.
+    ScreenAudio,
+    Other,
 }
 
 /// One published track: who, what, how, and which simulcast layers exist.

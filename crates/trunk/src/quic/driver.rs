@@ -255,12 +255,20 @@ impl Trunk {
     /// Say Goodbye on every trunk, close them and wait (briefly) until the
     /// peers have acknowledged.
     pub async fn shutdown(mut self) {
+        self.close().await;
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Trunk {
+    /// Like [`Trunk::shutdown`] for a trunk shared behind an `Arc`; later
+    /// calls return at once.
+    pub async fn close(&self) {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Input::Shutdown(tx)).is_ok() {
             let _ = rx.await;
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
         }
     }
 }

@@ -1,0 +1,565 @@
+//! The trunk adapter: joins this node's rooms to the same rooms on other
+//! nodes. `sfu` and `trunk` do not know each other (DESIGN); this is the
+//! small piece that translates between them.
+//!
+//! - Rooms: `Sfu::watch_rooms` opens and closes the room in the trunk core
+//!   (its interest set), so a room link exists only where both nodes have
+//!   the room open — nothing is created for a room nobody here is in.
+//! - Per open room, one `sfu::RemoteLink` stands for every remote node: the
+//!   media plane's origin-only events (local participants, tracks, media of
+//!   subscribed tracks, chat, mute) become trunk calls, and the trunk's
+//!   events (remote participants and tracks, subscriptions, keyframe
+//!   requests, data, media) become link commands. The trunk core decides
+//!   which node gets what (`media_targets`), the media plane which local
+//!   participant does.
+//! - Ids: sfu participant ids are 64-bit numbers in hex, so they map to the
+//!   trunk's `ParticipantId` and back; a local track gets a `TrackId` here;
+//!   a remote track is named `<node>-<wire id>` in the room.
+//! - Chat and mute ride in `Data` as small JSON messages.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use anyhow::Context;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use sfu::{
+    CodecInfo, DisplayName, Kind, MediaPacket, RemoteCommand, RemoteEvent, RoomEvent, RoomName,
+    SeqExtender, Sfu, Source, TrackDescription,
+};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+use trunk::proto::{
+    self, CodecParams, Event, Layer, NodeId, ParticipantId, ParticipantInfo, TrackId, TrackInfo,
+    TrackKind, TrackSource, WireId,
+};
+use trunk::quic::{Identity, Trunk, TrunkConfig, TrunkEvent, TrunkStatus};
+
+use crate::Config;
+
+/// What `Data` carries between nodes (origin participant in the frame).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "lowercase")]
+enum DataMsg {
+    Chat { text: String },
+    Mute { audio: bool, video: bool },
+}
+
+/// The running cluster side of a node.
+pub(crate) struct Cluster {
+    trunk: Arc<Trunk>,
+    task: JoinHandle<()>,
+    node_id: u64,
+}
+
+impl Cluster {
+    /// Start the trunk and the adapter if a cluster secret is configured.
+    pub(crate) fn start(config: &Config, sfu: Arc<Sfu>) -> anyhow::Result<Option<Cluster>> {
+        let Some(secret) = config.cluster_secret.as_deref() else {
+            return Ok(None);
+        };
+        let node_id = config.node_id.unwrap_or_else(rand::random);
+        let identity = Identity::from_secret(secret).context("cluster secret")?;
+        let (trunk, events) = Trunk::start(TrunkConfig {
+            proto: proto::Config::new(NodeId(node_id), config.cluster_name.clone()),
+            identity,
+            bind: (config.bind, config.trunk_port).into(),
+            peers: config
+                .peers
+                .iter()
+                .map(|p| (NodeId(p.node_id), p.addr))
+                .collect(),
+        })
+        .context("starting the trunk")?;
+        let trunk = Arc::new(trunk);
+        let rooms = sfu.watch_rooms().context("watching rooms")?;
+        let adapter = Adapter {
+            sfu,
+            trunk: trunk.clone(),
+            rooms: HashMap::new(),
+            remote_tracks: HashMap::new(),
+            links: mpsc::unbounded_channel(),
+        };
+        let task = tokio::spawn(adapter.run(events, rooms));
+        Ok(Some(Cluster {
+            trunk,
+            task,
+            node_id,
+        }))
+    }
+
+    pub(crate) fn trunk_addr(&self) -> std::net::SocketAddr {
+        self.trunk.local_addr()
+    }
+
+    pub(crate) fn node_id(&self) -> u64 {
+        self.node_id
+    }
+
+    pub(crate) async fn status(&self) -> Option<TrunkStatus> {
+        self.trunk.status().await.ok()
+    }
+
+    /// Goodbye to every peer (call after the media plane has stopped).
+    pub(crate) async fn shutdown(&self) {
+        self.task.abort();
+        self.trunk.close().await;
+    }
+}
+
+/// One open room as the adapter knows it.
+struct RoomState {
+    proto: proto::RoomName,
+    /// Commands to the room's `RemoteLink` (its pump task owns it).
+    link: mpsc::UnboundedSender<RemoteCommand>,
+    pump: JoinHandle<()>,
+    /// Local tracks: sfu id <-> trunk id.
+    local_tracks: HashMap<String, TrackId>,
+    local_by_id: HashMap<TrackId, String>,
+    /// Which (node, layer) want each local track: the media plane is asked
+    /// for its packets while anyone does.
+    wanted: HashMap<TrackId, BTreeSet<(NodeId, Layer)>>,
+    /// Remote tracks by sfu id.
+    remote_by_name: HashMap<String, (NodeId, WireId)>,
+}
+
+impl Drop for RoomState {
+    fn drop(&mut self) {
+        self.pump.abort();
+    }
+}
+
+/// A remote track's route to the media plane.
+struct RemoteTrack {
+    room: RoomName,
+    name: String,
+    seq: SeqExtender,
+}
+
+struct Adapter {
+    sfu: Arc<Sfu>,
+    trunk: Arc<Trunk>,
+    rooms: HashMap<RoomName, RoomState>,
+    remote_tracks: HashMap<(NodeId, WireId), RemoteTrack>,
+    /// Events of every room's link, tagged with the room.
+    links: (
+        mpsc::UnboundedSender<LinkEvent>,
+        mpsc::UnboundedReceiver<LinkEvent>,
+    ),
+}
+
+type LinkEvent = (RoomName, RemoteEvent);
+
+fn pid(id: &str) -> ParticipantId {
+    match u64::from_str_radix(id, 16) {
+        Ok(n) => ParticipantId(n),
+        // Not one of ours (the media plane makes 16-hex-digit ids); keep
+        // it stable anyway.
+        Err(_) => {
+            use std::hash::{DefaultHasher, Hash, Hasher};
+            let mut h = DefaultHasher::new();
+            id.hash(&mut h);
+            ParticipantId(h.finish())
+        }
+    }
+}
+
+fn pid_name(p: ParticipantId) -> String {
+    format!("{:016x}", p.0)
+}
+
+fn remote_name(node: NodeId, wire: WireId) -> String {
+    format!("{:x}-w{}", node.0, wire.0)
+}
+
+fn to_proto_source(s: Source) -> TrackSource {
+    match s {
+        Source::Camera => TrackSource::Camera,
+        Source::Microphone => TrackSource::Microphone,
+        Source::Screen => TrackSource::Screen,
+        Source::ScreenAudio => TrackSource::ScreenAudio,
+        Source::Unknown => TrackSource::Other,
+    }
+}
+
+fn from_proto_source(s: TrackSource) -> Source {
+    match s {
+        TrackSource::Camera => Source::Camera,
+        TrackSource::Microphone => Source::Microphone,
+        TrackSource::Screen => Source::Screen,
+        TrackSource::ScreenAudio => Source::ScreenAudio,
+        TrackSource::Other => Source::Unknown,
+    }
+}
+
+impl Adapter {
+    async fn run(
+        mut self,
+        mut events: mpsc::UnboundedReceiver<TrunkEvent>,
+        mut rooms: mpsc::UnboundedReceiver<RoomEvent>,
+    ) {
+        loop {
+            tokio::select! {
+                e = events.recv() => match e {
+                    Some(e) => self.trunk_event(e).await,
+                    None => return,
+                },
+                r = rooms.recv() => match r {
+                    Some(RoomEvent::Opened(room)) => self.open(room).await,
+                    Some(RoomEvent::Closed(room)) => self.close(&room).await,
+                    None => return,
+                },
+                Some((room, e)) = self.links.1.recv() => self.link_event(room, e).await,
+            }
+        }
+    }
+
+    async fn open(&mut self, room: RoomName) {
+        let Ok(proto_room) = proto::RoomName::new(room.as_str()) else {
+            return; // both validate the same way; cannot happen
+        };
+        let r = proto_room.clone();
+        if let Err(e) = self.trunk.call(move |n, now| n.open_room(r, now)).await {
+            warn!(%room, error = %e, "cannot open room on the trunk");
+            return;
+        }
+        let Ok(mut link) = self.sfu.attach(room.clone(), "trunk") else {
+            return;
+        };
+        let (ctx, mut crx) = mpsc::unbounded_channel::<RemoteCommand>();
+        let tx = self.links.0.clone();
+        let name = room.clone();
+        let pump = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    e = link.recv() => match e {
+                        Some(e) => {
+                            let closed = e == RemoteEvent::Closed;
+                            let _ = tx.send((name.clone(), e));
+                            if closed { return; }
+                        }
+                        None => return,
+                    },
+                    c = crx.recv() => match c {
+                        Some(c) => link.send(c),
+                        None => return,
+                    },
+                }
+            }
+        });
+        debug!(%room, "room open on the trunk");
+        self.rooms.insert(
+            room,
+            RoomState {
+                proto: proto_room,
+                link: ctx,
+                pump,
+                local_tracks: HashMap::new(),
+                local_by_id: HashMap::new(),
+                wanted: HashMap::new(),
+                remote_by_name: HashMap::new(),
+            },
+        );
+    }
+
+    async fn close(&mut self, room: &RoomName) {
+        let Some(state) = self.rooms.remove(room) else {
+            return;
+        };
+        self.remote_tracks.retain(|_, t| &t.room != room);
+        let r = state.proto.clone();
+        let _ = self.trunk.call(move |n, now| n.close_room(&r, now)).await;
+        debug!(%room, "room closed on the trunk");
+    }
+
+    /// The media plane says something about a room: tell the other nodes.
+    async fn link_event(&mut self, room: RoomName, e: RemoteEvent) {
+        let Some(state) = self.rooms.get_mut(&room) else {
+            return;
+        };
+        let r = state.proto.clone();
+        let result = match e {
+            RemoteEvent::Media { track, packet } => {
+                if let Some(tid) = state.local_tracks.get(&track) {
+                    self.trunk
+                        .send_media(*tid, Layer(0), Bytes::from(packet.to_rtp()));
+                }
+                return;
+            }
+            RemoteEvent::ParticipantJoined { id, name } => {
+                let info = ParticipantInfo {
+                    id: pid(&id),
+                    display_name: name,
+                };
+                self.trunk
+                    .call(move |n, _| n.participant_joined(&r, info).map(|_| ()))
+                    .await
+            }
+            RemoteEvent::ParticipantLeft { id } => {
+                let p = pid(&id);
+                self.trunk
+                    .call(move |n, _| n.participant_left(&r, p).map(|_| ()))
+                    .await
+            }
+            RemoteEvent::Mute { id, audio, video } => {
+                let payload =
+                    serde_json::to_vec(&DataMsg::Mute { audio, video }).unwrap_or_default();
+                let p = pid(&id);
+                self.trunk
+                    .call(move |n, _| n.send_data(&r, p, &payload).map(|_| ()))
+                    .await
+            }
+            RemoteEvent::Chat { from, text, .. } => {
+                let payload = serde_json::to_vec(&DataMsg::Chat { text }).unwrap_or_default();
+                let p = pid(&from);
+                self.trunk
+                    .call(move |n, _| n.send_data(&r, p, &payload).map(|_| ()))
+                    .await
+            }
+            RemoteEvent::TrackAdded(desc) => {
+                let tid = TrackId(rand::random());
+                state.local_tracks.insert(desc.id.clone(), tid);
+                state.local_by_id.insert(tid, desc.id.clone());
+                let info = TrackInfo {
+                    participant: pid(&desc.participant),
+                    kind: match desc.kind {
+                        Kind::Audio => TrackKind::Audio,
+                        Kind::Video => TrackKind::Video,
+                    },
+                    source: to_proto_source(desc.source),
+                    codec: CodecParams {
+                        mime_type: desc.codec.mime_type,
+                        clock_rate: desc.codec.clock_rate,
+                        channels: desc.codec.channels,
+                        payload_type: desc.codec.payload_type,
+                        fmtp: desc.codec.fmtp,
+                    },
+                    layers: vec![String::new()],
+                };
+                self.trunk
+                    .call(move |n, _| n.publish_track(&r, tid, info).map(|_| ()))
+                    .await
+            }
+            RemoteEvent::TrackRemoved { id } => {
+                let Some(tid) = state.local_tracks.remove(&id) else {
+                    return;
+                };
+                state.local_by_id.remove(&tid);
+                state.wanted.remove(&tid);
+                self.trunk
+                    .call(move |n, _| n.unpublish_track(&r, tid))
+                    .await
+            }
+            RemoteEvent::Subscribe { track } => {
+                let Some(&(node, wire)) = state.remote_by_name.get(&track) else {
+                    return;
+                };
+                self.trunk
+                    .call(move |n, _| n.subscribe(&r, node, wire, Layer(0)))
+                    .await
+            }
+            RemoteEvent::KeyframeRequest { track } => {
+                let Some(&(node, wire)) = state.remote_by_name.get(&track) else {
+                    return;
+                };
+                self.trunk
+                    .call(move |n, now| n.request_keyframe(&r, node, wire, now))
+                    .await
+            }
+            RemoteEvent::Closed => {
+                // The room closed here; `RoomEvent::Closed` does the rest.
+                return;
+            }
+        };
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(%room, error = %e, "trunk refused a local change"),
+            Err(e) => warn!(error = %e, "trunk stopped"),
+        }
+    }
+
+    /// Another node says something: tell the media plane.
+    async fn trunk_event(&mut self, e: TrunkEvent) {
+        let e = match e {
+            TrunkEvent::Media {
+                node,
+                wire_id,
+                packet,
+            } => {
+                let Some(t) = self.remote_tracks.get_mut(&(node, wire_id)) else {
+                    return;
+                };
+                let Ok(packet) = MediaPacket::from_rtp(&packet, &mut t.seq) else {
+                    return;
+                };
+                if let Some(state) = self.rooms.get(&t.room) {
+                    let _ = state.link.send(RemoteCommand::Media {
+                        track: t.name.clone(),
+                        packet,
+                    });
+                }
+                return;
+            }
+            TrunkEvent::Proto(e) => e,
+        };
+        let room_of = |r: &proto::RoomName| RoomName::parse(r.as_str()).ok();
+        match e {
+            Event::RemoteParticipantAdded {
+                room, participant, ..
+            } => {
+                let name = DisplayName::parse(&participant.display_name)
+                    .or_else(|_| DisplayName::parse("guest"));
+                if let (Some(state), Ok(name)) =
+                    (room_of(&room).and_then(|r| self.rooms.get(&r)), name)
+                {
+                    let _ = state.link.send(RemoteCommand::ParticipantJoined {
+                        id: pid_name(participant.id),
+                        name,
+                    });
+                }
+            }
+            Event::RemoteParticipantRemoved {
+                room, participant, ..
+            } => {
+                if let Some(state) = room_of(&room).and_then(|r| self.rooms.get(&r)) {
+                    let _ = state.link.send(RemoteCommand::ParticipantLeft {
+                        id: pid_name(participant),
+                    });
+                }
+            }
+            Event::RemoteTrackAdded {
+                room,
+                node,
+                wire_id,
+                track,
+            } => {
+                let Some(r) = room_of(&room) else { return };
+                let Some(state) = self.rooms.get_mut(&r) else {
+                    return;
+                };
+                let name = remote_name(node, wire_id);
+                state.remote_by_name.insert(name.clone(), (node, wire_id));
+                self.remote_tracks.insert(
+                    (node, wire_id),
+                    RemoteTrack {
+                        room: r,
+                        name: name.clone(),
+                        seq: SeqExtender::default(),
+                    },
+                );
+                let _ = state.link.send(RemoteCommand::TrackAdded(TrackDescription {
+                    id: name,
+                    participant: pid_name(track.participant),
+                    kind: match track.kind {
+                        TrackKind::Audio => Kind::Audio,
+                        TrackKind::Video => Kind::Video,
+                    },
+                    source: from_proto_source(track.source),
+                    codec: CodecInfo {
+                        mime_type: track.codec.mime_type,
+                        clock_rate: track.codec.clock_rate,
+                        channels: track.codec.channels,
+                        payload_type: track.codec.payload_type,
+                        fmtp: track.codec.fmtp,
+                    },
+                }));
+            }
+            Event::RemoteTrackRemoved {
+                room,
+                node,
+                wire_id,
+            } => {
+                self.remote_tracks.remove(&(node, wire_id));
+                let Some(state) = room_of(&room).and_then(|r| self.rooms.get_mut(&r)) else {
+                    return;
+                };
+                let name = remote_name(node, wire_id);
+                state.remote_by_name.remove(&name);
+                let _ = state.link.send(RemoteCommand::TrackRemoved { id: name });
+            }
+            Event::SubscribeRequested {
+                room,
+                node,
+                track,
+                layer,
+            } => self.want(&room, node, track, layer, true),
+            Event::SubscribeCancelled {
+                room,
+                node,
+                track,
+                layer,
+            } => self.want(&room, node, track, layer, false),
+            Event::KeyframeRequested { room, track } => {
+                let Some(state) = room_of(&room).and_then(|r| self.rooms.get(&r)) else {
+                    return;
+                };
+                if let Some(name) = state.local_by_id.get(&track) {
+                    let _ = state.link.send(RemoteCommand::KeyframeRequest {
+                        track: name.clone(),
+                    });
+                }
+            }
+            Event::DataReceived {
+                room,
+                from,
+                payload,
+                ..
+            } => {
+                let Some(state) = room_of(&room).and_then(|r| self.rooms.get(&r)) else {
+                    return;
+                };
+                let id = pid_name(from);
+                match serde_json::from_slice::<DataMsg>(&payload) {
+                    Ok(DataMsg::Chat { text }) => {
+                        let _ = state.link.send(RemoteCommand::Chat { from: id, text });
+                    }
+                    Ok(DataMsg::Mute { audio, video }) => {
+                        let _ = state.link.send(RemoteCommand::Mute { id, audio, video });
+                    }
+                    Err(e) => debug!(error = %e, "unreadable data from a peer"),
+                }
+            }
+            Event::LinkUp { .. } | Event::LinkDown { .. } | Event::Redial { .. } => {}
+        }
+    }
+
+    /// A node started or stopped wanting a local track.
+    fn want(
+        &mut self,
+        room: &proto::RoomName,
+        node: NodeId,
+        track: TrackId,
+        layer: Layer,
+        on: bool,
+    ) {
+        let Some(state) = RoomName::parse(room.as_str())
+            .ok()
+            .and_then(|r| self.rooms.get_mut(&r))
+        else {
+            return;
+        };
+        let Some(name) = state.local_by_id.get(&track).cloned() else {
+            return;
+        };
+        let set = state.wanted.entry(track).or_default();
+        let before = set.is_empty();
+        if on {
+            set.insert((node, layer));
+        } else {
+            set.remove(&(node, layer));
+        }
+        let after = set.is_empty();
+        if before && !after {
+            info!(track = %name, peer = node.0, "a node subscribed to a local track");
+            let _ = state.link.send(RemoteCommand::Subscribe { track: name });
+        } else if !before && after {
+            let _ = state.link.send(RemoteCommand::Unsubscribe { track: name });
+        } else if on {
+            // Another node joins an existing subscription: it needs a keyframe.
+            let _ = state
+                .link
+                .send(RemoteCommand::KeyframeRequest { track: name });
+        }
+    }
+}

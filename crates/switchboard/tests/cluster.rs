@@ -1,0 +1,224 @@
+//! Real nodes joined by real trunks (QUIC on loopback): participants on
+//! different nodes in one room see and hear each other, chat and mute cross,
+//! and leaving or a node going away cleans up on the other side.
+
+use std::time::Duration;
+
+use signal::Kind;
+use switchboard::config::Peer;
+use switchboard::{Config, Node};
+use testkit::{Client, State};
+
+const T: Duration = Duration::from_secs(20);
+const SECRET: &str = "cluster tests share this secret";
+
+async fn node(id: u64, secret: &str, peers: &[&Node]) -> Node {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    Node::start(Config {
+        http_port: 0,
+        media_port: 0,
+        trunk_port: 0,
+        cluster_secret: Some(secret.into()),
+        node_id: Some(id),
+        peers: peers
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Peer {
+                node_id: [1, 2, 3][i],
+                addr: n.trunk_addr().expect("peer is clustered"),
+            })
+            .collect(),
+        ..Default::default()
+    })
+    .await
+    .expect("node starts")
+}
+
+async fn join(node: &Node, room: &str, name: &str) -> Client {
+    Client::join_ws(&format!("ws://{}/ws", node.http_addr()), room, name)
+        .await
+        .unwrap_or_else(|e| panic!("{name} joins {room}: {e}"))
+}
+
+fn has_tracks_from(s: &State, owner: &str, n: usize, min_packets: usize) -> bool {
+    let tracks = s.tracks_from(owner);
+    tracks.len() == n && tracks.iter().all(|t| s.count(t) >= min_packets)
+}
+
+fn assert_contiguous(who: &str, s: &State) {
+    for (track, packets) in &s.tracks {
+        for w in packets.windows(2) {
+            assert_eq!(
+                w[1].payload.counter,
+                w[0].payload.counter + 1,
+                "{who}: track {track} has a gap or reordering (corrupt {})",
+                s.corrupt
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_spans_two_nodes_over_the_trunk() {
+    let a = node(1, SECRET, &[]).await;
+    let b = node(2, SECRET, &[&a]).await;
+    let mut ann = join(&a, "standup", "Ann").await;
+    let mut ben = join(&b, "standup", "Ben").await;
+    ann.publish_av();
+    ben.publish_av();
+    let (ann_id, ben_id) = (ann.id.clone(), ben.id.clone());
+
+    ben.wait_until("Ann's audio+video via the trunk", T, |s| {
+        has_tracks_from(s, &ann_id, 2, 40)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {:?}",
+            ben.state(|s| (
+                s.roster.clone(),
+                s.tracks.keys().cloned().collect::<Vec<_>>()
+            ))
+        )
+    });
+    ann.wait_until("Ben's audio+video via the trunk", T, |s| {
+        has_tracks_from(s, &ben_id, 2, 40)
+    })
+    .await
+    .unwrap();
+    for (who, c) in [("Ann", &ann), ("Ben", &ben)] {
+        c.state(|s| {
+            assert_contiguous(who, s);
+            assert_eq!(s.corrupt, 0, "{who}");
+            assert_eq!(s.tracks.len(), 2, "{who}: {:?}", s.tracks.keys());
+            let names: Vec<&str> = s.roster.iter().map(|p| p.name.as_str()).collect();
+            assert_eq!(names.len(), 2, "{who}: {names:?}");
+            for p in &s.roster {
+                let mut kinds: Vec<Kind> = p.tracks.iter().map(|t| t.kind).collect();
+                kinds.sort_by_key(|k| *k == Kind::Video);
+                assert_eq!(kinds, vec![Kind::Audio, Kind::Video], "{who}: {p:?}");
+            }
+        });
+    }
+
+    ann.chat("hello across nodes");
+    ben.wait_until("chat crosses the trunk", T, |s| {
+        s.chat
+            .iter()
+            .any(|(name, text)| name == "Ann" && text == "hello across nodes")
+    })
+    .await
+    .unwrap();
+    ben.mute(true, false);
+    ann.wait_until("Ben's mute crosses the trunk", T, |s| {
+        s.roster.iter().any(|p| p.id == ben_id && p.audio_muted)
+    })
+    .await
+    .unwrap();
+
+    // A keyframe request from B reaches the publisher on A.
+    let ann_video = ben.state(|s| {
+        s.roster
+            .iter()
+            .find(|p| p.id == ann_id)
+            .and_then(|p| p.tracks.iter().find(|t| t.kind == Kind::Video))
+            .map(|t| t.id.clone())
+            .unwrap()
+    });
+    let before = ann.state(|s| s.keyframe_requests);
+    ben.request_keyframe(&ann_video);
+    ann.wait_until("keyframe request across the trunk", T, |s| {
+        s.keyframe_requests > before
+    })
+    .await
+    .unwrap();
+
+    // The status API shows the link.
+    let status: serde_json::Value = reqwest_status(&a).await;
+    assert_eq!(status["trunks"][0]["node_id"], 2);
+    assert_eq!(status["trunks"][0]["up"], true);
+
+    ben.leave();
+    ann.wait_until("Ben gone on A", T, |s| s.roster.len() == 1)
+        .await
+        .unwrap();
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_going_away_takes_its_participants_along() {
+    let a = node(1, SECRET, &[]).await;
+    let b = node(2, SECRET, &[&a]).await;
+    let ann = join(&a, "bye", "Ann").await;
+    let mut ben = join(&b, "bye", "Ben").await;
+    ben.publish_av();
+    let ben_id = ben.id.clone();
+    ann.wait_until("Ben's media on A", T, |s| {
+        has_tracks_from(s, &ben_id, 2, 10)
+    })
+    .await
+    .unwrap();
+    // Graceful: B says Goodbye; A drops Ben at once (no heartbeat wait).
+    b.shutdown().await;
+    ann.wait_until("Ben gone from A", T, |s| s.roster.len() == 1)
+        .await
+        .unwrap();
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_secret_keeps_rooms_apart() {
+    let a = node(1, SECRET, &[]).await;
+    let b = node(2, "some other cluster's secret", &[&a]).await;
+    let ann = join(&a, "apart", "Ann").await;
+    let mut ben = join(&b, "apart", "Ben").await;
+    ben.publish_av();
+    let ben_id = ben.id.clone();
+    // Ann's own node is working (she sees herself) but never sees Ben.
+    ann.wait_until("Ann's roster", T, |s| s.roster.len() == 1)
+        .await
+        .unwrap();
+    // Ben's media flows on B (his node works) while A stays apart.
+    let carl = join(&b, "apart", "Carl").await;
+    carl.wait_until("Ben's media on B", T, |s| {
+        has_tracks_from(s, &ben_id, 2, 20)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        ann.state(|s| s.roster.len()),
+        1,
+        "a foreign node joined the room"
+    );
+    let status = reqwest_status(&a).await;
+    assert!(
+        status["trunks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["up"] != true),
+        "{status}"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// GET /api/status with a bare HTTP/1.1 request (no client crate needed).
+async fn reqwest_status(node: &Node) -> serde_json::Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(node.http_addr())
+        .await
+        .unwrap();
+    s.write_all(b"GET /api/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
