@@ -56,7 +56,7 @@ pub(crate) struct Cluster {
 impl Cluster {
     /// Start the trunk and the adapter if a cluster secret is configured.
     pub(crate) fn start(config: &Config, sfu: Arc<Sfu>) -> anyhow::Result<Option<Cluster>> {
-        let Some(secret) = config.cluster_secret.as_deref() else {
+        let Some(secret) = config.cluster_secret.as_ref().map(|s| s.0.as_str()) else {
             return Ok(None);
         };
         let node_id = config.node_id.unwrap_or_else(rand::random);

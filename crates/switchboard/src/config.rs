@@ -27,6 +27,24 @@ const DEFAULT_JOIN_TIMEOUT_SECS: u64 = 10;
 const DEFAULT_TRUNK_PORT: u16 = 3002;
 const DEFAULT_CLUSTER_NAME: &str = "switchboard";
 
+/// The cluster secret: never printed (`Debug` shows `***`).
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
 /// A peer node to dial: `<node id>@<host:port>` (the id it was started with).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
@@ -103,7 +121,7 @@ pub struct Config {
     /// other nodes over trunks; unset, the node runs alone. Prefer the env
     /// variable or the file: a flag shows in `ps`.
     #[arg(long, env = "SWITCHBOARD_CLUSTER_SECRET", hide_env_values = true)]
-    pub cluster_secret: Option<String>,
+    pub cluster_secret: Option<Secret>,
     /// This node's id in the cluster (peers name it in their --peer); random
     /// if unset.
     #[arg(long, env = "SWITCHBOARD_NODE_ID")]
@@ -161,7 +179,7 @@ pub struct FileConfig {
     pub max_participants_per_room: Option<usize>,
     pub join_timeout_secs: Option<u64>,
     pub log_format: Option<LogFormat>,
-    pub cluster_secret: Option<String>,
+    pub cluster_secret: Option<Secret>,
     pub node_id: Option<u64>,
     pub cluster_name: Option<String>,
     pub trunk_port: Option<u16>,
@@ -344,6 +362,61 @@ mod tests {
             "env beats file"
         );
         assert_eq!(c.max_participants_per_room, 9, "flag beats env");
+    }
+
+    #[test]
+    fn cluster_settings_from_flags_env_and_file() {
+        let _env = env_lock();
+        let c = parse(
+            &[
+                "switchboard",
+                "--cluster-secret",
+                "sixteen bytes or more",
+                "--node-id",
+                "7",
+                "--peer",
+                "1@127.0.0.1:4001",
+                "--peer",
+                "2@127.0.0.1:4002",
+            ],
+            "",
+        );
+        assert_eq!(c.node_id, Some(7));
+        assert_eq!(
+            c.peers.iter().map(|p| p.node_id).collect::<Vec<_>>(),
+            [1, 2]
+        );
+        assert_eq!(c.peers[1].addr.to_string(), "127.0.0.1:4002");
+        assert!(
+            !format!("{c:?}").contains("sixteen"),
+            "the secret must never be printed"
+        );
+        // SAFETY: every test that reads the environment holds the lock.
+        unsafe { std::env::set_var("SWITCHBOARD_PEERS", "3@127.0.0.1:1,4@127.0.0.1:2") };
+        let c = parse(
+            &["switchboard", "--config", "f.toml"],
+            "peers = [\"9@127.0.0.1:9\"]\ntrunk_port = 5",
+        );
+        unsafe { std::env::remove_var("SWITCHBOARD_PEERS") };
+        assert_eq!(
+            c.peers.iter().map(|p| p.node_id).collect::<Vec<_>>(),
+            [3, 4],
+            "env beats the file"
+        );
+        assert_eq!(c.trunk_port, 5);
+        let c = parse(
+            &["switchboard", "--config", "f.toml"],
+            "peers = [\"9@127.0.0.1:9\"]",
+        );
+        assert_eq!(c.peers[0].node_id, 9);
+        for bad in ["127.0.0.1:1", "x@127.0.0.1:1", "1@nowhere", "1@"] {
+            assert!(
+                Config::command()
+                    .try_get_matches_from(["switchboard", "--peer", bad])
+                    .is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use signal::Kind;
-use switchboard::config::Peer;
+use switchboard::config::{Peer, Secret};
 use switchboard::{Config, Node};
 use testkit::{Client, State};
 
@@ -21,7 +21,7 @@ async fn node(id: u64, secret: &str, peers: &[&Node]) -> Node {
         http_port: 0,
         media_port: 0,
         trunk_port: 0,
-        cluster_secret: Some(secret.into()),
+        cluster_secret: Some(Secret(secret.into())),
         node_id: Some(id),
         peers: peers
             .iter()
