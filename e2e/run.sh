@@ -3,6 +3,7 @@
 # firefox-esr, npm playwright-core and puppeteer-core), builds the node, and
 # runs two suites against real nodes on free ports:
 #   tests/call.test.mjs      two Chromium pages, node on 127.0.0.1
+#   tests/cluster.test.mjs   a page on each of two clustered nodes (trunk)
 #   tests/firefox.test.mjs   Firefox + Chromium, node on a veth address in a
 #                            network namespace this script creates (Firefox
 #                            does not use 127.0.0.1 for WebRTC; needs root)
@@ -73,6 +74,20 @@ start_node artifacts/switchboard.log env --
 echo "== node at $NODE_URL"
 SB_URL="$NODE_URL" node --test --test-concurrency=1 tests/call.test.mjs
 stop_node "$NODE_PID"
+
+# Two clustered nodes on loopback: B dials A's trunk.
+export SWITCHBOARD_CLUSTER_SECRET="e2e cluster secret $$ $RANDOM"
+start_node artifacts/switchboard-a.log env -- --node-id 1 --trunk-port 0
+A_PID="$NODE_PID"; A_URL="$NODE_URL"
+A_TRUNK="$(grep -o 'trunk=[0-9.:]*' artifacts/switchboard-a.log | head -1 | cut -d= -f2)"
+[ -n "$A_TRUNK" ] || { cat artifacts/switchboard-a.log; echo "node A printed no trunk address"; exit 1; }
+start_node artifacts/switchboard-b.log env -- --node-id 2 --trunk-port 0 --peer "1@$A_TRUNK"
+B_PID="$NODE_PID"; B_URL="$NODE_URL"
+echo "== cluster: node A at $A_URL (trunk $A_TRUNK), node B at $B_URL"
+SB_URL_A="$A_URL" SB_URL_B="$B_URL" node --test --test-concurrency=1 tests/cluster.test.mjs
+stop_node "$B_PID"
+stop_node "$A_PID"
+unset SWITCHBOARD_CLUSTER_SECRET
 
 # A namespace with one veth pair (both ends inside) and a default route:
 # Firefox gathers host candidates only on non-loopback interfaces, and only

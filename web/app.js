@@ -70,6 +70,15 @@ async function openMedia() {
   return new MediaStream(); // no camera or mic: join receive-only
 }
 
+// The camera/mic being opened for the lobby preview. Joining waits for it:
+// a quick click on "Join" must not enter the call without media.
+let previewing = Promise.resolve();
+
+function startPreview() {
+  previewing = preview();
+  return previewing;
+}
+
 async function preview() {
   if (state.local) state.local.getTracks().forEach((t) => t.stop());
   state.local = await openMedia();
@@ -83,8 +92,8 @@ function initLobby() {
   $('room').value = room || localStorage.getItem('sb.room') || '';
   $('name').value = localStorage.getItem('sb.name') || '';
   $('room-label').textContent = room ? `Room ${room}` : '';
-  $('cam-select').onchange = preview;
-  $('mic-select').onchange = preview;
+  $('cam-select').onchange = startPreview;
+  $('mic-select').onchange = startPreview;
   $('join-form').onsubmit = (e) => {
     e.preventDefault();
     const r = $('room').value.trim();
@@ -96,9 +105,13 @@ function initLobby() {
     if (roomFromPath() !== r) history.pushState({}, '', `/r/${encodeURIComponent(r)}`);
     state.room = r;
     state.name = n;
-    enterCall();
+    $('join-btn').disabled = true;
+    previewing.finally(() => {
+      $('join-btn').disabled = false;
+      enterCall();
+    });
   };
-  preview();
+  startPreview();
 }
 
 function showJoinError(msg) { $('join-error').textContent = msg; }
@@ -543,7 +556,7 @@ $('rejoin').onclick = () => {
   state.fatal = false;
   state.phase = 'lobby';
   if (!state.room) { location.href = '/'; return; }
-  preview().then(enterCall);
+  startPreview().then(enterCall);
 };
 setInterval(() => send({ type: 'ping' }), 15000);
 window.addEventListener('popstate', () => location.reload());

@@ -3,7 +3,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdirSync } from 'node:fs';
-import { chromium } from 'playwright-core';
+import { launchChromium, joinChromium, inbound, waitFor, waitForAudioVideo } from '../lib.mjs';
 
 const BASE = process.env.SB_URL;
 assert.ok(BASE, 'SB_URL must point at a running node (run e2e/run.sh)');
@@ -11,57 +11,11 @@ const ROOM = `e2e-${process.pid}`;
 
 let browser;
 before(async () => {
-  browser = await chromium.launch({
-    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-    args: [
-      '--headless=new', '--no-sandbox', '--disable-gpu',
-      '--use-fake-ui-for-media-stream', '--use-fake-device-for-media-stream',
-      '--auto-select-desktop-capture-source=Entire screen',
-      '--allow-loopback-in-peer-connection',
-      '--no-first-run', '--disable-background-networking',
-      '--disable-component-update', '--disable-sync',
-    ],
-  });
+  browser = await launchChromium(['--auto-select-desktop-capture-source=Entire screen']);
 });
 after(async () => { await browser?.close(); });
 
-async function joinPage(name) {
-  const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
-  await context.grantPermissions(['camera', 'microphone']);
-  const page = await context.newPage();
-  page.on('console', (m) => { if (m.type() === 'error') console.log(`[${name}] ${m.text()}`); });
-  await page.goto(`${BASE}/r/${ROOM}`);
-  await page.fill('#name', name);
-  await page.click('#join-btn');
-  await page.waitForFunction(() => window.__sb && window.__sb.me, null, { timeout: 10_000 });
-  return page;
-}
-
-/** inbound-rtp stats of the page's PeerConnection, by kind. */
-async function inbound(page) {
-  return page.evaluate(async () => {
-    const pc = window.__sb.pc;
-    if (!pc) return [];
-    const out = [];
-    (await pc.getStats()).forEach((s) => {
-      if (s.type === 'inbound-rtp') {
-        out.push({ kind: s.kind, framesDecoded: s.framesDecoded || 0, packetsReceived: s.packetsReceived || 0 });
-      }
-    });
-    return out;
-  });
-}
-
-async function waitFor(what, fn, timeoutMs) {
-  const end = Date.now() + timeoutMs;
-  let last;
-  while (Date.now() < end) {
-    last = await fn();
-    if (last.ok) return last;
-    await new Promise((r) => setTimeout(r, 200));
-  }
-  assert.fail(`${what}: not within ${timeoutMs} ms; last seen ${JSON.stringify(last)}`);
-}
+const joinPage = (name) => joinChromium(browser, BASE, ROOM, name);
 
 test('two pages see and hear each other, share a screen, chat and leave', async () => {
   const alice = await joinPage('Alice');
@@ -70,12 +24,7 @@ test('two pages see and hear each other, share a screen, chat and leave', async 
 
   // Video decodes and audio arrives both ways within 10 s.
   for (const [who, page] of [['Alice', alice], ['Bob', bob]]) {
-    await waitFor(`${who} decodes video and receives audio`, async () => {
-      const s = await inbound(page);
-      const video = s.some((x) => x.kind === 'video' && x.framesDecoded > 0);
-      const audio = s.some((x) => x.kind === 'audio' && x.packetsReceived > 0);
-      return { ok: video && audio, s };
-    }, 10_000);
+    await waitForAudioVideo(who, page);
   }
   // Each page shows the other's tile with a playing video.
   await bob.waitForFunction((id) => {
