@@ -25,32 +25,25 @@ fn init_logging(format: LogFormat) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn terminated() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::from_env()?;
     init_logging(config.log_format)?;
     let format = config.log_format;
+    // Handlers first: a SIGTERM that arrives while the node starts (or right
+    // after it printed its URL) must still mean a graceful stop, not death.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let node = Node::start(config).await?;
     // JSON output stays pure JSON lines: the "ready" event carries the URL.
     if format == LogFormat::Human {
         println!("Switchboard is running: open http://{}/", node.http_addr());
     }
-    terminated().await;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
     tracing::info!("signal received; shutting down");
     node.shutdown().await;
     Ok(())
