@@ -57,7 +57,11 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    match crate::metrics::render(&state) {
+    let trunk = match &state.cluster {
+        Some(c) => c.status().await,
+        None => None,
+    };
+    match crate::metrics::render(&state, trunk) {
         Ok(body) => (
             [(
                 header::CONTENT_TYPE,

@@ -38,6 +38,8 @@ struct Snapshot {
     gauges: Vec<(&'static str, &'static str, i64)>,
     counters: Vec<(&'static str, &'static str, u64)>,
     errors: Vec<(&'static str, u64)>,
+    /// Per peer node: (node id, link up, RTT in seconds if measured).
+    trunks: Vec<(String, i64, Option<f64>)>,
 }
 
 impl Collector for Snapshot {
@@ -61,11 +63,40 @@ impl Collector for Snapshot {
             let labels = [("code", *code)];
             ConstCounter::new(*v).encode(family.encode_family(&labels)?)?;
         }
+        if !self.trunks.is_empty() {
+            let kind = ConstGauge::new(0i64).metric_type();
+            let mut up = enc.encode_descriptor(
+                "switchboard_trunk_up",
+                "1 while the trunk to this peer node is up",
+                None,
+                kind,
+            )?;
+            for (node, v, _) in &self.trunks {
+                let labels = [("peer", node.as_str())];
+                ConstGauge::new(*v).encode(up.encode_family(&labels)?)?;
+            }
+            let kind = ConstGauge::new(0.0f64).metric_type();
+            let mut rtt = enc.encode_descriptor(
+                "switchboard_trunk_rtt_seconds",
+                "Round-trip time to the peer node (heartbeat)",
+                None,
+                kind,
+            )?;
+            for (node, _, r) in &self.trunks {
+                if let Some(r) = r {
+                    let labels = [("peer", node.as_str())];
+                    ConstGauge::new(*r).encode(rtt.encode_family(&labels)?)?;
+                }
+            }
+        }
         Ok(())
     }
 }
 
-pub(crate) fn render(state: &AppState) -> Result<String, std::fmt::Error> {
+pub(crate) fn render(
+    state: &AppState,
+    trunk: Option<trunk::quic::TrunkStatus>,
+) -> Result<String, std::fmt::Error> {
     let m = state.sfu.metrics();
     let g = |v: &AtomicU64| SfuMetrics::get(v);
     let snapshot = Snapshot {
@@ -154,7 +185,84 @@ pub(crate) fn render(state: &AppState) -> Result<String, std::fmt::Error> {
             .lock()
             .map(|e| e.iter().map(|(k, v)| (*k, *v)).collect())
             .unwrap_or_default(),
+        trunks: trunk
+            .as_ref()
+            .map(|t| {
+                t.node
+                    .peers
+                    .iter()
+                    .map(|(id, p)| {
+                        (
+                            id.0.to_string(),
+                            i64::from(p.up),
+                            p.rtt.map(|r| r.as_secs_f64()),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
     };
+    let mut snapshot = snapshot;
+    if let Some(t) = &trunk {
+        let tm = &t.metrics;
+        snapshot.counters.extend([
+            (
+                "switchboard_trunk_frames_in",
+                "Trunk control frames received",
+                tm.frames_in,
+            ),
+            (
+                "switchboard_trunk_frames_out",
+                "Trunk control frames sent",
+                tm.frames_out,
+            ),
+            (
+                "switchboard_trunk_datagrams_in",
+                "Trunk media datagrams received",
+                tm.datagrams_in,
+            ),
+            (
+                "switchboard_trunk_datagrams_out",
+                "Trunk media datagrams sent",
+                tm.datagrams_out,
+            ),
+            (
+                "switchboard_trunk_stale_drops",
+                "Room-scoped trunk messages dropped for a stale generation",
+                tm.stale_drops,
+            ),
+            (
+                "switchboard_trunk_unknown_wire_drops",
+                "Trunk datagrams or messages for an unknown wire id",
+                tm.unknown_wire_drops,
+            ),
+            (
+                "switchboard_trunk_protocol_errors",
+                "Trunk frames that broke the protocol (trunk closed)",
+                tm.protocol_errors,
+            ),
+            (
+                "switchboard_trunk_link_ups",
+                "Trunk links that came up",
+                tm.link_ups,
+            ),
+            (
+                "switchboard_trunk_link_downs",
+                "Trunk links that went down",
+                tm.link_downs,
+            ),
+            (
+                "switchboard_trunk_datagrams_too_large",
+                "Media packets too large for a trunk's path",
+                t.driver.datagrams_too_large,
+            ),
+            (
+                "switchboard_trunk_handshakes_failed",
+                "Incoming trunk handshakes that failed (unauthenticated nodes, garbage)",
+                t.driver.handshakes_failed,
+            ),
+        ]);
+    }
     let mut registry = Registry::default();
     registry.register_collector(Box::new(snapshot));
     let mut out = String::new();

@@ -140,6 +140,17 @@ async fn a_room_spans_two_nodes_over_the_trunk() {
     let status: serde_json::Value = reqwest_status(&a).await;
     assert_eq!(status["trunks"][0]["node_id"], 2);
     assert_eq!(status["trunks"][0]["up"], true);
+    let metrics = http_get(&a, "/metrics").await;
+    assert!(
+        metrics.contains("switchboard_trunk_up{peer=\"2\"} 1"),
+        "{metrics}"
+    );
+    let datagrams_out = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("switchboard_trunk_datagrams_out_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(datagrams_out > 0, "A sent Ann's media over the trunk");
 
     ben.leave();
     ann.wait_until("Ben gone on A", T, |s| s.roster.len() == 1)
@@ -207,18 +218,23 @@ async fn another_secret_keeps_rooms_apart() {
     b.shutdown().await;
 }
 
-/// GET /api/status with a bare HTTP/1.1 request (no client crate needed).
-async fn reqwest_status(node: &Node) -> serde_json::Value {
+/// The body of `GET path` with a bare HTTP/1.1 request (no client crate needed).
+async fn http_get(node: &Node, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(node.http_addr())
         .await
         .unwrap();
-    s.write_all(b"GET /api/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8_lossy(&buf);
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {text}"))
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or(text)
+}
+
+async fn reqwest_status(node: &Node) -> serde_json::Value {
+    let body = http_get(node, "/api/status").await;
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }

@@ -118,7 +118,7 @@ async fn main() {
                 next += i;
                 tokio::time::sleep_until(next.into()).await;
             }
-            None if sent % 64 == 0 => tokio::task::yield_now().await,
+            None if sent.is_multiple_of(64) => tokio::task::yield_now().await,
             None => {}
         }
     }
