@@ -257,6 +257,11 @@ pub(crate) fn render(
                 t.driver.datagrams_too_large,
             ),
             (
+                "switchboard_trunk_media_queue_drops",
+                "Media packets for the trunk dropped because its queue was full",
+                t.driver.media_queue_drops,
+            ),
+            (
                 "switchboard_trunk_handshakes_failed",
                 "Incoming trunk handshakes that failed (unauthenticated nodes, garbage)",
                 t.driver.handshakes_failed,

@@ -130,7 +130,7 @@ async fn main() {
     };
     let status = a.status().await.unwrap();
     println!(
-        "| {} | {seconds} | {sent} | {got} | {:.0} | {:.2} % | {:.2} | {:.2} | {} |",
+        "| {} | {seconds} | {sent} | {got} | {:.0} | {:.2} % | {:.2} | {:.2} | {} | {} |",
         if rate == 0 {
             "max".to_string()
         } else {
@@ -141,6 +141,7 @@ async fn main() {
         pct(0.5),
         pct(0.99),
         status.driver.datagrams_too_large,
+        status.driver.media_queue_drops,
     );
     a.shutdown().await;
     b.shutdown().await;

@@ -86,7 +86,14 @@ pub struct DriverMetrics {
     /// Incoming connections whose handshake failed (unauthenticated nodes,
     /// garbage, timeouts).
     pub handshakes_failed: u64,
+    /// Media packets refused because the driver's media queue was full
+    /// (the caller sends faster than the trunk can carry).
+    pub media_queue_drops: u64,
 }
+
+/// Media packets waiting for the core task before `send_media` drops new
+/// ones: at ~80k packets/s per trunk (BENCHMARKS.md) this is ~50 ms.
+const MEDIA_QUEUE: usize = 4096;
 
 /// What `Trunk::status` returns.
 #[derive(Debug, Clone)]
@@ -113,11 +120,6 @@ enum Input {
     Lost(ConnId),
     Datagram(ConnId, Bytes),
     Call(Call),
-    Media {
-        track: TrackId,
-        layer: Layer,
-        packet: Bytes,
-    },
     Status(oneshot::Sender<TrunkStatus>),
     Shutdown(oneshot::Sender<()>),
 }
@@ -136,6 +138,8 @@ struct ConnHandle {
 /// driver task abruptly (peers notice by heartbeat).
 pub struct Trunk {
     tx: mpsc::UnboundedSender<Input>,
+    media: mpsc::Sender<(TrackId, Layer, Bytes)>,
+    media_drops: Arc<std::sync::atomic::AtomicU64>,
     local_addr: SocketAddr,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -178,6 +182,8 @@ impl Trunk {
         })?;
         let (tx, rx) = mpsc::unbounded_channel();
         let (etx, erx) = mpsc::unbounded_channel();
+        let (mtx, mrx) = mpsc::channel(MEDIA_QUEUE);
+        let media_drops = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let start = Instant::now();
         let mut node = Node::new(config.proto.clone(), rand_seed());
         let mut peers = HashMap::new();
@@ -199,12 +205,15 @@ impl Trunk {
             scratch: Vec::with_capacity(1500),
             driver: DriverMetrics::default(),
             writers: Vec::new(),
+            media_drops: media_drops.clone(),
         };
         info!(node = config.proto.node_id.0, addr = %local_addr, "trunk listening");
-        let task = tokio::spawn(core.run(rx));
+        let task = tokio::spawn(core.run(rx, mrx));
         Ok((
             Trunk {
                 tx,
+                media: mtx,
+                media_drops,
                 local_addr,
                 task: Some(task),
             },
@@ -235,12 +244,14 @@ impl Trunk {
 
     /// Send one RTP/RTCP packet of a local track to every node subscribed
     /// to that layer (none: nothing is sent).
+    /// Never blocks: when the queue in front of the core is full the packet
+    /// is dropped and counted (`DriverMetrics::media_queue_drops`).
     pub fn send_media(&self, track: TrackId, layer: Layer, packet: Bytes) {
-        let _ = self.tx.send(Input::Media {
-            track,
-            layer,
-            packet,
-        });
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.media.try_send((track, layer, packet))
+        {
+            self.media_drops
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// State and counters, for `/api/status` and `/metrics`.
@@ -336,6 +347,7 @@ struct Core {
     driver: DriverMetrics,
     /// Writer tasks, awaited at shutdown so Goodbyes are delivered.
     writers: Vec<tokio::task::JoinHandle<()>>,
+    media_drops: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Core {
@@ -347,12 +359,20 @@ impl Core {
         self.start + Duration::from_micros(t.0)
     }
 
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Input>) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Input>,
+        mut media: mpsc::Receiver<(TrackId, Layer, Bytes)>,
+    ) {
         self.pump();
         loop {
             let deadline = self.node.poll_timeout().map(|t| self.instant(t));
             let input = tokio::select! {
                 i = rx.recv() => i,
+                Some((track, layer, packet)) = media.recv() => {
+                    self.send_media(track, layer, &packet);
+                    continue;
+                }
                 _ = sleep_until(deadline) => {
                     let now = self.now();
                     self.node.handle_timeout(now);
@@ -424,11 +444,6 @@ impl Core {
                 }
             }
             Input::Call(f) => f(&mut self.node, now),
-            Input::Media {
-                track,
-                layer,
-                packet,
-            } => self.send_media(track, layer, &packet),
             Input::Status(reply) => {
                 let rtt = self
                     .node
@@ -440,7 +455,12 @@ impl Core {
                 let _ = reply.send(TrunkStatus {
                     node: self.node.snapshot(),
                     metrics: self.node.metrics().clone(),
-                    driver: self.driver,
+                    driver: DriverMetrics {
+                        media_queue_drops: self
+                            .media_drops
+                            .load(std::sync::atomic::Ordering::Relaxed),
+                        ..self.driver
+                    },
                     rtt,
                 });
             }
