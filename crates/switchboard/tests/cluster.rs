@@ -161,6 +161,41 @@ async fn a_room_spans_two_nodes_over_the_trunk() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_each_track_arrives_once() {
+    // Full mesh: B dials A, C dials A and B.
+    let a = node(1, SECRET, &[]).await;
+    let b = node(2, SECRET, &[&a]).await;
+    let c = node(3, SECRET, &[&a, &b]).await;
+    let mut clients = Vec::new();
+    for (n, name) in [(&a, "Ann"), (&b, "Ben"), (&c, "Cat")] {
+        clients.push(join(n, "trio", name).await);
+    }
+    for c in &mut clients {
+        c.publish_av();
+    }
+    let ids: Vec<String> = clients.iter().map(|c| c.id.clone()).collect();
+    for c in &clients {
+        let others: Vec<&String> = ids.iter().filter(|i| **i != c.id).collect();
+        c.wait_until("both other nodes' audio+video", T, |s| {
+            others.iter().all(|o| has_tracks_from(s, o, 2, 30))
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e}", c.id));
+    }
+    for c in &clients {
+        c.state(|s| {
+            // A track relayed through the third node would arrive twice.
+            assert_eq!(s.tracks.len(), 4, "{}: {:?}", c.id, s.tracks.keys());
+            assert_eq!(s.roster.len(), 3, "{}: {:?}", c.id, s.roster);
+            assert_contiguous(&c.id, s);
+        });
+    }
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_going_away_takes_its_participants_along() {
     let a = node(1, SECRET, &[]).await;
     let b = node(2, SECRET, &[&a]).await;
