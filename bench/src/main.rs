@@ -6,6 +6,10 @@
 //!
 //! cargo build --release -p switchboard -p switchboard-bench
 //! target/release/switchboard-bench --subscribers 10,50,100 --seconds 10
+//!
+//! With `--cluster` it starts two clustered nodes: the publisher joins node
+//! A, the subscribers node B, so every packet crosses the trunk once; CPU is
+//! both processes together.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -33,7 +37,12 @@ struct Args {
     video_bytes: usize,
     #[arg(long, default_value_t = 10)]
     video_interval_ms: u64,
+    /// Publisher on one node, subscribers on a second node joined by a trunk.
+    #[arg(long)]
+    cluster: bool,
 }
+
+const BENCH_SECRET: &str = "switchboard bench cluster secret";
 
 struct Server {
     child: Child,
@@ -41,11 +50,16 @@ struct Server {
 }
 
 impl Server {
-    fn start(bin: &str) -> anyhow::Result<Server> {
-        let mut child = Command::new(bin)
-            .args(["--http-port", "0", "--media-port", "0"])
+    fn start(bin: &str, cluster: &[&str]) -> anyhow::Result<Server> {
+        let mut cmd = Command::new(bin);
+        cmd.args(["--http-port", "0", "--media-port", "0"])
             .args(["--max-participants-per-room", "10000"])
-            .env("SWITCHBOARD_LOG", "warn")
+            .args(cluster)
+            .env("SWITCHBOARD_LOG", "warn");
+        if !cluster.is_empty() {
+            cmd.env("SWITCHBOARD_CLUSTER_SECRET", BENCH_SECRET);
+        }
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -66,14 +80,27 @@ impl Server {
         cpu_of(&format!("/proc/{}/stat", self.child.id()))
     }
 
-    fn metric(&self, name: &str) -> anyhow::Result<u64> {
+    fn get(&self, path: &str) -> anyhow::Result<String> {
         let mut s = TcpStream::connect(&self.http)?;
         write!(
             s,
-            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         )?;
         let mut body = String::new();
         s.read_to_string(&mut body)?;
+        Ok(body)
+    }
+
+    /// The trunk address this node reports in `/api/status`.
+    fn trunk_addr(&self) -> anyhow::Result<String> {
+        let body = self.get("/api/status")?;
+        let at = body.find("\"trunk\":\"").context("no trunk in status")? + 9;
+        let end = body[at..].find('"').context("status format")?;
+        Ok(body[at..at + end].to_string())
+    }
+
+    fn metric(&self, name: &str) -> anyhow::Result<u64> {
+        let body = self.get("/metrics")?;
         body.lines()
             .find_map(|l| {
                 let mut it = l.split_whitespace();
@@ -107,10 +134,25 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 }
 
 async fn run(args: &Args, n: usize) -> anyhow::Result<()> {
-    let server = Server::start(&args.bin)?;
+    // `server` forwards to the subscribers; `origin` (cluster mode) has the
+    // publisher and sends each packet over the trunk once.
+    let (server, origin) = if args.cluster {
+        let a = Server::start(&args.bin, &["--node-id", "1", "--trunk-port", "0"])?;
+        let peer = format!("1@{}", a.trunk_addr()?);
+        let b = Server::start(
+            &args.bin,
+            &["--node-id", "2", "--trunk-port", "0", "--peer", &peer],
+        )?;
+        (b, Some(a))
+    } else {
+        (Server::start(&args.bin, &[])?, None)
+    };
     let url = format!("ws://{}/ws", server.http);
+    let pub_url = origin
+        .as_ref()
+        .map_or(url.clone(), |a| format!("ws://{}/ws", a.http));
     let room = format!("bench-{n}");
-    let mut publisher = Client::join_ws(&url, &room, "publisher").await?;
+    let mut publisher = Client::join_ws(&pub_url, &room, "publisher").await?;
     publisher.publish(
         MediaKind::Video,
         Source::Camera,
@@ -139,14 +181,15 @@ async fn run(args: &Args, n: usize) -> anyhow::Result<()> {
         .iter()
         .map(|s| s.state(|st| st.tracks.values().map(|v| v.len()).sum()))
         .collect();
-    let cpu0 = server.cpu_seconds()?;
+    let origin_cpu = || origin.as_ref().map_or(Ok(0.0), |a| a.cpu_seconds());
+    let cpu0 = server.cpu_seconds()? + origin_cpu()?;
     let gen0 = cpu_of("/proc/self/stat")?;
     let out0 = server.metric("switchboard_rtp_packets_out_total")?;
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
     let wall = t0.elapsed().as_secs_f64();
     let out1 = server.metric("switchboard_rtp_packets_out_total")?;
-    let cpu1 = server.cpu_seconds()?;
+    let cpu1 = server.cpu_seconds()? + origin_cpu()?;
     let gen1 = cpu_of("/proc/self/stat")?;
     let mut lat = Vec::new();
     let mut received = 0usize;
@@ -183,6 +226,9 @@ async fn run(args: &Args, n: usize) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.cluster {
+        println!("cluster: publisher on node A, subscribers on node B; CPU = both nodes");
+    }
     println!(
         "| subscribers | forwarded pkt/s | forwarded pkt per server CPU-s | server CPU (cores) | received pkt/s | latency p50 ms | latency p99 ms | load generator CPU (cores) | samples |"
     );

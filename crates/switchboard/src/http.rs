@@ -109,6 +109,8 @@ async fn status(State(state): State<Arc<AppState>>) -> Response {
             "media": state.sfu.media_addr().to_string(),
             "max_participants_per_room": state.config.max_participants_per_room,
             "participants": rooms.iter().map(|r| r.participants.len()).sum::<usize>(),
+            "node_id": state.cluster.as_ref().map(|c| c.node_id()),
+            "trunk": state.cluster.as_ref().map(|c| c.trunk_addr().to_string()),
         },
         "rooms": rooms,
         "trunks": trunks(&state).await,
