@@ -54,13 +54,25 @@ pub(crate) struct Cluster {
 }
 
 impl Cluster {
-    /// Start the trunk and the adapter if a cluster secret is configured.
+    /// Start the trunk and the adapter if the node has a cluster identity
+    /// (certificate files, or else a cluster secret).
     pub(crate) fn start(config: &Config, sfu: Arc<Sfu>) -> anyhow::Result<Option<Cluster>> {
-        let Some(secret) = config.cluster_secret.as_ref().map(|s| s.0.as_str()) else {
-            return Ok(None);
+        let identity = match (
+            &config.trunk_ca,
+            &config.trunk_cert,
+            &config.trunk_key,
+            &config.cluster_secret,
+        ) {
+            (Some(ca), Some(cert), Some(key), _) => {
+                Identity::from_pem_files(ca, cert, key).context("trunk certificate files")?
+            }
+            (None, None, None, Some(secret)) => {
+                Identity::from_secret(&secret.0).context("cluster secret")?
+            }
+            (None, None, None, None) => return Ok(None),
+            _ => anyhow::bail!("--trunk-ca, --trunk-cert and --trunk-key go together"),
         };
         let node_id = config.node_id.unwrap_or_else(rand::random);
-        let identity = Identity::from_secret(secret).context("cluster secret")?;
         let (trunk, events) = Trunk::start(TrunkConfig {
             proto: proto::Config::new(NodeId(node_id), config.cluster_name.clone()),
             identity,

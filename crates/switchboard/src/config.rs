@@ -136,6 +136,17 @@ pub struct Config {
     /// the env variable. Nodes not listed may still dial us.
     #[arg(long = "peer", env = "SWITCHBOARD_PEERS", value_delimiter = ',')]
     pub peers: Vec<Peer>,
+    /// Instead of a secret: PEM file of the cluster CA every node's
+    /// certificate chains to (with --trunk-cert and --trunk-key).
+    #[arg(long, env = "SWITCHBOARD_TRUNK_CA", requires_all = ["trunk_cert", "trunk_key"])]
+    pub trunk_ca: Option<PathBuf>,
+    /// This node's certificate chain (PEM; DNS name `switchboard-trunk`,
+    /// server and client auth).
+    #[arg(long, env = "SWITCHBOARD_TRUNK_CERT", requires_all = ["trunk_ca", "trunk_key"])]
+    pub trunk_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long, env = "SWITCHBOARD_TRUNK_KEY", requires_all = ["trunk_ca", "trunk_cert"])]
+    pub trunk_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
@@ -164,6 +175,9 @@ impl Default for Config {
             cluster_name: DEFAULT_CLUSTER_NAME.to_owned(),
             trunk_port: DEFAULT_TRUNK_PORT,
             peers: Vec::new(),
+            trunk_ca: None,
+            trunk_cert: None,
+            trunk_key: None,
         }
     }
 }
@@ -184,6 +198,9 @@ pub struct FileConfig {
     pub cluster_name: Option<String>,
     pub trunk_port: Option<u16>,
     pub peers: Option<Vec<Peer>>,
+    pub trunk_ca: Option<PathBuf>,
+    pub trunk_cert: Option<PathBuf>,
+    pub trunk_key: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -273,6 +290,15 @@ impl Config {
         }
         if let Some(v) = file.peers.filter(|_| unset("peers")) {
             self.peers = v;
+        }
+        if let Some(v) = file.trunk_ca.filter(|_| unset("trunk_ca")) {
+            self.trunk_ca = Some(v);
+        }
+        if let Some(v) = file.trunk_cert.filter(|_| unset("trunk_cert")) {
+            self.trunk_cert = Some(v);
+        }
+        if let Some(v) = file.trunk_key.filter(|_| unset("trunk_key")) {
+            self.trunk_key = Some(v);
         }
     }
 }

@@ -368,3 +368,100 @@ async fn three_nodes_each_learn_a_track_once() {
         t.shutdown().await;
     }
 }
+
+/// PEM files for a node: `dir/{ca,cert,key}.pem`, signed by `ca`.
+fn write_node_pems(dir: &std::path::Path, ca: &rcgen::Issuer<'_, rcgen::KeyPair>, ca_pem: &str) {
+    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair};
+    std::fs::create_dir_all(dir).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["switchboard-trunk".to_owned()]).unwrap();
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let cert = params.signed_by(&key, ca).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca_pem).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+}
+
+fn new_ca(name: &str) -> (rcgen::Issuer<'static, rcgen::KeyPair>, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let key = KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    (rcgen::Issuer::new(params, key), cert.pem())
+}
+
+fn start_with_files(
+    id: u64,
+    dir: &std::path::Path,
+    peers: Vec<(u64, SocketAddr)>,
+) -> (Trunk, UnboundedReceiver<TrunkEvent>) {
+    let identity = Identity::from_pem_files(
+        &dir.join("ca.pem"),
+        &dir.join("cert.pem"),
+        &dir.join("key.pem"),
+    )
+    .expect("PEM identity loads");
+    Trunk::start(TrunkConfig {
+        proto: Config::new(NodeId(id), "test"),
+        identity,
+        bind: "127.0.0.1:0".parse().unwrap(),
+        peers: peers.into_iter().map(|(n, a)| (NodeId(n), a)).collect(),
+    })
+    .expect("trunk starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_pem_files_link_nodes_of_one_ca_only() {
+    let base = std::env::temp_dir().join(format!("trunk-pem-{}", std::process::id()));
+    let (ca, ca_pem) = new_ca("ops CA");
+    let (other, other_pem) = new_ca("someone else's CA");
+    write_node_pems(&base.join("a"), &ca, &ca_pem);
+    write_node_pems(&base.join("b"), &ca, &ca_pem);
+    write_node_pems(&base.join("m"), &other, &other_pem);
+
+    let (b, mut brx) = start_with_files(2, &base.join("b"), vec![]);
+    let (m, _mrx) = start_with_files(3, &base.join("m"), vec![(2, b.local_addr())]);
+    let (a, mut arx) = start_with_files(1, &base.join("a"), vec![(2, b.local_addr())]);
+    expect(&mut arx, "A links with B", link_up(2)).await;
+    expect(&mut brx, "B links with A, never M", |e| match e {
+        TrunkEvent::Proto(Event::LinkUp { node, .. }) => {
+            assert_ne!(node.0, 3, "a node of another CA got a link");
+            node.0 == 1
+        }
+        _ => false,
+    })
+    .await;
+    assert!(
+        b.status()
+            .await
+            .unwrap()
+            .node
+            .peers
+            .keys()
+            .all(|n| n.0 != 3)
+    );
+
+    // Missing or garbage files are clear errors, not panics.
+    std::fs::write(base.join("garbage.pem"), "not a certificate").unwrap();
+    let err = Identity::from_pem_files(
+        &base.join("garbage.pem"),
+        &base.join("a/cert.pem"),
+        &base.join("a/key.pem"),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("CA file"), "{err}");
+    assert!(
+        Identity::from_pem_files(&base.join("nope"), &base.join("nope"), &base.join("nope"))
+            .is_err()
+    );
+    for t in [a, b, m] {
+        t.shutdown().await;
+    }
+    let _ = std::fs::remove_dir_all(&base);
+}

@@ -8,6 +8,10 @@
 //! handshakes fail. The derivation is written here because no crate does
 //! "CA key from a passphrase"; HKDF, Ed25519 and X.509 come from aws-lc-rs
 //! and rcgen.
+//!
+//! The other way in (DESIGN): explicit PEM files from the operator's own CA
+//! ([`Identity::from_pem_files`]); node certificates must then carry the DNS
+//! name [`SERVER_NAME`] and be valid for both server and client auth.
 
 use std::sync::Arc;
 
@@ -17,6 +21,9 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     PKCS_ED25519,
 };
+use std::path::Path;
+
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::WebPkiClientVerifier;
 
@@ -38,20 +45,28 @@ pub enum IdentityError {
     Tls(#[from] rustls::Error),
     #[error("key derivation failed")]
     Derive,
+    #[error("{what} {path}: {error}")]
+    Pem {
+        what: &'static str,
+        path: String,
+        error: String,
+    },
 }
 
 /// This node's certificate and the cluster CA it trusts.
 pub struct Identity {
-    ca: CertificateDer<'static>,
-    cert: CertificateDer<'static>,
-    key: PrivatePkcs8KeyDer<'static>,
+    /// Trusted roots: the cluster CA.
+    ca: Vec<CertificateDer<'static>>,
+    /// This node's certificate chain, leaf first.
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
 }
 
 impl Clone for Identity {
     fn clone(&self) -> Self {
         Identity {
             ca: self.ca.clone(),
-            cert: self.cert.clone(),
+            chain: self.chain.clone(),
             key: self.key.clone_key(),
         }
     }
@@ -92,15 +107,50 @@ impl Identity {
         ];
         let cert = params.signed_by(&node_key, &issuer)?;
         Ok(Identity {
-            ca: ca.der().clone(),
-            cert: cert.der().clone(),
-            key: PrivatePkcs8KeyDer::from(node_key.serialize_der()),
+            ca: vec![ca.der().clone()],
+            chain: vec![cert.der().clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(node_key.serialize_der())),
         })
+    }
+
+    /// Use the operator's PEM files: the CA certificate(s) every node
+    /// chains to, this node's certificate chain (leaf first) and its
+    /// private key.
+    pub fn from_pem_files(ca: &Path, cert: &Path, key: &Path) -> Result<Identity, IdentityError> {
+        let pem = |what: &'static str, path: &Path, error: String| IdentityError::Pem {
+            what,
+            path: path.display().to_string(),
+            error,
+        };
+        let certs = |what: &'static str,
+                     path: &Path|
+         -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+            let list = CertificateDer::pem_file_iter(path)
+                .map_err(|e| pem(what, path, e.to_string()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| pem(what, path, e.to_string()))?;
+            if list.is_empty() {
+                return Err(pem(what, path, "no certificate in the file".into()));
+            }
+            Ok(list)
+        };
+        let identity = Identity {
+            ca: certs("CA file", ca)?,
+            chain: certs("certificate file", cert)?,
+            key: PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| pem("key file", key, e.to_string()))?,
+        };
+        // Fail at start, not at the first handshake.
+        identity.server_config()?;
+        identity.client_config()?;
+        Ok(identity)
     }
 
     fn roots(&self) -> Result<Arc<rustls::RootCertStore>, IdentityError> {
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.ca.clone())?;
+        for ca in &self.ca {
+            roots.add(ca.clone())?;
+        }
         Ok(Arc::new(roots))
     }
 
@@ -116,10 +166,7 @@ impl Identity {
         let mut cfg = rustls::ServerConfig::builder_with_provider(Self::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(
-                vec![self.cert.clone()],
-                PrivateKeyDer::Pkcs8(self.key.clone_key()),
-            )?;
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
         cfg.alpn_protocols = vec![ALPN.to_vec()];
         Ok(cfg)
     }
@@ -129,10 +176,7 @@ impl Identity {
         let mut cfg = rustls::ClientConfig::builder_with_provider(Self::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(self.roots()?)
-            .with_client_auth_cert(
-                vec![self.cert.clone()],
-                PrivateKeyDer::Pkcs8(self.key.clone_key()),
-            )?;
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
         cfg.alpn_protocols = vec![ALPN.to_vec()];
         Ok(cfg)
     }
@@ -180,7 +224,7 @@ mod tests {
         );
         let a = Identity::from_secret("correct horse battery staple").unwrap();
         let b = Identity::from_secret("correct horse battery staple").unwrap();
-        assert_ne!(a.cert, b.cert, "each node issues its own certificate");
+        assert_ne!(a.chain, b.chain, "each node issues its own certificate");
         assert!(a.server_config().is_ok() && a.client_config().is_ok());
     }
 
