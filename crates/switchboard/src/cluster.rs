@@ -523,9 +523,14 @@ impl Adapter {
                 };
                 let id = pid_name(from);
                 match serde_json::from_slice::<DataMsg>(&payload) {
-                    Ok(DataMsg::Chat { text }) => {
+                    // Another node is held to the same limits as a browser.
+                    Ok(DataMsg::Chat { text })
+                        if !text.trim().is_empty()
+                            && text.chars().count() <= signal::MAX_CHAT_CHARS =>
+                    {
                         let _ = state.link.send(RemoteCommand::Chat { from: id, text });
                     }
+                    Ok(DataMsg::Chat { .. }) => debug!("oversized or empty chat from a peer"),
                     Ok(DataMsg::Mute { audio, video }) => {
                         let _ = state.link.send(RemoteCommand::Mute { id, audio, video });
                     }
@@ -572,6 +577,47 @@ impl Adapter {
             let _ = state
                 .link
                 .send(RemoteCommand::KeyframeRequest { track: name });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn participant_ids_map_to_the_trunk_and_back() {
+        for id in ["0000000000000001", "ffffffffffffffff", "70ee9e15d57ad88b"] {
+            assert_eq!(pid_name(pid(id)), id);
+        }
+        // Not one of ours: still a stable number.
+        assert_eq!(pid("not hex"), pid("not hex"));
+        assert_ne!(pid("not hex"), pid("other"));
+    }
+
+    #[test]
+    fn data_messages_have_a_stable_wire_form() {
+        let chat = serde_json::to_string(&DataMsg::Chat { text: "hi".into() }).unwrap();
+        assert_eq!(chat, r#"{"t":"chat","text":"hi"}"#);
+        let mute = serde_json::to_string(&DataMsg::Mute {
+            audio: true,
+            video: false,
+        })
+        .unwrap();
+        assert_eq!(mute, r#"{"t":"mute","audio":true,"video":false}"#);
+        assert!(serde_json::from_slice::<DataMsg>(b"\xff garbage").is_err());
+    }
+
+    #[test]
+    fn track_sources_survive_the_round_trip() {
+        for s in [
+            Source::Camera,
+            Source::Microphone,
+            Source::Screen,
+            Source::ScreenAudio,
+            Source::Unknown,
+        ] {
+            assert_eq!(from_proto_source(to_proto_source(s)), s);
         }
     }
 }
