@@ -2,24 +2,16 @@
 //! different nodes in one room see and hear each other, chat and mute cross,
 //! and leaving or a node going away cleans up on the other side.
 
-use std::time::Duration;
+mod common;
 
+use common::{T, assert_contiguous, has_tracks_from, join, start};
 use signal::Kind;
 use switchboard::config::{Peer, Secret};
 use switchboard::{Config, Node};
-use testkit::{Client, State};
-
-const T: Duration = Duration::from_secs(20);
 const SECRET: &str = "cluster tests share this secret";
 
 async fn node(id: u64, secret: &str, peers: &[&Node]) -> Node {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    Node::start(Config {
-        http_port: 0,
-        media_port: 0,
+    start(Config {
         trunk_port: 0,
         cluster_secret: Some(Secret(secret.into())),
         node_id: Some(id),
@@ -34,31 +26,6 @@ async fn node(id: u64, secret: &str, peers: &[&Node]) -> Node {
         ..Default::default()
     })
     .await
-    .expect("node starts")
-}
-
-async fn join(node: &Node, room: &str, name: &str) -> Client {
-    Client::join_ws(&format!("ws://{}/ws", node.http_addr()), room, name)
-        .await
-        .unwrap_or_else(|e| panic!("{name} joins {room}: {e}"))
-}
-
-fn has_tracks_from(s: &State, owner: &str, n: usize, min_packets: usize) -> bool {
-    let tracks = s.tracks_from(owner);
-    tracks.len() == n && tracks.iter().all(|t| s.count(t) >= min_packets)
-}
-
-fn assert_contiguous(who: &str, s: &State) {
-    for (track, packets) in &s.tracks {
-        for w in packets.windows(2) {
-            assert_eq!(
-                w[1].payload.counter,
-                w[0].payload.counter + 1,
-                "{who}: track {track} has a gap or reordering (corrupt {})",
-                s.corrupt
-            );
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,64 +1,13 @@
 //! Media through a real node: str0m test clients (crates/testkit) over
 //! WebSocket signaling and loopback UDP.
 
+mod common;
+
 use std::time::Duration;
 
+use common::{T, assert_contiguous, has_tracks_from, join, node};
 use signal::Kind;
-use switchboard::{Config, Node};
-use testkit::{Client, State};
-
-const T: Duration = Duration::from_secs(15);
-
-async fn node() -> Node {
-    // RUST_LOG=str0m=debug,sfu=debug shows what the media plane does.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    Node::start(Config {
-        http_port: 0,
-        media_port: 0,
-        ..Default::default()
-    })
-    .await
-    .expect("node starts")
-}
-
-async fn join(node: &Node, room: &str, name: &str) -> Client {
-    Client::join_ws(&format!("ws://{}/ws", node.http_addr()), room, name)
-        .await
-        .unwrap_or_else(|e| panic!("{name} joins {room}: {e}"))
-}
-
-/// Every packet of every received track arrived intact (the testkit drops
-/// corrupted payloads, so they would show up as gaps) and in order, with no
-/// gap once forwarding started.
-fn assert_contiguous(who: &str, s: &State) {
-    for (track, packets) in &s.tracks {
-        for w in packets.windows(2) {
-            assert_eq!(
-                w[1].payload.counter,
-                w[0].payload.counter + 1,
-                "{who}: track {track} has a gap or reordering: {} then {} (unattributed {}, corrupt {})",
-                w[0].payload.counter,
-                w[1].payload.counter,
-                s.unmapped,
-                s.corrupt
-            );
-            assert_eq!(
-                w[1].seq,
-                w[0].seq + 1,
-                "{who}: track {track} RTP sequence not contiguous"
-            );
-            assert_eq!(w[1].payload.track, w[0].payload.track);
-        }
-    }
-}
-
-fn has_tracks_from(s: &State, owner: &str, n: usize, min_packets: usize) -> bool {
-    let tracks = s.tracks_from(owner);
-    tracks.len() == n && tracks.iter().all(|t| s.count(t) >= min_packets)
-}
+use testkit::State;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_clients_receive_each_others_tracks_intact_and_in_order() {

@@ -4,38 +4,16 @@
 //! each link's events to the other as commands. str0m test clients on
 //! different nodes must then see and hear each other as if in one room.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
+use common::{T, assert_contiguous, has_tracks_from, join, node};
 use sfu::{
     DisplayName, MediaPacket, RemoteCommand, RemoteEvent, RemoteLink, RoomName, SeqExtender, Sfu,
 };
 use signal::Kind;
-use switchboard::{Config, Node};
-use testkit::{Client, State};
-
-const T: Duration = Duration::from_secs(15);
-
-async fn node() -> Node {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    Node::start(Config {
-        http_port: 0,
-        media_port: 0,
-        ..Default::default()
-    })
-    .await
-    .expect("node starts")
-}
-
-async fn join(node: &Node, room: &str, name: &str) -> Client {
-    Client::join_ws(&format!("ws://{}/ws", node.http_addr()), room, name)
-        .await
-        .unwrap_or_else(|e| panic!("{name} joins {room}: {e}"))
-}
 
 /// What one node's link says, as the other node's link hears it. Media
 /// crosses as RTP bytes, as on the trunk, with one sequence extender per
@@ -82,28 +60,6 @@ fn bridge(a: &Arc<Sfu>, b: &Arc<Sfu>, room: &str) -> tokio::task::JoinHandle<()>
             }
         }
     })
-}
-
-fn has_tracks_from(s: &State, owner: &str, n: usize, min_packets: usize) -> bool {
-    let tracks = s.tracks_from(owner);
-    tracks.len() == n && tracks.iter().all(|t| s.count(t) >= min_packets)
-}
-
-fn assert_contiguous(who: &str, s: &State) {
-    for (track, packets) in &s.tracks {
-        for w in packets.windows(2) {
-            assert_eq!(
-                w[1].payload.counter,
-                w[0].payload.counter + 1,
-                "{who}: track {track} has a gap or reordering"
-            );
-            assert_eq!(
-                w[1].seq,
-                w[0].seq + 1,
-                "{who}: {track} RTP seq not contiguous"
-            );
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,73 @@
+//! Helpers shared by the media, remote-seam and cluster tests (each test
+//! binary compiles this module; not every one uses every helper).
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use switchboard::{Config, Node};
+use testkit::{Client, State};
+
+/// Bounds a hang; waits are for conditions, never for time.
+pub const T: Duration = Duration::from_secs(20);
+
+/// `RUST_LOG=str0m=debug,sfu=debug` shows what the media plane does.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// A node on free ports, with `config` for the rest.
+pub async fn start(config: Config) -> Node {
+    init_tracing();
+    Node::start(Config {
+        http_port: 0,
+        media_port: 0,
+        ..config
+    })
+    .await
+    .expect("node starts")
+}
+
+/// A single node on free ports.
+pub async fn node() -> Node {
+    start(Config::default()).await
+}
+
+pub async fn join(node: &Node, room: &str, name: &str) -> Client {
+    Client::join_ws(&format!("ws://{}/ws", node.http_addr()), room, name)
+        .await
+        .unwrap_or_else(|e| panic!("{name} joins {room}: {e}"))
+}
+
+/// Every packet of every received track arrived intact (the testkit drops
+/// corrupted payloads, so they would show up as gaps) and in order, with no
+/// gap once forwarding started.
+pub fn assert_contiguous(who: &str, s: &State) {
+    for (track, packets) in &s.tracks {
+        for w in packets.windows(2) {
+            assert_eq!(
+                w[1].payload.counter,
+                w[0].payload.counter + 1,
+                "{who}: track {track} has a gap or reordering: {} then {} (unattributed {}, corrupt {})",
+                w[0].payload.counter,
+                w[1].payload.counter,
+                s.unmapped,
+                s.corrupt
+            );
+            assert_eq!(
+                w[1].seq,
+                w[0].seq + 1,
+                "{who}: track {track} RTP sequence not contiguous"
+            );
+            assert_eq!(w[1].payload.track, w[0].payload.track);
+        }
+    }
+}
+
+/// `owner`'s `n` tracks are all flowing, with at least `min_packets` each.
+pub fn has_tracks_from(s: &State, owner: &str, n: usize, min_packets: usize) -> bool {
+    let tracks = s.tracks_from(owner);
+    tracks.len() == n && tracks.iter().all(|t| s.count(t) >= min_packets)
+}
