@@ -3,7 +3,7 @@
 # firefox-esr, npm playwright-core and puppeteer-core), builds the node, and
 # runs two suites against real nodes on free ports:
 #   tests/call.test.mjs      two Chromium pages, node on 127.0.0.1
-#   tests/cluster.test.mjs   a page on each of two clustered nodes (trunk)
+#   tests/cluster.test.mjs   a page on each of three clustered nodes (trunks)
 #   tests/firefox.test.mjs   Firefox + Chromium, node on a veth address in a
 #                            network namespace this script creates (Firefox
 #                            does not use 127.0.0.1 for WebRTC; needs root)
@@ -75,7 +75,7 @@ echo "== node at $NODE_URL"
 SB_URL="$NODE_URL" node --test --test-concurrency=1 tests/call.test.mjs
 stop_node "$NODE_PID"
 
-# Two clustered nodes on loopback: B dials A's trunk.
+# Three clustered nodes on loopback: B dials A's trunk, C dials A's and B's.
 export SWITCHBOARD_CLUSTER_SECRET="e2e cluster secret $$ $RANDOM"
 start_node artifacts/switchboard-a.log env -- --node-id 1 --trunk-port 0
 A_PID="$NODE_PID"; A_URL="$NODE_URL"
@@ -83,8 +83,12 @@ A_TRUNK="$(grep -o 'trunk=[0-9.:]*' artifacts/switchboard-a.log | head -1 | cut 
 [ -n "$A_TRUNK" ] || { cat artifacts/switchboard-a.log; echo "node A printed no trunk address"; exit 1; }
 start_node artifacts/switchboard-b.log env -- --node-id 2 --trunk-port 0 --peer "1@$A_TRUNK"
 B_PID="$NODE_PID"; B_URL="$NODE_URL"
-echo "== cluster: node A at $A_URL (trunk $A_TRUNK), node B at $B_URL"
-SB_URL_A="$A_URL" SB_URL_B="$B_URL" node --test --test-concurrency=1 tests/cluster.test.mjs
+B_TRUNK="$(grep -o 'trunk=[0-9.:]*' artifacts/switchboard-b.log | head -1 | cut -d= -f2)"
+start_node artifacts/switchboard-c.log env -- --node-id 3 --trunk-port 0 --peer "1@$A_TRUNK" --peer "2@$B_TRUNK"
+C_PID="$NODE_PID"; C_URL="$NODE_URL"
+echo "== cluster: node A at $A_URL (trunk $A_TRUNK), node B at $B_URL (trunk $B_TRUNK), node C at $C_URL"
+SB_URL_A="$A_URL" SB_URL_B="$B_URL" SB_URL_C="$C_URL" node --test --test-concurrency=1 tests/cluster.test.mjs
+stop_node "$C_PID"
 stop_node "$B_PID"
 stop_node "$A_PID"
 unset SWITCHBOARD_CLUSTER_SECRET

@@ -561,4 +561,36 @@ $('rejoin').onclick = () => {
 setInterval(() => send({ type: 'ping' }), 15000);
 window.addEventListener('popstate', () => location.reload());
 
+// ---------- layout ----------
+
+// Size tiles so every video is as large as the stage allows at 16:9 (as
+// Meet or Jitsi do), instead of stretching a few tiles to the full height.
+// A screen share takes a 2×2 block (four slots) when there are two columns.
+const ASPECT = 16 / 9;
+const GAP = 12;
+
+function layoutGrid() {
+  const grid = $('grid');
+  const tiles = [...grid.children];
+  if (!tiles.length) return;
+  const screens = tiles.filter((t) => t.classList.contains('screen')).length;
+  const slots = tiles.length + 3 * screens;
+  const w = grid.clientWidth;
+  const h = grid.clientHeight;
+  if (!w || !h) return;
+  let best = { cols: 1, width: 0 };
+  for (let cols = 1; cols <= slots; cols += 1) {
+    const rows = Math.ceil(slots / cols);
+    const width = Math.min((w - GAP * (cols - 1)) / cols, ((h - GAP * (rows - 1)) / rows) * ASPECT);
+    if (width > best.width) best = { cols, width };
+  }
+  const width = Math.max(120, Math.floor(best.width));
+  grid.style.gridTemplateColumns = `repeat(${best.cols}, ${width}px)`;
+  grid.style.gridAutoRows = `${Math.floor(width / ASPECT)}px`;
+  grid.classList.toggle('one-col', best.cols < 2);
+}
+
+new ResizeObserver(layoutGrid).observe($('grid'));
+new MutationObserver(layoutGrid).observe($('grid'), { childList: true });
+
 initLobby();
