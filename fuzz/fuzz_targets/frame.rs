@@ -19,10 +19,15 @@ fuzz_target!(|data: &[u8]| {
     // Rooms open (generations 1..=3, as in the simulation's corpus) so that
     // room-scoped messages can pass the generation check and go deep.
     for (k, name) in ["standup", "retro", "lunch"].into_iter().enumerate() {
-        let Ok(room) = RoomName::new(name) else { return };
+        let Ok(room) = RoomName::new(name) else {
+            return;
+        };
         let _ = node.open_room(room.clone(), Time(0));
         let pid = ParticipantId(k as u64 + 1);
-        let info = ParticipantInfo { id: pid, display_name: "p".into() };
+        let info = ParticipantInfo {
+            id: pid,
+            display_name: "p".into(),
+        };
         let _ = node.participant_joined(&room, info);
         let track = TrackInfo {
             participant: pid,
@@ -68,7 +73,16 @@ fuzz_target!(|data: &[u8]| {
         node.handle_timeout(Time(t));
         buf = &buf[used..];
     }
-    let _ = node.handle_datagram(ConnId(2), buf);
+    // The rest as datagrams (media, NACKs, garbage), each prefixed by one
+    // length byte, with timers in between (NACK retries, give-ups).
+    while let Some((&len, rest)) = buf.split_first() {
+        let len = usize::from(len).min(rest.len());
+        t += 5_000;
+        let _ = node.handle_datagram(ConnId(2), &rest[..len], Time(t));
+        node.handle_timeout(Time(t));
+        buf = &rest[len..];
+    }
+    while node.poll_datagram().is_some() {}
     while node.poll_transmit().is_some() {}
     while node.poll_event().is_some() {}
     // Whatever arrived, room-link state stays consistent (no orphans).

@@ -24,8 +24,8 @@ mod worker;
 pub use media_wire::{MediaWireError, SeqExtender};
 pub use metrics::SfuMetrics;
 pub use remote::{
-    CodecInfo, MediaPacket, REMOTE_MEDIA_QUEUE, RemoteCommand, RemoteEvent, RemoteLink, RoomEvent,
-    TrackDescription,
+    CodecInfo, MediaPacket, REMOTE_MEDIA_IN_QUEUE, REMOTE_MEDIA_QUEUE, RemoteCommand, RemoteEvent,
+    RemoteLink, RemoteSender, RoomEvent, TrackDescription,
 };
 
 /// Media-plane configuration.

@@ -12,6 +12,7 @@
 //! Decoding arbitrary bytes returns an error, never panics.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use rtp_types::{RtpPacket, RtpPacketBuilder};
 
@@ -56,8 +57,13 @@ impl MediaPacket {
     }
 
     /// Parse RTP bytes from the trunk, extending the sequence number with
-    /// `seq` (one extender per remote track).
-    pub fn from_rtp(bytes: &[u8], seq: &mut SeqExtender) -> Result<MediaPacket, MediaWireError> {
+    /// `seq` (one extender per remote track). `arrival`: when the packet
+    /// reached its origin node, on our clock (see [`MediaPacket::arrival`]).
+    pub fn from_rtp(
+        bytes: &[u8],
+        seq: &mut SeqExtender,
+        arrival: Instant,
+    ) -> Result<MediaPacket, MediaWireError> {
         let p = RtpPacket::parse(bytes).map_err(|e| MediaWireError::Rtp(e.to_string()))?;
         if p.payload_len() == 0 {
             return Err(MediaWireError::Empty);
@@ -78,6 +84,7 @@ impl MediaPacket {
             payload: Arc::from(p.payload()),
             audio_level,
             voice_activity,
+            arrival,
         })
     }
 }
@@ -150,6 +157,7 @@ mod tests {
             payload: Arc::from(&b"payload bytes"[..]),
             audio_level: level,
             voice_activity: level.map(|_| true),
+            arrival: Instant::now(),
         }
     }
 
@@ -158,7 +166,7 @@ mod tests {
         for level in [None, Some(0), Some(-30), Some(-127)] {
             let p = packet(70_000, level);
             let mut ext = SeqExtender::default();
-            let back = MediaPacket::from_rtp(&p.to_rtp(), &mut ext).unwrap();
+            let back = MediaPacket::from_rtp(&p.to_rtp(), &mut ext, Instant::now()).unwrap();
             assert_eq!(back.ssrc, p.ssrc);
             assert_eq!(back.seq & 0xffff, p.seq & 0xffff);
             assert_eq!(back.rtp_ts, p.rtp_ts);
@@ -190,7 +198,10 @@ mod tests {
             &[0x00; 12][..],
             &[0x80, 0x60, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1][..],
         ] {
-            assert!(MediaPacket::from_rtp(bytes, &mut e).is_err(), "{bytes:?}");
+            assert!(
+                MediaPacket::from_rtp(bytes, &mut e, Instant::now()).is_err(),
+                "{bytes:?}"
+            );
         }
     }
 
@@ -198,7 +209,7 @@ mod tests {
         #[test]
         fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..1500)) {
             let mut e = SeqExtender::default();
-            let _ = MediaPacket::from_rtp(&bytes, &mut e);
+            let _ = MediaPacket::from_rtp(&bytes, &mut e, Instant::now());
         }
 
         #[test]
@@ -219,7 +230,7 @@ mod tests {
             let mut bytes = packet(5, Some(-20)).to_rtp();
             let i = flip % bytes.len();
             bytes[i] ^= 1 << bit;
-            let _ = MediaPacket::from_rtp(&bytes, &mut SeqExtender::default());
+            let _ = MediaPacket::from_rtp(&bytes, &mut SeqExtender::default(), Instant::now());
         }
     }
 }

@@ -17,6 +17,9 @@ pub struct SfuMetrics {
     pub udp_packets_dropped: AtomicU64,
     /// Media for remote nodes dropped because a link's queue was full.
     pub remote_media_dropped: AtomicU64,
+    /// Media from remote nodes dropped because the worker had
+    /// `REMOTE_MEDIA_IN_QUEUE` packets waiting already.
+    pub remote_media_in_dropped: AtomicU64,
 }
 
 impl SfuMetrics {

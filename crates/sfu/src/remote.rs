@@ -13,6 +13,7 @@
 //! more nodes).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use signal::{DisplayName, Kind, RoomName, Source};
 use str0m::format::{Codec, CodecSpec, FormatParams, PayloadParams};
@@ -25,6 +26,13 @@ use crate::worker::Commands;
 /// (and counted in `SfuMetrics::remote_media_dropped`): a stalled trunk must
 /// not grow the worker's memory without bound. ~1 s of a busy room.
 pub const REMOTE_MEDIA_QUEUE: usize = 4096;
+
+/// Media packets from remote nodes waiting in the worker's command queue
+/// before newer ones are dropped (and counted in
+/// `SfuMetrics::remote_media_in_dropped`): they share the queue with
+/// control commands, which keeps a track's announcement ahead of its first
+/// packet, but only this many may be media.
+pub const REMOTE_MEDIA_IN_QUEUE: usize = 8192;
 
 /// How a track is encoded, as the trunk describes it (DESIGN's
 /// `TrackInfo.codec`): enough for a receiving node to negotiate it with its
@@ -102,6 +110,11 @@ pub struct MediaPacket {
     /// RFC 6464 audio level (-127..=0 dBov) and voice activity, if present.
     pub audio_level: Option<i8>,
     pub voice_activity: Option<bool>,
+    /// When the packet reached its origin node, on this node's clock. It is
+    /// the wallclock of the packet for every subscriber (str0m builds sender
+    /// reports from it): the origin's timing, not the trunk's, so audio and
+    /// video of one publisher stay in sync on every node.
+    pub arrival: Instant,
 }
 
 /// What this node tells a remote node about a room (origin-only).
@@ -217,6 +230,16 @@ impl RemoteLink {
         self.commands.remote(self.key, cmd);
     }
 
+    /// A handle that sends commands for this link from elsewhere (another
+    /// task), straight into the worker's queue. Commands sent after the
+    /// link is dropped are ignored.
+    pub fn sender(&self) -> RemoteSender {
+        RemoteSender {
+            key: self.key,
+            commands: self.commands.clone(),
+        }
+    }
+
     /// Next event for the remote node; `None` once the link has ended (the
     /// room closed or the media plane stopped). Control events come before
     /// queued media.
@@ -228,6 +251,19 @@ impl RemoteLink {
             e = self.control.recv() => e,
             Some(m) = self.media.recv() => Some(m),
         }
+    }
+}
+
+/// Sends commands for one [`RemoteLink`] (see [`RemoteLink::sender`]).
+#[derive(Clone)]
+pub struct RemoteSender {
+    key: u64,
+    commands: Commands,
+}
+
+impl RemoteSender {
+    pub fn send(&self, cmd: RemoteCommand) {
+        self.commands.remote(self.key, cmd);
     }
 }
 

@@ -18,7 +18,7 @@ use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -40,8 +40,8 @@ use tracing::{debug, info, warn};
 use crate::demux::Demux;
 use crate::keyframe::{KEYFRAME_INTERVAL, KeyframeLimiter};
 use crate::remote::{
-    CodecInfo, MediaPacket, REMOTE_MEDIA_QUEUE, RemoteCommand, RemoteEvent, RemoteLink, RoomEvent,
-    TrackDescription,
+    CodecInfo, MediaPacket, REMOTE_MEDIA_IN_QUEUE, REMOTE_MEDIA_QUEUE, RemoteCommand, RemoteEvent,
+    RemoteLink, RoomEvent, TrackDescription,
 };
 use crate::rewrite::Rewriter;
 use crate::{Participant, ParticipantCommand, RoomStatus, SfuConfig, SfuError, SfuMetrics};
@@ -90,6 +90,9 @@ enum Cmd {
 pub(crate) struct Commands {
     tx: Sender<Cmd>,
     waker: Arc<Waker>,
+    /// Remote media packets queued and not yet taken by the worker.
+    media_queued: Arc<AtomicUsize>,
+    metrics: Arc<SfuMetrics>,
 }
 
 impl Commands {
@@ -105,6 +108,17 @@ impl Commands {
         let _ = self.send(Cmd::Leave(id.to_owned()));
     }
     pub(crate) fn remote(&self, key: LinkKey, cmd: RemoteCommand) {
+        if matches!(cmd, RemoteCommand::Media { .. }) {
+            // Bounded: a trunk faster than the worker loses media, counted,
+            // instead of growing the queue.
+            if self.media_queued.fetch_add(1, Ordering::Relaxed) >= REMOTE_MEDIA_IN_QUEUE {
+                self.media_queued.fetch_sub(1, Ordering::Relaxed);
+                self.metrics
+                    .remote_media_in_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
         let _ = self.send(Cmd::Remote(key, cmd));
     }
     pub(crate) fn detach(&self, key: LinkKey) {
@@ -141,6 +155,7 @@ impl Handle {
         let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(SfuError::Worker)?);
         let (tx, rx) = unbounded();
         let metrics = Arc::new(SfuMetrics::default());
+        let media_queued = Arc::new(AtomicUsize::new(0));
         // The address browsers are told: the public one if configured. str0m
         // only accepts STUN addressed to a local candidate, so datagrams are
         // fed to it as if addressed there.
@@ -159,13 +174,19 @@ impl Handle {
             ids: HashMap::new(),
             links: HashMap::new(),
             room_watchers: Vec::new(),
+            media_queued: media_queued.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("sfu-worker".into())
             .spawn(move || worker.run(poll, rx))
             .map_err(SfuError::Worker)?;
         Ok(Handle {
-            commands: Commands { tx, waker },
+            commands: Commands {
+                tx,
+                waker,
+                media_queued,
+                metrics: metrics.clone(),
+            },
             next_link: std::sync::atomic::AtomicU64::new(1),
             addr: local,
             metrics,
@@ -393,6 +414,8 @@ struct Worker {
     /// Attached remote link -> its room.
     links: HashMap<LinkKey, RoomName>,
     room_watchers: Vec<UnboundedSender<RoomEvent>>,
+    /// Remote media in the command queue (see `Commands::remote`).
+    media_queued: Arc<AtomicUsize>,
 }
 
 fn now_ms() -> u64 {
@@ -681,7 +704,12 @@ impl Worker {
                 control,
                 media,
             } => self.attach(key, room, node, control, media),
-            Cmd::Remote(key, cmd) => self.remote_command(key, cmd),
+            Cmd::Remote(key, cmd) => {
+                if matches!(cmd, RemoteCommand::Media { .. }) {
+                    self.media_queued.fetch_sub(1, Ordering::Relaxed);
+                }
+                self.remote_command(key, cmd)
+            }
             Cmd::Detach(key) => self.detach(key),
             Cmd::WatchRooms(tx) => {
                 for room in self.rooms.keys() {
@@ -1119,6 +1147,7 @@ impl Worker {
             payload: pkt.payload,
             audio_level: pkt.header.ext_vals.audio_level,
             voice_activity: pkt.header.ext_vals.voice_activity,
+            arrival: pkt.timestamp,
         };
         let mut ext = ExtensionValues {
             audio_level: packet.audio_level,
@@ -1175,7 +1204,11 @@ impl Worker {
             voice_activity: packet.voice_activity,
             ..Default::default()
         };
-        self.fan_out(&room_name, track_id, params, &packet, ext, Instant::now());
+        // The origin's timing (see `MediaPacket::arrival`): sender reports
+        // then map RTP time to the wallclock the origin saw, for audio and
+        // video alike, whatever the trunk's jitter or repair delay.
+        let arrival = packet.arrival.min(Instant::now());
+        self.fan_out(&room_name, track_id, params, &packet, ext, arrival);
     }
 
     /// Write one packet of `track_id` to every local subscriber of it, each

@@ -24,8 +24,8 @@ use anyhow::Context;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sfu::{
-    CodecInfo, DisplayName, Kind, MediaPacket, RemoteCommand, RemoteEvent, RoomEvent, RoomName,
-    SeqExtender, Sfu, Source, TrackDescription,
+    CodecInfo, DisplayName, Kind, MediaPacket, RemoteCommand, RemoteEvent, RemoteSender, RoomEvent,
+    RoomName, SeqExtender, Sfu, Source, TrackDescription,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -34,7 +34,7 @@ use trunk::proto::{
     self, CodecParams, Event, Layer, NodeId, ParticipantId, ParticipantInfo, TrackId, TrackInfo,
     TrackKind, TrackSource, WireId,
 };
-use trunk::quic::{Identity, Trunk, TrunkConfig, TrunkEvent, TrunkStatus};
+use trunk::quic::{Identity, Trunk, TrunkConfig, TrunkEvent, TrunkEvents, TrunkStatus};
 
 use crate::Config;
 
@@ -51,7 +51,15 @@ pub(crate) struct Cluster {
     trunk: Arc<Trunk>,
     task: JoinHandle<()>,
     node_id: u64,
+    /// Local media for the trunk dropped between the rooms' links and the
+    /// adapter (`LINK_MEDIA_QUEUE` full).
+    drops: Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// Local media packets waiting between the rooms' link tasks and the
+/// adapter before newer ones are dropped (counted): the adapter hands
+/// them to the trunk's own bounded queue.
+const LINK_MEDIA_QUEUE: usize = 4096;
 
 impl Cluster {
     /// Start the trunk and the adapter if the node has a cluster identity
@@ -82,22 +90,28 @@ impl Cluster {
                 .iter()
                 .map(|p| (NodeId(p.node_id), p.addr))
                 .collect(),
+            congestion: config.trunk_congestion.into(),
         })
         .context("starting the trunk")?;
         let trunk = Arc::new(trunk);
         let rooms = sfu.watch_rooms().context("watching rooms")?;
+        let drops = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (media_tx, media_rx) = mpsc::channel(LINK_MEDIA_QUEUE);
         let adapter = Adapter {
             sfu,
             trunk: trunk.clone(),
             rooms: HashMap::new(),
             remote_tracks: HashMap::new(),
             links: mpsc::unbounded_channel(),
+            link_media: (media_tx, media_rx),
+            drops: drops.clone(),
         };
         let task = tokio::spawn(adapter.run(events, rooms));
         Ok(Some(Cluster {
             trunk,
             task,
             node_id,
+            drops,
         }))
     }
 
@@ -113,6 +127,11 @@ impl Cluster {
         self.trunk.status().await.ok()
     }
 
+    /// Local media dropped on its way to the trunk adapter.
+    pub(crate) fn adapter_drops(&self) -> u64 {
+        self.drops.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Goodbye to every peer (call after the media plane has stopped).
     pub(crate) async fn shutdown(&self) {
         self.task.abort();
@@ -123,8 +142,9 @@ impl Cluster {
 /// One open room as the adapter knows it.
 struct RoomState {
     proto: proto::RoomName,
-    /// Commands to the room's `RemoteLink` (its pump task owns it).
-    link: mpsc::UnboundedSender<RemoteCommand>,
+    /// Commands to the room's `RemoteLink`, straight into the worker's
+    /// queue (its pump task owns the link and forwards its events).
+    link: RemoteSender,
     pump: JoinHandle<()>,
     /// Local tracks: sfu id <-> trunk id.
     local_tracks: HashMap<String, TrackId>,
@@ -154,11 +174,15 @@ struct Adapter {
     trunk: Arc<Trunk>,
     rooms: HashMap<RoomName, RoomState>,
     remote_tracks: HashMap<(NodeId, WireId), RemoteTrack>,
-    /// Events of every room's link, tagged with the room.
+    /// Control events of every room's link, tagged with the room (as many
+    /// as local joins, publishes and chat: not media).
     links: (
         mpsc::UnboundedSender<LinkEvent>,
         mpsc::UnboundedReceiver<LinkEvent>,
     ),
+    /// Media of every room's link (bounded, drops counted in `drops`).
+    link_media: (mpsc::Sender<LinkEvent>, mpsc::Receiver<LinkEvent>),
+    drops: Arc<std::sync::atomic::AtomicU64>,
 }
 
 type LinkEvent = (RoomName, RemoteEvent);
@@ -206,11 +230,7 @@ fn from_proto_source(s: TrackSource) -> Source {
 }
 
 impl Adapter {
-    async fn run(
-        mut self,
-        mut events: mpsc::UnboundedReceiver<TrunkEvent>,
-        mut rooms: mpsc::UnboundedReceiver<RoomEvent>,
-    ) {
+    async fn run(mut self, mut events: TrunkEvents, mut rooms: mpsc::UnboundedReceiver<RoomEvent>) {
         loop {
             tokio::select! {
                 e = events.recv() => match e {
@@ -223,6 +243,7 @@ impl Adapter {
                     None => return,
                 },
                 Some((room, e)) = self.links.1.recv() => self.link_event(room, e).await,
+                Some((room, e)) = self.link_media.1.recv() => self.link_event(room, e).await,
             }
         }
     }
@@ -239,24 +260,23 @@ impl Adapter {
         let Ok(mut link) = self.sfu.attach(room.clone(), "trunk") else {
             return;
         };
-        let (ctx, mut crx) = mpsc::unbounded_channel::<RemoteCommand>();
+        let sender = link.sender();
         let tx = self.links.0.clone();
+        let media = self.link_media.0.clone();
+        let drops = self.drops.clone();
         let name = room.clone();
         let pump = tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    e = link.recv() => match e {
-                        Some(e) => {
-                            let closed = e == RemoteEvent::Closed;
-                            let _ = tx.send((name.clone(), e));
-                            if closed { return; }
-                        }
-                        None => return,
-                    },
-                    c = crx.recv() => match c {
-                        Some(c) => link.send(c),
-                        None => return,
-                    },
+            while let Some(e) = link.recv().await {
+                if matches!(e, RemoteEvent::Media { .. }) {
+                    if media.try_send((name.clone(), e)).is_err() {
+                        drops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    continue;
+                }
+                let closed = e == RemoteEvent::Closed;
+                let _ = tx.send((name.clone(), e));
+                if closed {
+                    return;
                 }
             }
         });
@@ -265,7 +285,7 @@ impl Adapter {
             room,
             RoomState {
                 proto: proto_room,
-                link: ctx,
+                link: sender,
                 pump,
                 local_tracks: HashMap::new(),
                 local_by_id: HashMap::new(),
@@ -294,8 +314,12 @@ impl Adapter {
         let result = match e {
             RemoteEvent::Media { track, packet } => {
                 if let Some(tid) = state.local_tracks.get(&track) {
-                    self.trunk
-                        .send_media(*tid, Layer(0), Bytes::from(packet.to_rtp()));
+                    self.trunk.send_media(
+                        *tid,
+                        Layer(0),
+                        Bytes::from(packet.to_rtp()),
+                        packet.arrival,
+                    );
                 }
                 return;
             }
@@ -398,15 +422,17 @@ impl Adapter {
                 node,
                 wire_id,
                 packet,
+                origin,
+                ..
             } => {
                 let Some(t) = self.remote_tracks.get_mut(&(node, wire_id)) else {
                     return;
                 };
-                let Ok(packet) = MediaPacket::from_rtp(&packet, &mut t.seq) else {
+                let Ok(packet) = MediaPacket::from_rtp(&packet, &mut t.seq, origin) else {
                     return;
                 };
                 if let Some(state) = self.rooms.get(&t.room) {
-                    let _ = state.link.send(RemoteCommand::Media {
+                    state.link.send(RemoteCommand::Media {
                         track: t.name.clone(),
                         packet,
                     });
@@ -425,7 +451,7 @@ impl Adapter {
                 if let (Some(state), Ok(name)) =
                     (room_of(&room).and_then(|r| self.rooms.get(&r)), name)
                 {
-                    let _ = state.link.send(RemoteCommand::ParticipantJoined {
+                    state.link.send(RemoteCommand::ParticipantJoined {
                         id: pid_name(participant.id),
                         name,
                     });
@@ -435,7 +461,7 @@ impl Adapter {
                 room, participant, ..
             } => {
                 if let Some(state) = room_of(&room).and_then(|r| self.rooms.get(&r)) {
-                    let _ = state.link.send(RemoteCommand::ParticipantLeft {
+                    state.link.send(RemoteCommand::ParticipantLeft {
                         id: pid_name(participant),
                     });
                 }
@@ -460,7 +486,7 @@ impl Adapter {
                         seq: SeqExtender::default(),
                     },
                 );
-                let _ = state.link.send(RemoteCommand::TrackAdded(TrackDescription {
+                state.link.send(RemoteCommand::TrackAdded(TrackDescription {
                     id: name,
                     participant: pid_name(track.participant),
                     kind: match track.kind {
@@ -488,7 +514,7 @@ impl Adapter {
                 };
                 let name = remote_name(node, wire_id);
                 state.remote_by_name.remove(&name);
-                let _ = state.link.send(RemoteCommand::TrackRemoved { id: name });
+                state.link.send(RemoteCommand::TrackRemoved { id: name });
             }
             Event::SubscribeRequested {
                 room,
@@ -507,7 +533,7 @@ impl Adapter {
                     return;
                 };
                 if let Some(name) = state.local_by_id.get(&track) {
-                    let _ = state.link.send(RemoteCommand::KeyframeRequest {
+                    state.link.send(RemoteCommand::KeyframeRequest {
                         track: name.clone(),
                     });
                 }
@@ -528,11 +554,11 @@ impl Adapter {
                         if !text.trim().is_empty()
                             && text.chars().count() <= signal::MAX_CHAT_CHARS =>
                     {
-                        let _ = state.link.send(RemoteCommand::Chat { from: id, text });
+                        state.link.send(RemoteCommand::Chat { from: id, text });
                     }
                     Ok(DataMsg::Chat { .. }) => debug!("oversized or empty chat from a peer"),
                     Ok(DataMsg::Mute { audio, video }) => {
-                        let _ = state.link.send(RemoteCommand::Mute { id, audio, video });
+                        state.link.send(RemoteCommand::Mute { id, audio, video });
                     }
                     Err(e) => debug!(error = %e, "unreadable data from a peer"),
                 }
@@ -569,12 +595,12 @@ impl Adapter {
         let after = set.is_empty();
         if before && !after {
             info!(track = %name, peer = node.0, "a node subscribed to a local track");
-            let _ = state.link.send(RemoteCommand::Subscribe { track: name });
+            state.link.send(RemoteCommand::Subscribe { track: name });
         } else if !before && after {
-            let _ = state.link.send(RemoteCommand::Unsubscribe { track: name });
+            state.link.send(RemoteCommand::Unsubscribe { track: name });
         } else if on {
             // Another node joins an existing subscription: it needs a keyframe.
-            let _ = state
+            state
                 .link
                 .send(RemoteCommand::KeyframeRequest { track: name });
         }

@@ -147,6 +147,31 @@ pub struct Config {
     /// This node's private key (PEM).
     #[arg(long, env = "SWITCHBOARD_TRUNK_KEY", requires_all = ["trunk_ca", "trunk_cert"])]
     pub trunk_key: Option<PathBuf>,
+    /// QUIC congestion controller of the trunks: `bbr` (default; random
+    /// loss does not shrink its window), `cubic` or `newreno` (loss-based).
+    /// See docs/ARCHITECTURE.md for the measurements behind the default.
+    #[arg(long, env = "SWITCHBOARD_TRUNK_CONGESTION", value_enum, default_value_t = TrunkCongestion::Bbr)]
+    pub trunk_congestion: TrunkCongestion,
+}
+
+/// The trunk's QUIC congestion controller (`trunk::quic::Congestion`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TrunkCongestion {
+    #[default]
+    Bbr,
+    Cubic,
+    Newreno,
+}
+
+impl From<TrunkCongestion> for trunk::quic::Congestion {
+    fn from(c: TrunkCongestion) -> Self {
+        match c {
+            TrunkCongestion::Bbr => trunk::quic::Congestion::Bbr,
+            TrunkCongestion::Cubic => trunk::quic::Congestion::Cubic,
+            TrunkCongestion::Newreno => trunk::quic::Congestion::NewReno,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
@@ -178,6 +203,7 @@ impl Default for Config {
             trunk_ca: None,
             trunk_cert: None,
             trunk_key: None,
+            trunk_congestion: TrunkCongestion::Bbr,
         }
     }
 }
@@ -201,6 +227,7 @@ pub struct FileConfig {
     pub trunk_ca: Option<PathBuf>,
     pub trunk_cert: Option<PathBuf>,
     pub trunk_key: Option<PathBuf>,
+    pub trunk_congestion: Option<TrunkCongestion>,
 }
 
 impl FileConfig {
@@ -299,6 +326,9 @@ impl Config {
         }
         if let Some(v) = file.trunk_key.filter(|_| unset("trunk_key")) {
             self.trunk_key = Some(v);
+        }
+        if let Some(v) = file.trunk_congestion.filter(|_| unset("trunk_congestion")) {
+            self.trunk_congestion = v;
         }
     }
 }

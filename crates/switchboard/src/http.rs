@@ -88,11 +88,35 @@ async fn trunks(state: &AppState) -> serde_json::Value {
         .peers
         .iter()
         .map(|(id, p)| {
+            let m = &p.media;
+            let path = status.paths.get(id);
             json!({
                 "node_id": id.0,
                 "up": p.up,
                 "rtt_ms": p.rtt.map(|r| r.as_secs_f64() * 1000.0),
                 "rooms": p.rooms.keys().map(|r| r.as_str()).collect::<Vec<_>>(),
+                "media": {
+                    "datagrams_in": m.datagrams_in,
+                    "lost": m.lost,
+                    "repaired": m.repaired,
+                    "given_up": m.given_up,
+                    "late_drops": m.late_drops,
+                    "nacks_sent": m.nacks_sent,
+                    "nack_seqs_sent": m.nack_seqs_sent,
+                    "nacks_received": m.nacks_received,
+                    "nack_seqs_received": m.nack_seqs_received,
+                    "retransmits_sent": m.retransmits_sent,
+                    "retransmits_missed": m.retransmits_missed,
+                    "retransmits_refused": m.retransmits_refused,
+                },
+                "path": path.map(|p| json!({
+                    "rtt_ms": p.rtt.as_secs_f64() * 1000.0,
+                    "cwnd_bytes": p.cwnd,
+                    "lost_packets": p.lost_packets,
+                    "congestion_events": p.congestion_events,
+                    "sent_packets": p.sent_packets,
+                    "mtu": p.current_mtu,
+                })),
             })
         })
         .collect()

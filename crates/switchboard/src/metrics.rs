@@ -40,6 +40,10 @@ struct Snapshot {
     errors: Vec<(&'static str, u64)>,
     /// Per peer node: (node id, link up, RTT in seconds if measured).
     trunks: Vec<(String, i64, Option<f64>)>,
+    /// Per-peer counter families: name, help, (peer, value).
+    peer_counters: Vec<(&'static str, &'static str, Vec<(String, u64)>)>,
+    /// Per-peer gauge families.
+    peer_gauges: Vec<(&'static str, &'static str, Vec<(String, f64)>)>,
 }
 
 impl Collector for Snapshot {
@@ -87,6 +91,22 @@ impl Collector for Snapshot {
                     let labels = [("peer", node.as_str())];
                     ConstGauge::new(*r).encode(rtt.encode_family(&labels)?)?;
                 }
+            }
+        }
+        for (name, help, values) in &self.peer_counters {
+            let kind = ConstCounter::new(0u64).metric_type();
+            let mut family = enc.encode_descriptor(name, help, None, kind)?;
+            for (peer, v) in values {
+                let labels = [("peer", peer.as_str())];
+                ConstCounter::new(*v).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        for (name, help, values) in &self.peer_gauges {
+            let kind = ConstGauge::new(0.0f64).metric_type();
+            let mut family = enc.encode_descriptor(name, help, None, kind)?;
+            for (peer, v) in values {
+                let labels = [("peer", peer.as_str())];
+                ConstGauge::new(*v).encode(family.encode_family(&labels)?)?;
             }
         }
         Ok(())
@@ -169,6 +189,16 @@ pub(crate) fn render(
                 g(&m.remote_media_dropped),
             ),
             (
+                "switchboard_remote_media_in_dropped",
+                "Media packets from other nodes dropped because the media worker's queue was full",
+                g(&m.remote_media_in_dropped),
+            ),
+            (
+                "switchboard_trunk_adapter_media_dropped",
+                "Local media for other nodes dropped on its way to the trunk adapter",
+                state.cluster.as_ref().map_or(0, |c| c.adapter_drops()),
+            ),
+            (
                 "switchboard_ws_accepted",
                 "Signaling WebSockets accepted",
                 state.ws_total.load(Ordering::Relaxed),
@@ -201,6 +231,8 @@ pub(crate) fn render(
                     .collect()
             })
             .unwrap_or_default(),
+        peer_counters: Vec::new(),
+        peer_gauges: Vec::new(),
     };
     let mut snapshot = snapshot;
     if let Some(t) = &trunk {
@@ -265,6 +297,128 @@ pub(crate) fn render(
                 "switchboard_trunk_handshakes_failed",
                 "Incoming trunk handshakes that failed (unauthenticated nodes, garbage)",
                 t.driver.handshakes_failed,
+            ),
+            (
+                "switchboard_trunk_datagrams_in_dropped",
+                "Trunk datagrams dropped because the trunk core's queue was full",
+                t.driver.datagrams_in_dropped,
+            ),
+            (
+                "switchboard_trunk_media_events_dropped",
+                "Remote media dropped because the adapter's queue was full",
+                t.driver.media_events_dropped,
+            ),
+            (
+                "switchboard_trunk_video_dropped_congestion",
+                "Video packets not sent because a trunk lacked bandwidth (audio kept)",
+                t.driver.video_dropped_congestion,
+            ),
+            (
+                "switchboard_trunk_video_resumed",
+                "Keyframes asked for when video fit on a trunk again",
+                t.driver.video_resumed,
+            ),
+            (
+                "switchboard_trunk_writer_overflows",
+                "Trunks closed because the peer stopped reading its control stream",
+                t.driver.writer_overflows,
+            ),
+        ]);
+        let peers: Vec<(String, &trunk::proto::PeerMediaStats)> = t
+            .node
+            .peers
+            .iter()
+            .map(|(id, p)| (id.0.to_string(), &p.media))
+            .collect();
+        let per = |f: fn(&trunk::proto::PeerMediaStats) -> u64| {
+            peers
+                .iter()
+                .map(|(id, m)| (id.clone(), f(m)))
+                .collect::<Vec<_>>()
+        };
+        snapshot.peer_counters.extend([
+            (
+                "switchboard_trunk_media_datagrams_in",
+                "Media datagrams accepted from the peer",
+                per(|m| m.datagrams_in),
+            ),
+            (
+                "switchboard_trunk_media_lost",
+                "Packets of the peer's video seen missing on the trunk (gaps)",
+                per(|m| m.lost),
+            ),
+            (
+                "switchboard_trunk_media_repaired",
+                "Missing packets later received (retransmitted or late)",
+                per(|m| m.repaired),
+            ),
+            (
+                "switchboard_trunk_media_given_up",
+                "Missing packets given up (too late to be useful)",
+                per(|m| m.given_up),
+            ),
+            (
+                "switchboard_trunk_media_late_drops",
+                "Media datagrams from the peer dropped for arriving after the lateness bound",
+                per(|m| m.late_drops),
+            ),
+            (
+                "switchboard_trunk_nacks_sent",
+                "NACK datagrams sent to the peer",
+                per(|m| m.nacks_sent),
+            ),
+            (
+                "switchboard_trunk_nacks_received",
+                "NACK datagrams received from the peer",
+                per(|m| m.nacks_received),
+            ),
+            (
+                "switchboard_trunk_retransmits_sent",
+                "Packets resent to the peer answering its NACKs",
+                per(|m| m.retransmits_sent),
+            ),
+            (
+                "switchboard_trunk_retransmits_missed",
+                "Packets the peer NACKed that were no longer in the history",
+                per(|m| m.retransmits_missed),
+            ),
+            (
+                "switchboard_trunk_retransmits_refused",
+                "NACKed packets refused (not subscribed, or over the peer's budget)",
+                per(|m| m.retransmits_refused),
+            ),
+        ]);
+        let paths: Vec<(String, trunk::quic::PathStatus)> = t
+            .paths
+            .iter()
+            .map(|(id, p)| (id.0.to_string(), *p))
+            .collect();
+        let path = |f: fn(&trunk::quic::PathStatus) -> f64| {
+            paths
+                .iter()
+                .map(|(id, p)| (id.clone(), f(p)))
+                .collect::<Vec<_>>()
+        };
+        snapshot.peer_gauges.extend([
+            (
+                "switchboard_trunk_path_rtt_seconds",
+                "QUIC's smoothed RTT of the trunk",
+                path(|p| p.rtt.as_secs_f64()),
+            ),
+            (
+                "switchboard_trunk_path_cwnd_bytes",
+                "QUIC congestion window of the trunk",
+                path(|p| p.cwnd as f64),
+            ),
+            (
+                "switchboard_trunk_path_lost_packets",
+                "QUIC packets lost on the trunk's current connection",
+                path(|p| p.lost_packets as f64),
+            ),
+            (
+                "switchboard_trunk_path_congestion_events",
+                "QUIC congestion events on the trunk's current connection",
+                path(|p| p.congestion_events as f64),
             ),
         ]);
     }

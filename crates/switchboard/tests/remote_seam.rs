@@ -32,7 +32,8 @@ fn relay(e: RemoteEvent, seqs: &mut HashMap<String, SeqExtender>) -> Option<Remo
         RemoteEvent::Media { track, packet } => {
             let bytes = packet.to_rtp();
             let ext = seqs.entry(track.clone()).or_default();
-            let packet = MediaPacket::from_rtp(&bytes, ext).expect("our own RTP parses");
+            let packet =
+                MediaPacket::from_rtp(&bytes, ext, packet.arrival).expect("our own RTP parses");
             RemoteCommand::Media { track, packet }
         }
         RemoteEvent::KeyframeRequest { track } => RemoteCommand::KeyframeRequest { track },

@@ -13,7 +13,7 @@ use trunk::proto::{
     CodecParams, Config, Event, Layer, NodeId, ParticipantId, ParticipantInfo, RoomName, TrackId,
     TrackInfo, TrackKind, TrackSource,
 };
-use trunk::quic::{Identity, Trunk, TrunkConfig, TrunkEvent};
+use trunk::quic::{Identity, Trunk, TrunkConfig, TrunkEvent, TrunkEvents};
 
 const SECRET: &str = "throughput measurement secret";
 
@@ -28,6 +28,7 @@ async fn main() {
             identity: Identity::from_secret(SECRET).unwrap(),
             bind: "127.0.0.1:0".parse().unwrap(),
             peers,
+            congestion: Default::default(),
         })
         .unwrap()
     };
@@ -111,7 +112,12 @@ async fn main() {
     let mut next = Instant::now();
     while Instant::now() < deadline {
         payload[..8].copy_from_slice(&(origin.elapsed().as_micros() as u64).to_le_bytes());
-        a.send_media(TrackId(1), Layer(0), Bytes::copy_from_slice(&payload));
+        a.send_media(
+            TrackId(1),
+            Layer(0),
+            Bytes::copy_from_slice(&payload),
+            Instant::now(),
+        );
         sent += 1;
         match interval {
             Some(i) => {
@@ -147,10 +153,7 @@ async fn main() {
     b.shutdown().await;
 }
 
-async fn wait(
-    rx: &mut tokio::sync::mpsc::UnboundedReceiver<TrunkEvent>,
-    pred: impl Fn(&TrunkEvent) -> bool,
-) -> TrunkEvent {
+async fn wait(rx: &mut TrunkEvents, pred: impl Fn(&TrunkEvent) -> bool) -> TrunkEvent {
     loop {
         let e = tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await

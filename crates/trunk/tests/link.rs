@@ -177,7 +177,7 @@ fn version_and_cluster_are_checked() {
     let hello = Message::Hello {
         node_id: NodeId(3),
         incarnation: trunk::proto::Incarnation(1),
-        version: 2,
+        version: trunk::proto::PROTOCOL_VERSION + 1,
         cluster: "test".into(),
     };
     let f = wire::encode_frame(&hello).expect("encodes");
@@ -426,17 +426,25 @@ fn media_flows_only_to_subscribers_and_unknown_wire_ids_are_dropped() {
             .should_send(NodeId(3), TrackId(1), Layer(1))
             .is_none()
     );
-    assert_eq!(net.nodes[1].media_targets(TrackId(1), Layer(1)).len(), 1);
-
     let mut d = Vec::new();
-    wire::encode_datagram(wire_id, b"rtp", &mut d);
+    let now = net.now;
+    assert_eq!(
+        net.nodes[1].send_media(TrackId(1), Layer(1), b"rtp", now, now, &mut d),
+        &[(NodeId(1), ConnId(1))]
+    );
+    assert!(
+        net.nodes[1]
+            .send_media(TrackId(1), Layer(0), b"rtp", now, now, &mut Vec::new())
+            .is_empty(),
+        "nobody wants layer 0"
+    );
     let got = net.nodes[0]
-        .handle_datagram(ConnId(1), &d)
+        .handle_datagram(ConnId(1), &d, now)
         .expect("accepted");
     assert_eq!((got.node, got.packet), (NodeId(2), &b"rtp"[..]));
-    wire::encode_datagram(WireId(4242), b"rtp", &mut d);
-    assert!(net.nodes[0].handle_datagram(ConnId(1), &d).is_none());
-    assert!(net.nodes[0].handle_datagram(ConnId(77), &d).is_none());
+    wire::encode_datagram(WireId(4242), 0, b"rtp", &mut d);
+    assert!(net.nodes[0].handle_datagram(ConnId(1), &d, now).is_none());
+    assert!(net.nodes[0].handle_datagram(ConnId(77), &d, now).is_none());
     assert_eq!(net.nodes[0].metrics().unknown_wire_drops, 2);
 
     net.nodes[0]
@@ -453,8 +461,8 @@ fn media_flows_only_to_subscribers_and_unknown_wire_ids_are_dropped() {
         .unpublish_track(&r, TrackId(1))
         .expect("unpublish");
     net.run();
-    wire::encode_datagram(wire_id, b"rtp", &mut d);
-    assert!(net.nodes[0].handle_datagram(ConnId(1), &d).is_none());
+    wire::encode_datagram(wire_id, 0, b"rtp", &mut d);
+    assert!(net.nodes[0].handle_datagram(ConnId(1), &d, now).is_none());
 }
 
 #[test]

@@ -6,21 +6,16 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::mpsc::UnboundedReceiver;
 use trunk::proto::{
     CloseCode, CodecParams, Config, Event, Layer, NodeId, ParticipantId, ParticipantInfo, RoomName,
     TrackId, TrackInfo, TrackKind, TrackSource, WireId,
 };
-use trunk::quic::{Identity, Trunk, TrunkConfig, TrunkEvent};
+use trunk::quic::{Identity, Trunk, TrunkConfig, TrunkEvent, TrunkEvents};
 
 const T: Duration = Duration::from_secs(20);
 const SECRET: &str = "a test cluster secret of some length";
 
-fn start(
-    id: u64,
-    secret: &str,
-    peers: Vec<(u64, SocketAddr)>,
-) -> (Trunk, UnboundedReceiver<TrunkEvent>) {
+fn start(id: u64, secret: &str, peers: Vec<(u64, SocketAddr)>) -> (Trunk, TrunkEvents) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -30,13 +25,14 @@ fn start(
         identity: Identity::from_secret(secret).unwrap(),
         bind: "127.0.0.1:0".parse().unwrap(),
         peers: peers.into_iter().map(|(n, a)| (NodeId(n), a)).collect(),
+        congestion: Default::default(),
     })
     .expect("trunk starts")
 }
 
 /// The next event matching `pred`, skipping others.
 async fn expect<F: Fn(&TrunkEvent) -> bool>(
-    rx: &mut UnboundedReceiver<TrunkEvent>,
+    rx: &mut TrunkEvents,
     what: &str,
     pred: F,
 ) -> TrunkEvent {
@@ -137,11 +133,17 @@ async fn two_nodes_link_and_carry_tracks_media_and_data() {
     // A 1200-byte RTP-sized packet arrives intact (it must fit from the
     // first datagram: initial MTU).
     let packet: Vec<u8> = (0..1200u32).map(|i| (i * 7 % 251) as u8).collect();
-    a.send_media(TrackId(100), Layer(0), Bytes::from(packet.clone()));
+    a.send_media(
+        TrackId(100),
+        Layer(0),
+        Bytes::from(packet.clone()),
+        std::time::Instant::now(),
+    );
     let TrunkEvent::Media {
         node,
         wire_id: w,
         packet: got,
+        ..
     } = expect(&mut brx, "media at B", |e| {
         matches!(e, TrunkEvent::Media { .. })
     })
@@ -216,7 +218,7 @@ async fn a_node_with_another_secret_never_links_and_garbage_does_not_hurt() {
     tokio::time::timeout(T, failed)
         .await
         .expect("B saw Mallory's handshakes fail");
-    while let Ok(e) = mrx.try_recv() {
+    while let Ok(e) = mrx.control.try_recv() {
         assert!(
             !matches!(e, TrunkEvent::Proto(Event::LinkUp { .. })),
             "Mallory linked: {e:?}"
@@ -400,7 +402,7 @@ fn start_with_files(
     id: u64,
     dir: &std::path::Path,
     peers: Vec<(u64, SocketAddr)>,
-) -> (Trunk, UnboundedReceiver<TrunkEvent>) {
+) -> (Trunk, TrunkEvents) {
     let identity = Identity::from_pem_files(
         &dir.join("ca.pem"),
         &dir.join("cert.pem"),
@@ -412,6 +414,7 @@ fn start_with_files(
         identity,
         bind: "127.0.0.1:0".parse().unwrap(),
         peers: peers.into_iter().map(|(n, a)| (NodeId(n), a)).collect(),
+        congestion: Default::default(),
     })
     .expect("trunk starts")
 }

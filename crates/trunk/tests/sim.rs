@@ -917,13 +917,15 @@ impl Sim {
                 let mut dgram = Vec::new();
                 wire::encode_datagram(
                     WireId(self.rng.random_range(1 << 30..u32::MAX)),
+                    self.now.0,
                     b"rtp",
                     &mut dgram,
                 );
                 let before = self.nodes[i].node.metrics().unknown_wire_drops;
+                let now = self.now;
                 if self.nodes[i]
                     .node
-                    .handle_datagram(ConnId(conn), &dgram)
+                    .handle_datagram(ConnId(conn), &dgram, now)
                     .is_some()
                 {
                     self.fail("a datagram with an unknown wire id was accepted".into());

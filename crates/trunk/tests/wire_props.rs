@@ -2,7 +2,7 @@
 //! and mutated bytes never panic and never decode past the frame limit.
 
 use proptest::prelude::*;
-use trunk::proto::wire::{self, MAX_FRAME, Message};
+use trunk::proto::wire::{self, Datagram, DatagramMessage, MAX_FRAME, Message};
 use trunk::proto::{
     CloseCode, CodecParams, Generation, Gens, Incarnation, Layer, NodeId, ParticipantId,
     ParticipantInfo, RoomName, TrackInfo, TrackKind, TrackSource, WireId,
@@ -197,13 +197,58 @@ proptest! {
     }
 
     #[test]
-    fn datagram_round_trips(w in any::<u32>(), packet in proptest::collection::vec(any::<u8>(), 0..1500)) {
+    fn datagram_round_trips(
+        w in 1..=u32::MAX,
+        origin in any::<u64>(),
+        packet in proptest::collection::vec(any::<u8>(), 0..1500),
+    ) {
         let mut out = Vec::new();
-        wire::encode_datagram(WireId(w), &packet, &mut out);
+        wire::encode_datagram(WireId(w), origin, &packet, &mut out);
         prop_assert!(out.len() <= packet.len() + wire::MAX_DATAGRAM_HEADER);
-        let (id, p) = wire::decode_datagram(&out).expect("decodes");
-        prop_assert_eq!(id, WireId(w));
-        prop_assert_eq!(p, &packet[..]);
+        let decoded = wire::decode_datagram(&out).expect("decodes");
+        prop_assert_eq!(
+            decoded,
+            Datagram::Media { wire_id: WireId(w), origin, packet: &packet[..] }
+        );
+    }
+
+    #[test]
+    fn nack_datagrams_round_trip(
+        w in any::<u32>(),
+        seqs in proptest::collection::vec(any::<u16>(), 0..=wire::MAX_NACK_SEQS),
+    ) {
+        let msg = DatagramMessage::Nack { wire_id: WireId(w), seqs };
+        let mut out = Vec::new();
+        wire::encode_control_datagram(&msg, &mut out);
+        prop_assert_eq!(wire::decode_datagram(&out).expect("decodes"), Datagram::Control(msg));
+    }
+
+    #[test]
+    fn oversized_nacks_are_refused(w in any::<u32>(), extra in 1usize..64) {
+        let seqs = vec![7u16; wire::MAX_NACK_SEQS + extra];
+        let mut out = Vec::new();
+        wire::encode_control_datagram(&DatagramMessage::Nack { wire_id: WireId(w), seqs }, &mut out);
+        prop_assert!(wire::decode_datagram(&out).is_err());
+    }
+
+    #[test]
+    fn mutated_datagrams_never_panic(
+        seqs in proptest::collection::vec(any::<u16>(), 0..20),
+        flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
+        truncate in any::<Option<usize>>(),
+    ) {
+        let mut out = Vec::new();
+        wire::encode_control_datagram(&DatagramMessage::Nack { wire_id: WireId(3), seqs }, &mut out);
+        for (at, x) in flips {
+            let i = at % out.len();
+            out[i] ^= x;
+        }
+        if let Some(t) = truncate {
+            out.truncate(t % (out.len() + 1));
+        }
+        if let Ok(Datagram::Control(DatagramMessage::Nack { seqs, .. })) = wire::decode_datagram(&out) {
+            prop_assert!(seqs.len() <= wire::MAX_NACK_SEQS);
+        }
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! has learned from each peer for rooms where the room link is up.
 
 use super::ratelimit::RateLimiter;
+use super::repair::{RecvRepair, SendHistory};
 use super::types::{
-    Generation, Layer, NodeId, ParticipantId, ParticipantInfo, TrackId, TrackInfo, WireId,
+    ConnId, Generation, Layer, NodeId, ParticipantId, ParticipantInfo, RoomName, TrackId,
+    TrackInfo, TrackKind, WireId,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -23,13 +25,6 @@ impl LocalRoom {
             participants: BTreeMap::new(),
             tracks: BTreeMap::new(),
         }
-    }
-
-    pub fn track_by_wire(&mut self, wire_id: WireId) -> Option<(TrackId, &mut LocalTrack)> {
-        self.tracks
-            .iter_mut()
-            .find(|(_, t)| t.wire_id == wire_id)
-            .map(|(id, t)| (*id, t))
     }
 }
 
@@ -69,4 +64,28 @@ pub(crate) struct RemoteTrack {
     /// Layers the local SFU subscribed to.
     pub layers: BTreeSet<Layer>,
     pub keyframes: RateLimiter,
+}
+
+/// The media fast path's view of a local track: kept apart from the room
+/// directory so sending a packet is one hash lookup and no allocation.
+#[derive(Debug)]
+pub(crate) struct TrackMedia {
+    pub wire_id: WireId,
+    pub kind: TrackKind,
+    /// Per layer, the (node, connection) pairs subscribed to it; rebuilt
+    /// whenever a subscription or a link changes, never per packet.
+    pub targets: Vec<(Layer, Vec<(NodeId, ConnId)>)>,
+    /// What was sent, for retransmission (video only: a late audio frame is
+    /// worth less than the concealment the receiver already did).
+    pub history: Option<SendHistory>,
+}
+
+/// The receive side's view of one remote wire id (up room links only).
+#[derive(Debug)]
+pub(crate) struct WireIn {
+    pub room: RoomName,
+    pub kind: TrackKind,
+    /// Gap detection and NACKs, while the local SFU subscribes to a video
+    /// track; `None` otherwise.
+    pub repair: Option<RecvRepair>,
 }

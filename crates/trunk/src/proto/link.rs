@@ -1,7 +1,9 @@
 //! Connections and per-peer link state, and the redial schedule.
 
-use super::directory::RemoteRoom;
+use super::directory::{RemoteRoom, WireIn};
 use super::heartbeat::Heartbeat;
+use super::node::PeerMediaStats;
+use super::repair::ClockOffset;
 use super::time::Time;
 use super::types::{ConnId, Generation, Incarnation, NodeId, RoomName, WireId};
 use std::collections::{BTreeMap, HashMap};
@@ -48,8 +50,14 @@ pub(crate) struct Peer {
     pub remote_open: BTreeMap<RoomName, Generation>,
     /// Up room links (local open ∧ remote open ∧ link active).
     pub rooms: BTreeMap<RoomName, RemoteRoom>,
-    /// Datagram demultiplexing: wire id → room, for up room links only.
-    pub wires: HashMap<WireId, RoomName>,
+    /// Datagram demultiplexing: wire id → room and repair state, for up
+    /// room links only.
+    pub wires: HashMap<WireId, WireIn>,
+    /// The peer's clock against ours, from its media datagrams.
+    pub clock: ClockOffset,
+    /// Retransmissions it may still ask of us (token bucket).
+    pub retransmit_budget: Budget,
+    pub stats: PeerMediaStats,
     pub dial: DialState,
     pub attempts: u32,
     pub ever_up: bool,
@@ -64,9 +72,40 @@ impl Peer {
             remote_open: BTreeMap::new(),
             rooms: BTreeMap::new(),
             wires: HashMap::new(),
+            clock: ClockOffset::default(),
+            retransmit_budget: Budget::default(),
+            stats: PeerMediaStats::default(),
             dial: DialState::Idle,
             attempts: 0,
             ever_up: false,
+        }
+    }
+}
+
+/// A token bucket of whole tokens refilled at `rate` per second, holding at
+/// most `rate` (one second's worth).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Budget {
+    /// Tokens in millionths, so refills of a few microseconds are not lost.
+    micro: u64,
+    last: Option<Time>,
+}
+
+impl Budget {
+    /// Take one token at `now` if there is one.
+    pub fn take(&mut self, now: Time, rate: u32) -> bool {
+        let cap = u64::from(rate) * 1_000_000;
+        let refill = match self.last {
+            None => cap,
+            Some(t) => now.since(t).as_micros() as u64 * u64::from(rate),
+        };
+        self.last = Some(now);
+        self.micro = self.micro.saturating_add(refill).min(cap);
+        if self.micro >= 1_000_000 {
+            self.micro -= 1_000_000;
+            true
+        } else {
+            false
         }
     }
 }
@@ -105,6 +144,16 @@ impl SplitMix {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn budget_refills_at_its_rate() {
+        let mut b = Budget::default();
+        let taken = (0..50).filter(|_| b.take(Time(0), 10)).count();
+        assert_eq!(taken, 10, "a full second's burst at start");
+        assert!(!b.take(Time(50_000), 10), "0.5 token after 50 ms");
+        assert!(b.take(Time(100_000), 10));
+        assert!(!b.take(Time(100_000), 10));
+    }
 
     #[test]
     fn backoff_grows_and_caps() {

@@ -21,4 +21,15 @@ pub struct Metrics {
     pub duplicates_closed: u64,
     /// Keyframe requests merged by rate limiting.
     pub keyframes_coalesced: u64,
+    /// Media repair, summed over peers (per peer: `PeerMediaStats`).
+    pub media_lost: u64,
+    pub media_repaired: u64,
+    pub media_given_up: u64,
+    /// Media datagrams dropped for arriving after the lateness bound.
+    pub late_drops: u64,
+    pub nacks_sent: u64,
+    pub nacks_received: u64,
+    pub retransmits_sent: u64,
+    pub retransmits_missed: u64,
+    pub retransmits_refused: u64,
 }

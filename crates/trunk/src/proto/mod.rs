@@ -12,6 +12,7 @@ mod link;
 mod metrics;
 mod node;
 mod ratelimit;
+pub mod repair;
 mod time;
 mod types;
 pub mod wire;
@@ -21,11 +22,15 @@ pub use heartbeat::Heartbeat;
 pub use metrics::Metrics;
 #[cfg(feature = "planted-bugs")]
 pub use node::PlantedBugs;
-pub use node::{Config, Event, Node, NodeSnapshot, PeerSnapshot, RemoteDatagram, Transmit};
+pub use node::{
+    Config, DatagramOut, Event, Node, NodeSnapshot, PeerMediaStats, PeerSnapshot, RemoteDatagram,
+    Transmit,
+};
 pub use ratelimit::RateLimiter;
+pub use repair::RepairConfig;
 pub use time::Time;
 pub use types::{
     CloseCode, CodecParams, ConnId, Generation, Gens, Incarnation, Layer, NodeId, ParticipantId,
     ParticipantInfo, RoomName, RoomNameError, TrackId, TrackInfo, TrackKind, TrackSource, WireId,
 };
-pub use wire::{Message, PROTOCOL_VERSION};
+pub use wire::{Datagram, DatagramMessage, Message, PROTOCOL_VERSION};

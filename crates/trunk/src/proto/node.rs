@@ -1,18 +1,21 @@
 //! One node's trunk protocol: every peer link, every room link, the track
 //! directory and subscriptions, behind a sans-IO API.
 
-use super::directory::{LocalRoom, LocalTrack, RemoteRoom, RemoteTrack};
+use super::directory::{LocalRoom, LocalTrack, RemoteRoom, RemoteTrack, TrackMedia, WireIn};
 use super::error::{DecodeError, LocalError};
 use super::heartbeat::{Heartbeat, HeartbeatAction};
 use super::link::{Conn, ConnState, DialState, Peer, SplitMix, backoff};
 use super::metrics::Metrics;
 use super::ratelimit::RateLimiter;
+use super::repair::{Arrival, RecvRepair, RepairConfig, SendHistory, rtp_seq};
 use super::time::Time;
 use super::types::{
     CloseCode, ConnId, Generation, Gens, Incarnation, Layer, NodeId, ParticipantId,
-    ParticipantInfo, RoomName, TrackId, TrackInfo, WireId,
+    ParticipantInfo, RoomName, TrackId, TrackInfo, TrackKind, WireId,
 };
-use super::wire::{self, MAX_DATA_PAYLOAD, Message, PROTOCOL_VERSION};
+use super::wire::{
+    self, Datagram, DatagramMessage, MAX_DATA_PAYLOAD, MAX_NACK_SEQS, Message, PROTOCOL_VERSION,
+};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
@@ -32,6 +35,8 @@ pub struct Config {
     pub redial_cap: Duration,
     /// Minimum spacing of keyframe requests per track.
     pub keyframe_interval: Duration,
+    /// Loss repair and the lateness bound for media (see `repair.rs`).
+    pub repair: RepairConfig,
     /// Test-only switches that plant known bugs (see `tests/sim.rs`).
     #[cfg(feature = "planted-bugs")]
     pub bugs: PlantedBugs,
@@ -47,6 +52,7 @@ impl Config {
             redial_base: Duration::from_millis(100),
             redial_cap: Duration::from_secs(10),
             keyframe_interval: Duration::from_millis(500),
+            repair: RepairConfig::default(),
             #[cfg(feature = "planted-bugs")]
             bugs: PlantedBugs::default(),
         }
@@ -65,6 +71,9 @@ pub struct PlantedBugs {
     pub skip_resync: bool,
     /// Keep what a peer taught us when it comes back with a new incarnation.
     pub keep_state_on_restart: bool,
+    /// Answer a NACK with retransmissions without checking that the asking
+    /// node still subscribes to the track.
+    pub retransmit_unsubscribed: bool,
 }
 
 /// Something for the driver to send or do on a connection.
@@ -146,6 +155,51 @@ pub struct RemoteDatagram<'a> {
     pub node: NodeId,
     pub wire_id: WireId,
     pub packet: &'a [u8],
+    /// When the origin received the packet from its publisher, mapped onto
+    /// our clock (never later than now). Every track of one origin is
+    /// mapped alike, so using it as the packet's wallclock keeps the
+    /// origin's audio/video timing (lip sync) whatever the trunk's jitter.
+    pub origin: Time,
+    /// It filled a hole under repair (a retransmission or a late original).
+    pub repaired: bool,
+}
+
+/// A datagram the core wants sent (a NACK, or a retransmission answering one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatagramOut {
+    pub conn: ConnId,
+    pub node: NodeId,
+    pub bytes: Vec<u8>,
+}
+
+/// Media repair counters of one peer (both directions), for `/metrics` and
+/// the status API. Reset when a peer that dialed us is forgotten.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerMediaStats {
+    /// Media datagrams accepted from the peer.
+    pub datagrams_in: u64,
+    /// Sequence numbers of its tracks seen missing (gaps).
+    pub lost: u64,
+    /// Of those, filled later (by a retransmission or a late original).
+    pub repaired: u64,
+    /// Of those, given up (would arrive after the lateness bound, or the
+    /// gap was longer than can be repaired).
+    pub given_up: u64,
+    /// Datagrams that arrived later than the lateness bound: dropped.
+    pub late_drops: u64,
+    /// NACK datagrams we sent it, and the sequence numbers they named.
+    pub nacks_sent: u64,
+    pub nack_seqs_sent: u64,
+    /// NACK datagrams it sent us, and the sequence numbers they named.
+    pub nacks_received: u64,
+    pub nack_seqs_received: u64,
+    /// Packets we resent to it.
+    pub retransmits_sent: u64,
+    /// NACKed packets no longer (or never) in our history.
+    pub retransmits_missed: u64,
+    /// NACKs refused: it does not subscribe to the track, or asked for more
+    /// than its retransmission budget.
+    pub retransmits_refused: u64,
 }
 
 /// A read-only copy of a node's state, for invariant checks and the status API.
@@ -176,6 +230,7 @@ pub struct PeerSnapshot {
     pub rooms: BTreeMap<RoomName, RemoteRoomSnapshot>,
     pub wires: usize,
     pub rtt: Option<Duration>,
+    pub media: PeerMediaStats,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -183,6 +238,15 @@ pub struct RemoteRoomSnapshot {
     pub participants: BTreeMap<ParticipantId, ParticipantInfo>,
     pub tracks: BTreeMap<WireId, TrackInfo>,
     pub subscribed: BTreeMap<WireId, BTreeSet<Layer>>,
+}
+
+/// A keyframe limiter holding a coalesced request.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum KfKey {
+    /// A local track's (requests from peers).
+    Local(TrackId),
+    /// A remote track's (our requests to its origin).
+    Remote(NodeId, WireId),
 }
 
 /// The trunk protocol state machine of one node.
@@ -198,9 +262,21 @@ pub struct Node {
     conns: HashMap<ConnId, Conn>,
     peers: BTreeMap<NodeId, Peer>,
     rooms: BTreeMap<RoomName, LocalRoom>,
-    /// Local track → room, for the media fast path.
+    /// Local track → room.
     track_rooms: HashMap<TrackId, RoomName>,
+    /// Local track → what the media fast path needs (wire id, targets,
+    /// history): one hash lookup per packet, whatever the number of rooms.
+    media: HashMap<TrackId, TrackMedia>,
+    /// Local wire id → track (NACKs, subscriptions, keyframe requests).
+    local_wires: HashMap<WireId, TrackId>,
+    /// Remote tracks with sequence numbers under repair: the only ones the
+    /// repair timer visits.
+    repairing: BTreeSet<(NodeId, WireId)>,
+    /// Keyframe limiters holding a coalesced request: the only ones the
+    /// keyframe timer visits.
+    kf_pending: BTreeSet<KfKey>,
     out: VecDeque<Transmit>,
+    datagrams: VecDeque<DatagramOut>,
     events: VecDeque<Event>,
     metrics: Metrics,
 }
@@ -237,7 +313,12 @@ impl Node {
             peers: BTreeMap::new(),
             rooms: BTreeMap::new(),
             track_rooms: HashMap::new(),
+            media: HashMap::new(),
+            local_wires: HashMap::new(),
+            repairing: BTreeSet::new(),
+            kf_pending: BTreeSet::new(),
             out: VecDeque::new(),
+            datagrams: VecDeque::new(),
             events: VecDeque::new(),
             metrics: Metrics::default(),
         }
@@ -261,6 +342,11 @@ impl Node {
         self.conns.get(&conn)?.heartbeat.rtt()
     }
 
+    /// The active connection to `node`, if the link is up.
+    pub fn peer_conn(&self, node: NodeId) -> Option<ConnId> {
+        self.peers.get(&node)?.conn
+    }
+
     pub fn is_link_up(&self, node: NodeId) -> bool {
         self.peers.get(&node).is_some_and(|p| p.conn.is_some())
     }
@@ -275,7 +361,14 @@ impl Node {
         self.events.pop_front()
     }
 
-    /// The earliest time [`Self::handle_timeout`] has work to do.
+    /// Next datagram to send (NACKs, retransmissions).
+    pub fn poll_datagram(&mut self) -> Option<DatagramOut> {
+        self.datagrams.pop_front()
+    }
+
+    /// The earliest time [`Self::handle_timeout`] has work to do. Visits
+    /// connections and peers, and only the tracks that hold a coalesced
+    /// keyframe request or a gap under repair — never every track.
     pub fn poll_timeout(&self) -> Option<Time> {
         let mut t: Option<Time> = None;
         let mut min = |x: Time| t = Some(t.map_or(x, |y| y.min(x)));
@@ -286,22 +379,38 @@ impl Node {
             if let DialState::Scheduled(at) = p.dial {
                 min(at);
             }
-            for r in p.rooms.values() {
-                for tr in r.tracks.values() {
-                    if let Some(at) = tr.keyframes.poll_timeout() {
-                        min(at);
-                    }
-                }
+        }
+        for key in &self.kf_pending {
+            if let Some(at) = self.limiter(key).and_then(|l| l.poll_timeout()) {
+                min(at);
             }
         }
-        for r in self.rooms.values() {
-            for tr in r.tracks.values() {
-                if let Some(at) = tr.keyframes.poll_timeout() {
-                    min(at);
-                }
+        for (node, wire) in &self.repairing {
+            let due = self
+                .peers
+                .get(node)
+                .and_then(|p| p.wires.get(wire))
+                .and_then(|w| w.repair.as_ref())
+                .and_then(|r| r.next_due(&self.config.repair));
+            if let Some(at) = due {
+                min(at);
             }
         }
         t
+    }
+
+    fn limiter(&self, key: &KfKey) -> Option<&RateLimiter> {
+        match key {
+            KfKey::Local(track) => {
+                let room = self.track_rooms.get(track)?;
+                Some(&self.rooms.get(room)?.tracks.get(track)?.keyframes)
+            }
+            KfKey::Remote(node, wire) => {
+                let peer = self.peers.get(node)?;
+                let room = &peer.wires.get(wire)?.room;
+                Some(&peer.rooms.get(room)?.tracks.get(wire)?.keyframes)
+            }
+        }
     }
 
     // ----- driver inputs -------------------------------------------------
@@ -404,13 +513,16 @@ impl Node {
         }
     }
 
-    /// A media datagram. Returns it only if its wire id belongs to an up
-    /// room link on this connection's peer; anything else is dropped and
-    /// counted — nothing is ever created by a datagram.
+    /// A datagram. Media is returned only if its wire id belongs to an up
+    /// room link on this connection's peer and it is not later than the
+    /// lateness bound; anything else is dropped and counted — nothing is
+    /// ever created by a datagram. A NACK queues retransmissions
+    /// ([`Self::poll_datagram`]) of what the asking peer subscribes to.
     pub fn handle_datagram<'a>(
         &mut self,
         conn: ConnId,
         datagram: &'a [u8],
+        now: Time,
     ) -> Option<RemoteDatagram<'a>> {
         self.metrics.datagrams_in += 1;
         let node = match self.conns.get(&conn).map(|c| c.state) {
@@ -420,23 +532,115 @@ impl Node {
                 return None;
             }
         };
-        let Ok((wire_id, packet)) = wire::decode_datagram(datagram) else {
+        let (wire_id, origin, packet) = match wire::decode_datagram(datagram) {
+            Ok(Datagram::Media {
+                wire_id,
+                origin,
+                packet,
+            }) => (wire_id, origin, packet),
+            Ok(Datagram::Control(DatagramMessage::Nack { wire_id, seqs })) => {
+                self.on_nack(conn, node, wire_id, &seqs, now);
+                return None;
+            }
+            Err(_) => {
+                self.metrics.unknown_wire_drops += 1;
+                return None;
+            }
+        };
+        let cfg = self.config.repair;
+        let Some(peer) = self.peers.get_mut(&node) else {
+            return None;
+        };
+        let Some(w) = peer.wires.get_mut(&wire_id) else {
             self.metrics.unknown_wire_drops += 1;
             return None;
         };
-        let known = self
-            .peers
-            .get(&node)
-            .is_some_and(|p| p.wires.contains_key(&wire_id));
-        if !known {
-            self.metrics.unknown_wire_drops += 1;
+        peer.stats.datagrams_in += 1;
+        let late = peer.clock.sample(now, origin);
+        let mut repaired = false;
+        if let (Some(r), Some(seq)) = (w.repair.as_mut(), rtp_seq(packet)) {
+            match r.on_packet(seq, now, &cfg) {
+                Arrival::New { gap, dropped } => {
+                    let lost = u64::from(gap) + u64::from(dropped);
+                    peer.stats.lost += lost;
+                    self.metrics.media_lost += lost;
+                    peer.stats.given_up += u64::from(dropped);
+                    self.metrics.media_given_up += u64::from(dropped);
+                    if gap > 0 {
+                        self.repairing.insert((node, wire_id));
+                    }
+                }
+                Arrival::Repaired => {
+                    repaired = true;
+                    peer.stats.repaired += 1;
+                    self.metrics.media_repaired += 1;
+                }
+                Arrival::Stale => {}
+            }
+        }
+        if late > cfg.late_bound {
+            peer.stats.late_drops += 1;
+            self.metrics.late_drops += 1;
             return None;
         }
         Some(RemoteDatagram {
             node,
             wire_id,
             packet,
+            origin: peer.clock.to_local(origin, now),
+            repaired,
         })
+    }
+
+    /// A peer misses packets of one of our tracks: resend what we still
+    /// hold, if it subscribes to the track and within its budget.
+    fn on_nack(&mut self, conn: ConnId, node: NodeId, wire_id: WireId, seqs: &[u16], now: Time) {
+        let cfg = self.config.repair;
+        let Some(peer) = self.peers.get_mut(&node) else {
+            return;
+        };
+        peer.stats.nacks_received += 1;
+        peer.stats.nack_seqs_received += seqs.len() as u64;
+        self.metrics.nacks_received += 1;
+        let Some(track) = self.local_wires.get(&wire_id).copied() else {
+            self.metrics.unknown_wire_drops += 1;
+            return;
+        };
+        let Some(m) = self.media.get(&track) else {
+            return;
+        };
+        let subscribed = m
+            .targets
+            .iter()
+            .any(|(_, t)| t.iter().any(|(n, c)| *n == node && *c == conn));
+        #[cfg(feature = "planted-bugs")]
+        let subscribed = subscribed || self.config.bugs.retransmit_unsubscribed;
+        if !subscribed {
+            peer.stats.retransmits_refused += seqs.len() as u64;
+            self.metrics.retransmits_refused += seqs.len() as u64;
+            return;
+        }
+        let Some(history) = m.history.as_ref() else {
+            return;
+        };
+        for &seq in seqs {
+            let Some((origin, packet)) = history.get(seq, now, cfg.history) else {
+                peer.stats.retransmits_missed += 1;
+                self.metrics.retransmits_missed += 1;
+                continue;
+            };
+            if !peer.retransmit_budget.take(now, cfg.retransmit_rate) {
+                peer.stats.retransmits_refused += 1;
+                self.metrics.retransmits_refused += 1;
+                continue;
+            }
+            let mut bytes = Vec::with_capacity(packet.len() + wire::MAX_DATAGRAM_HEADER);
+            wire::encode_datagram(m.wire_id, origin, packet, &mut bytes);
+            peer.stats.retransmits_sent += 1;
+            self.metrics.retransmits_sent += 1;
+            self.metrics.datagrams_out += 1;
+            self.datagrams.push_back(DatagramOut { conn, node, bytes });
+        }
     }
 
     /// Timers: heartbeats, dead trunks, redials, coalesced keyframe requests.
@@ -473,39 +677,124 @@ impl Node {
                 self.events.push_back(Event::Redial { node });
             }
         }
-        // Coalesced keyframe requests whose interval has passed.
-        for (name, room) in self.rooms.iter_mut() {
-            for (id, t) in room.tracks.iter_mut() {
-                if t.keyframes.handle_timeout(now) {
-                    self.events.push_back(Event::KeyframeRequested {
-                        room: name.clone(),
-                        track: *id,
+        self.keyframe_timers(now);
+        self.repair_timers(now);
+    }
+
+    /// Coalesced keyframe requests whose interval has passed.
+    fn keyframe_timers(&mut self, now: Time) {
+        let keys: Vec<KfKey> = self.kf_pending.iter().cloned().collect();
+        for key in keys {
+            match &key {
+                KfKey::Local(track) => {
+                    let fired = self.track_rooms.get(track).cloned().and_then(|room| {
+                        let t = self.rooms.get_mut(&room)?.tracks.get_mut(track)?;
+                        Some((
+                            room,
+                            t.keyframes.handle_timeout(now),
+                            t.keyframes.poll_timeout(),
+                        ))
                     });
+                    match fired {
+                        Some((room, fired, pending)) => {
+                            if fired {
+                                self.events.push_back(Event::KeyframeRequested {
+                                    room,
+                                    track: *track,
+                                });
+                            }
+                            if pending.is_none() {
+                                self.kf_pending.remove(&key);
+                            }
+                        }
+                        None => {
+                            self.kf_pending.remove(&key);
+                        }
+                    }
                 }
-            }
-        }
-        for peer in self.peers.values_mut() {
-            let Some(conn) = peer.conn else { continue };
-            for (name, room) in peer.rooms.iter_mut() {
-                let (Some(local), Some(to)) = (self.rooms.get(name), peer.remote_open.get(name))
-                else {
-                    continue;
-                };
-                let gens = Gens {
-                    from: local.generation,
-                    to: *to,
-                };
-                for (wire_id, t) in room.tracks.iter_mut() {
+                KfKey::Remote(node, wire) => {
+                    let (node, wire) = (*node, *wire);
+                    let Some(peer) = self.peers.get_mut(&node) else {
+                        self.kf_pending.remove(&key);
+                        continue;
+                    };
+                    let (Some(conn), Some(room)) =
+                        (peer.conn, peer.wires.get(&wire).map(|w| w.room.clone()))
+                    else {
+                        self.kf_pending.remove(&key);
+                        continue;
+                    };
+                    let (Some(local), Some(to)) =
+                        (self.rooms.get(&room), peer.remote_open.get(&room))
+                    else {
+                        self.kf_pending.remove(&key);
+                        continue;
+                    };
+                    let gens = Gens {
+                        from: local.generation,
+                        to: *to,
+                    };
+                    let Some(t) = peer
+                        .rooms
+                        .get_mut(&room)
+                        .and_then(|r| r.tracks.get_mut(&wire))
+                    else {
+                        self.kf_pending.remove(&key);
+                        continue;
+                    };
                     if t.keyframes.handle_timeout(now) {
                         let msg = Message::KeyframeRequest {
-                            room: name.clone(),
+                            room,
                             gens,
-                            wire_id: *wire_id,
+                            wire_id: wire,
                         };
                         send(&mut self.out, &mut self.metrics, conn, &msg);
                     }
+                    if t.keyframes.poll_timeout().is_none() {
+                        self.kf_pending.remove(&key);
+                    }
                 }
             }
+        }
+    }
+
+    /// NACK what is due and give up what can no longer arrive in time, for
+    /// the remote tracks with gaps only.
+    fn repair_timers(&mut self, now: Time) {
+        let cfg = self.config.repair;
+        let due: Vec<(NodeId, WireId)> = self.repairing.iter().copied().collect();
+        let mut seqs = Vec::new();
+        for (node, wire) in due {
+            let rtt = self.rtt(node);
+            let Some(peer) = self.peers.get_mut(&node) else {
+                self.repairing.remove(&(node, wire));
+                continue;
+            };
+            let conn = peer.conn;
+            let Some(r) = peer.wires.get_mut(&wire).and_then(|w| w.repair.as_mut()) else {
+                self.repairing.remove(&(node, wire));
+                continue;
+            };
+            seqs.clear();
+            let given_up = r.poll(now, rtt, &cfg, &mut seqs, MAX_NACK_SEQS);
+            if r.missing() == 0 {
+                self.repairing.remove(&(node, wire));
+            }
+            peer.stats.given_up += given_up;
+            self.metrics.media_given_up += given_up;
+            let (Some(conn), false) = (conn, seqs.is_empty()) else {
+                continue;
+            };
+            let msg = DatagramMessage::Nack {
+                wire_id: wire,
+                seqs: seqs.clone(),
+            };
+            let mut bytes = Vec::with_capacity(8 + 3 * seqs.len());
+            wire::encode_control_datagram(&msg, &mut bytes);
+            peer.stats.nacks_sent += 1;
+            peer.stats.nack_seqs_sent += seqs.len() as u64;
+            self.metrics.nacks_sent += 1;
+            self.datagrams.push_back(DatagramOut { conn, node, bytes });
         }
     }
 
@@ -573,8 +862,11 @@ impl Node {
             }
         }
         if let Some(local) = self.rooms.remove(room) {
-            for id in local.tracks.keys() {
+            for (id, t) in &local.tracks {
                 self.track_rooms.remove(id);
+                self.media.remove(id);
+                self.local_wires.remove(&t.wire_id);
+                self.kf_pending.remove(&KfKey::Local(*id));
             }
         }
         Ok(())
@@ -667,6 +959,16 @@ impl Node {
             LocalTrack::new(wire_id, info.clone(), self.config.keyframe_interval),
         );
         self.track_rooms.insert(track, room.clone());
+        self.local_wires.insert(wire_id, track);
+        self.media.insert(
+            track,
+            TrackMedia {
+                wire_id,
+                kind: info.kind,
+                targets: Vec::new(),
+                history: (info.kind == TrackKind::Video).then(SendHistory::new),
+            },
+        );
         self.broadcast(room, |gens| Message::TrackAdded {
             room: room.clone(),
             gens,
@@ -686,6 +988,9 @@ impl Node {
             .remove(&track)
             .ok_or(LocalError::UnknownTrack)?;
         self.track_rooms.remove(&track);
+        self.media.remove(&track);
+        self.local_wires.remove(&t.wire_id);
+        self.kf_pending.remove(&KfKey::Local(track));
         let wire_id = t.wire_id;
         self.broadcast(room, |gens| Message::TrackRemoved {
             room: room.clone(),
@@ -743,6 +1048,17 @@ impl Node {
         } else {
             track.layers.remove(&layer)
         };
+        let subscribed = !track.layers.is_empty();
+        if let Some(w) = peer.wires.get_mut(&wire_id) {
+            match (subscribed, w.kind, w.repair.is_some()) {
+                (true, TrackKind::Video, false) => w.repair = Some(RecvRepair::new()),
+                (false, _, true) => {
+                    w.repair = None;
+                    self.repairing.remove(&(node, wire_id));
+                }
+                _ => {}
+            }
+        }
         if changed {
             let gens = Gens {
                 from: generation,
@@ -802,6 +1118,7 @@ impl Node {
             send(&mut self.out, &mut self.metrics, conn, &msg);
         } else {
             self.metrics.keyframes_coalesced += 1;
+            self.kf_pending.insert(KfKey::Remote(node, wire_id));
         }
         Ok(())
     }
@@ -847,26 +1164,68 @@ impl Node {
         Some((self.peers.get(&node)?.conn?, t.wire_id))
     }
 
-    /// Every (node, connection, wire id) that wants `layer` of local `track`.
-    pub fn media_targets(&self, track: TrackId, layer: Layer) -> Vec<(NodeId, ConnId, WireId)> {
-        let Some(t) = self
-            .track_rooms
-            .get(&track)
-            .and_then(|room| self.rooms.get(room))
-            .and_then(|r| r.tracks.get(&track))
-        else {
-            return Vec::new();
+    /// Send one RTP packet of `layer` of local `track`: encodes the
+    /// datagram into `datagram` (the same bytes go to every target: wire
+    /// ids are per origin), remembers video packets for retransmission,
+    /// and returns the (node, connection) pairs to send it on — empty when
+    /// nobody subscribes (then nothing is recorded). `origin` is when the
+    /// packet reached this node (receivers bound lateness and keep lip sync
+    /// with it). One hash lookup, no allocation.
+    pub fn send_media(
+        &mut self,
+        track: TrackId,
+        layer: Layer,
+        packet: &[u8],
+        origin: Time,
+        now: Time,
+        datagram: &mut Vec<u8>,
+    ) -> &[(NodeId, ConnId)] {
+        let Some(m) = self.media.get_mut(&track) else {
+            return &[];
         };
-        t.subscribers
+        let Some(i) = m
+            .targets
             .iter()
-            .filter(|(_, layers)| layers.contains(&layer))
-            .filter_map(|(node, _)| Some((*node, self.peers.get(node)?.conn?, t.wire_id)))
-            .collect()
+            .position(|(l, t)| *l == layer && !t.is_empty())
+        else {
+            return &[];
+        };
+        wire::encode_datagram(m.wire_id, origin.0, packet, datagram);
+        if let (Some(h), Some(seq)) = (m.history.as_mut(), rtp_seq(packet)) {
+            h.record(seq, origin.0, packet, now);
+        }
+        let targets = &m.targets[i].1;
+        self.metrics.datagrams_out += targets.len() as u64;
+        targets
     }
 
-    /// Count a datagram the driver sent (the core does not see media bytes).
-    pub fn count_datagram_out(&mut self) {
-        self.metrics.datagrams_out += 1;
+    /// Whether a local track is video (the driver keeps audio first when a
+    /// trunk lacks bandwidth).
+    pub fn local_track_kind(&self, track: TrackId) -> Option<TrackKind> {
+        self.media.get(&track).map(|m| m.kind)
+    }
+
+    /// Ask the publisher of a local track for a keyframe (rate-limited like
+    /// a peer's request): the driver does so when video to a peer resumes
+    /// after it had to drop some for lack of bandwidth.
+    pub fn request_local_keyframe(&mut self, track: TrackId, now: Time) {
+        let Some(room) = self.track_rooms.get(&track).cloned() else {
+            return;
+        };
+        let Some(t) = self
+            .rooms
+            .get_mut(&room)
+            .and_then(|r| r.tracks.get_mut(&track))
+        else {
+            return;
+        };
+        if t.keyframes.request(now) {
+            self.events
+                .push_back(Event::KeyframeRequested { room, track });
+        } else {
+            self.metrics.keyframes_coalesced += 1;
+            self.kf_pending.insert(KfKey::Local(track));
+        }
     }
 
     // ----- inspection ----------------------------------------------------
@@ -924,6 +1283,7 @@ impl Node {
                     rooms,
                     wires: p.wires.len(),
                     rtt: self.rtt(*node),
+                    media: p.stats,
                 };
                 (*node, snap)
             })
@@ -961,6 +1321,34 @@ impl Node {
             let wires: usize = p.rooms.values().map(|r| r.tracks.len()).sum();
             if wires != p.wires.len() {
                 return Err(format!("peer {node:?}: wire index out of sync"));
+            }
+        }
+        for (node, wire) in &self.repairing {
+            let ok = self
+                .peers
+                .get(node)
+                .and_then(|p| p.wires.get(wire))
+                .is_some_and(|w| w.repair.is_some());
+            if !ok {
+                return Err(format!(
+                    "repair timer for {node:?} {wire:?} without its track"
+                ));
+            }
+        }
+        if self.media.len() != self.track_rooms.len() || self.local_wires.len() != self.media.len()
+        {
+            return Err("media fast path out of sync with local tracks".into());
+        }
+        for (track, m) in &self.media {
+            if self.local_wires.get(&m.wire_id) != Some(track) {
+                return Err(format!("wire index of {track:?} out of sync"));
+            }
+            for (_, targets) in &m.targets {
+                for (node, conn) in targets {
+                    if self.peers.get(node).and_then(|p| p.conn) != Some(*conn) {
+                        return Err(format!("{track:?}: media target {node:?} not linked"));
+                    }
+                }
             }
         }
         for (node, p) in &self.peers {
@@ -1039,6 +1427,9 @@ impl Node {
         }
         peer.remote_open.clear();
         peer.wires.clear();
+        self.repairing.retain(|(n, _)| *n != node);
+        self.kf_pending
+            .retain(|k| !matches!(k, KfKey::Remote(n, _) if *n == node));
         if !peer.configured {
             self.peers.remove(&node);
         }
@@ -1239,6 +1630,8 @@ impl Node {
         };
         for wire_id in remote.tracks.keys() {
             peer.wires.remove(wire_id);
+            self.repairing.remove(&(node, *wire_id));
+            self.kf_pending.remove(&KfKey::Remote(node, *wire_id));
             self.events.push_back(Event::RemoteTrackRemoved {
                 room: room.clone(),
                 node,
@@ -1252,9 +1645,11 @@ impl Node {
                 participant: *pid,
             });
         }
+        let mut changed = Vec::new();
         if let Some(local) = self.rooms.get_mut(room) {
             for (tid, t) in local.tracks.iter_mut() {
                 if let Some(layers) = t.subscribers.remove(&node) {
+                    changed.push(*tid);
                     for layer in layers {
                         self.events.push_back(Event::SubscribeCancelled {
                             room: room.clone(),
@@ -1265,6 +1660,37 @@ impl Node {
                     }
                 }
             }
+        }
+        for tid in changed {
+            self.refresh_targets(tid);
+        }
+    }
+
+    /// Rebuild the media fast path's targets of a local track from its
+    /// subscribers (on subscription and link changes, never per packet).
+    fn refresh_targets(&mut self, track: TrackId) {
+        let Some(t) = self
+            .track_rooms
+            .get(&track)
+            .and_then(|room| self.rooms.get(room))
+            .and_then(|r| r.tracks.get(&track))
+        else {
+            return;
+        };
+        let mut targets: Vec<(Layer, Vec<(NodeId, ConnId)>)> = Vec::new();
+        for (node, layers) in &t.subscribers {
+            let Some(conn) = self.peers.get(node).and_then(|p| p.conn) else {
+                continue;
+            };
+            for layer in layers {
+                match targets.iter_mut().find(|(l, _)| l == layer) {
+                    Some((_, v)) => v.push((*node, conn)),
+                    None => targets.push((*layer, vec![(*node, conn)])),
+                }
+            }
+        }
+        if let Some(m) = self.media.get_mut(&track) {
+            m.targets = targets;
         }
     }
 
@@ -1415,7 +1841,14 @@ impl Node {
                         keyframes: RateLimiter::new(interval),
                     },
                 );
-                peer.wires.insert(wire_id, room.clone());
+                peer.wires.insert(
+                    wire_id,
+                    WireIn {
+                        room: room.clone(),
+                        kind: track.kind,
+                        repair: None,
+                    },
+                );
                 self.events.push_back(Event::RemoteTrackAdded {
                     room,
                     node,
@@ -1440,6 +1873,8 @@ impl Node {
                     .and_then(|r| r.tracks.remove(&wire_id));
                 if removed.is_some() {
                     peer.wires.remove(&wire_id);
+                    self.repairing.remove(&(node, wire_id));
+                    self.kf_pending.remove(&KfKey::Remote(node, wire_id));
                     self.events.push_back(Event::RemoteTrackRemoved {
                         room,
                         node,
@@ -1472,13 +1907,18 @@ impl Node {
                 let Some(local) = self.rooms.get_mut(&room) else {
                     return;
                 };
-                match local.track_by_wire(wire_id) {
-                    Some((track, t)) => {
+                let Some(track) = self.local_wires.get(&wire_id).copied() else {
+                    self.metrics.unknown_wire_drops += 1;
+                    return;
+                };
+                match local.tracks.get_mut(&track) {
+                    Some(t) => {
                         if t.keyframes.request(now) {
                             self.events
                                 .push_back(Event::KeyframeRequested { room, track });
                         } else {
                             self.metrics.keyframes_coalesced += 1;
+                            self.kf_pending.insert(KfKey::Local(track));
                         }
                     }
                     None => self.metrics.unknown_wire_drops += 1,
@@ -1517,7 +1957,11 @@ impl Node {
         let Some(local) = self.rooms.get_mut(&room) else {
             return;
         };
-        let Some((track, t)) = local.track_by_wire(wire_id) else {
+        let Some((track, t)) = self
+            .local_wires
+            .get(&wire_id)
+            .and_then(|id| Some((*id, local.tracks.get_mut(id)?)))
+        else {
             // Unpublished while the request was in flight.
             self.metrics.unknown_wire_drops += 1;
             return;
@@ -1535,6 +1979,7 @@ impl Node {
             removed
         };
         if changed {
+            self.refresh_targets(track);
             self.events.push_back(if on {
                 Event::SubscribeRequested {
                     room,

@@ -4,8 +4,9 @@
 //! postcard (a compact serde format: varints, no field names). The length is
 //! checked against [`MAX_FRAME`] before anything else, so a peer cannot make
 //! us buffer or allocate more than that; postcard itself never allocates more
-//! than the input it was given. A datagram is `varint wire_id` + one RTP or
-//! RTCP packet, untouched.
+//! than the input it was given. A media datagram is `varint wire_id` +
+//! `varint origin time` + one RTP packet, untouched; wire id 0 marks a
+//! control datagram (a NACK), see [`DatagramMessage`].
 
 use super::error::DecodeError;
 use super::types::{
@@ -14,9 +15,10 @@ use super::types::{
 };
 use serde::{Deserialize, Serialize};
 
-/// Bumped on any incompatible change of [`Message`]; checked in every frame
-/// and in Hello.
-pub const PROTOCOL_VERSION: u8 = 1;
+/// Bumped on any incompatible change of [`Message`] or of the datagram
+/// format; checked in every frame and in Hello. 2: datagrams carry the
+/// origin time; NACK datagrams.
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Largest frame body (version byte + message) accepted or produced.
 pub const MAX_FRAME: usize = 64 * 1024;
 /// Largest `Data` payload; leaves room for the envelope within [`MAX_FRAME`].
@@ -193,28 +195,93 @@ pub fn decode_frame(frame: &[u8]) -> Result<Message, DecodeError> {
     }
 }
 
-/// Largest encoded size of a datagram header (a `u32` varint).
-pub const MAX_DATAGRAM_HEADER: usize = 5;
+/// Largest encoded size of a media datagram header: `u32` varint wire id
+/// (≤ 5 bytes) + `u64` varint origin time (≤ 10 bytes).
+pub const MAX_DATAGRAM_HEADER: usize = 15;
 
-/// Append `varint(wire_id)` + `packet` to `out` (cleared first).
-pub fn encode_datagram(wire_id: WireId, packet: &[u8], out: &mut Vec<u8>) {
+/// Wire id 0 never names a track (origins number tracks from 1): a datagram
+/// starting with it carries a [`DatagramMessage`] instead of media.
+pub const CONTROL_WIRE_ID: WireId = WireId(0);
+
+/// Most sequence numbers one `Nack` may name; a longer list is a decode error.
+pub const MAX_NACK_SEQS: usize = 128;
+
+/// Messages that travel as QUIC datagrams rather than on the control stream.
+///
+/// Loss repair is useless late: a NACK on the reliable control stream would
+/// wait behind every lost stream packet (head-of-line blocking) exactly when
+/// the link is lossy. As a datagram it is either on time or lost, and the
+/// receiver's own retry (see `repair.rs`) covers the loss.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DatagramMessage {
+    /// The receiver misses these RTP sequence numbers (low 16 bits, as on
+    /// the wire) of the origin's track `wire_id`: resend them if still held.
+    Nack { wire_id: WireId, seqs: Vec<u16> },
+}
+
+/// One datagram, decoded without copying the packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Datagram<'a> {
+    /// An RTP packet of the origin's track `wire_id`; `origin` is when the
+    /// origin node received it from its publisher, on the origin's clock
+    /// (µs). Receivers use it to bound lateness and to keep lip sync.
+    Media {
+        wire_id: WireId,
+        origin: u64,
+        packet: &'a [u8],
+    },
+    Control(DatagramMessage),
+}
+
+/// Encode a media datagram: `varint(wire_id)` + `varint(origin µs)` +
+/// `packet`, into `out` (cleared first). `wire_id` 0 is reserved.
+pub fn encode_datagram(wire_id: WireId, origin: u64, packet: &[u8], out: &mut Vec<u8>) {
     out.clear();
     out.reserve(MAX_DATAGRAM_HEADER + packet.len());
     let mut header = [0u8; MAX_DATAGRAM_HEADER];
-    // A u32 varint always fits in 5 bytes, so this cannot fail; fall back to
-    // an empty header rather than panic if postcard ever disagreed.
-    let used = postcard::to_slice(&wire_id.0, &mut header)
+    // Varints of a u32 and a u64 always fit in 15 bytes, so this cannot
+    // fail; fall back to an empty header (dropped by the receiver as
+    // malformed) rather than panic if postcard ever disagreed.
+    let used = postcard::to_slice(&(wire_id.0, origin), &mut header)
         .map(|s| s.len())
         .unwrap_or(0);
     out.extend_from_slice(&header[..used]);
     out.extend_from_slice(packet);
 }
 
-/// Split a datagram into its wire id and packet, without copying.
-pub fn decode_datagram(datagram: &[u8]) -> Result<(WireId, &[u8]), DecodeError> {
-    let (id, packet) = postcard::take_from_bytes::<u32>(datagram)
+/// Encode a control datagram (`varint(0)` + postcard message) into `out`.
+pub fn encode_control_datagram(msg: &DatagramMessage, out: &mut Vec<u8>) {
+    out.clear();
+    out.push(0); // varint(CONTROL_WIRE_ID)
+    let buf = std::mem::take(out);
+    // Serializing into a Vec cannot fail for this type.
+    *out = postcard::to_extend(msg, buf).unwrap_or_default();
+}
+
+/// Decode a datagram. Never panics; a NACK naming more than
+/// [`MAX_NACK_SEQS`] sequence numbers is refused.
+pub fn decode_datagram(datagram: &[u8]) -> Result<Datagram<'_>, DecodeError> {
+    let (id, rest) = postcard::take_from_bytes::<u32>(datagram)
         .map_err(|e| DecodeError::Malformed(e.to_string()))?;
-    Ok((WireId(id), packet))
+    if WireId(id) == CONTROL_WIRE_ID {
+        let (msg, trailing) = postcard::take_from_bytes::<DatagramMessage>(rest)
+            .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        if !trailing.is_empty() {
+            return Err(DecodeError::Trailing);
+        }
+        let DatagramMessage::Nack { seqs, .. } = &msg;
+        if seqs.len() > MAX_NACK_SEQS {
+            return Err(DecodeError::TooLarge(seqs.len()));
+        }
+        return Ok(Datagram::Control(msg));
+    }
+    let (origin, packet) = postcard::take_from_bytes::<u64>(rest)
+        .map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    Ok(Datagram::Media {
+        wire_id: WireId(id),
+        origin,
+        packet,
+    })
 }
 
 /// Reassembles frames from a byte stream (the QUIC control stream delivers

@@ -8,7 +8,7 @@
 //! the core asks (`poll_transmit`, `poll_event`). Per connection, one task
 //! reads the control stream and datagrams, and one writes frames in order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,9 +20,10 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::identity::{Identity, IdentityError, SERVER_NAME};
-use crate::proto::wire::{self, FrameBuffer};
+use crate::proto::wire::FrameBuffer;
 use crate::proto::{
-    CloseCode, ConnId, Event, Layer, Node, NodeId, NodeSnapshot, Time, TrackId, Transmit, WireId,
+    CloseCode, ConnId, Event, Layer, Node, NodeId, NodeSnapshot, Time, TrackId, TrackKind,
+    Transmit, WireId,
 };
 
 /// How long a dial may take before it counts as failed (the core then
@@ -37,6 +38,49 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 const INITIAL_MTU: u16 = 1452;
 /// Most time `shutdown` waits for peers to acknowledge the close.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// Loss detection: QUIC declares a packet lost when this many later ones
+/// were acknowledged (RFC 9002 uses 3). Media over a jittery path arrives
+/// reordered by tens of packets; at 3 every reordering looked like loss
+/// and made the congestion controller throttle below the media rate
+/// (issue 6 measured 37–39 % of datagrams never delivered at 40 ± 10 ms
+/// jitter). Datagrams are never retransmitted by QUIC, so a late loss
+/// verdict costs nothing but a later cwnd reaction. See ARCHITECTURE.md.
+const PACKET_THRESHOLD: u32 = 1000;
+/// Time-based loss detection, as a multiple of the RTT (RFC 9002: 9/8).
+const TIME_THRESHOLD: f32 = 1.5;
+/// Datagrams quinn may hold while the congestion window is full. The
+/// default (1 MiB) is ~11 s of one 750 kbit/s video and queued media for
+/// seconds; real-time media is better dropped. quinn drops the oldest
+/// when full. ~170 ms of 3 Mbit/s.
+const DATAGRAM_SEND_BUFFER: usize = 64 * 1024;
+/// Video is not handed to quinn when less than this part of the datagram
+/// send buffer is free: the rest is kept for audio, which is small and
+/// matters most when a trunk lacks bandwidth.
+const VIDEO_HEADROOM: usize = DATAGRAM_SEND_BUFFER / 2;
+/// Incoming datagrams queued for the core before new ones are dropped
+/// (counted): ~50 ms at the measured 80k packets/s.
+const DATAGRAM_IN_QUEUE: usize = 4096;
+/// Media events queued for the user before new ones are dropped (counted).
+const MEDIA_EVENT_QUEUE: usize = 4096;
+/// Control inputs (frames, calls, connections) queued for the core; the
+/// readers wait when it is full, so QUIC flow control slows the peer.
+const INPUT_QUEUE: usize = 1024;
+/// Frames queued for one connection's writer. A peer that does not read
+/// its control stream fills it; the trunk is then closed as dead rather
+/// than buffering without bound.
+const WRITER_QUEUE: usize = 4096;
+
+/// Which QUIC congestion controller the trunk uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Congestion {
+    /// quinn's default; halves the window on every loss event.
+    Cubic,
+    NewReno,
+    /// Model-based (bandwidth and RTT), not loss-based: random loss does not
+    /// shrink the window. The default (see ARCHITECTURE.md, measured).
+    #[default]
+    Bbr,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrunkError {
@@ -61,6 +105,8 @@ pub struct TrunkConfig {
     pub bind: SocketAddr,
     /// Peers this node dials (and redials); others may dial us.
     pub peers: Vec<(NodeId, SocketAddr)>,
+    /// QUIC congestion controller.
+    pub congestion: Congestion,
 }
 
 /// What the trunk reports to the node it serves.
@@ -73,6 +119,11 @@ pub enum TrunkEvent {
         node: NodeId,
         wire_id: WireId,
         packet: Bytes,
+        /// When the origin received it, on our clock (lip sync: use it as
+        /// the packet's wallclock).
+        origin: Instant,
+        /// It filled a gap under repair.
+        repaired: bool,
     },
 }
 
@@ -89,6 +140,29 @@ pub struct DriverMetrics {
     /// Media packets refused because the driver's media queue was full
     /// (the caller sends faster than the trunk can carry).
     pub media_queue_drops: u64,
+    /// Incoming datagrams dropped because the core's queue was full.
+    pub datagrams_in_dropped: u64,
+    /// Incoming media dropped because the user's media event queue was full.
+    pub media_events_dropped: u64,
+    /// Video packets not sent because the trunk lacked bandwidth (quinn's
+    /// datagram buffer was short of room): audio kept going.
+    pub video_dropped_congestion: u64,
+    /// Keyframes asked for when video resumed after such drops.
+    pub video_resumed: u64,
+    /// Connections closed because their writer queue overflowed (the peer
+    /// stopped reading its control stream).
+    pub writer_overflows: u64,
+}
+
+/// quinn's view of one trunk's path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PathStatus {
+    pub rtt: Duration,
+    pub cwnd: u64,
+    pub lost_packets: u64,
+    pub congestion_events: u64,
+    pub sent_packets: u64,
+    pub current_mtu: u16,
 }
 
 /// Media packets waiting for the core task before `send_media` drops new
@@ -102,6 +176,8 @@ pub struct TrunkStatus {
     pub metrics: crate::proto::Metrics,
     pub driver: DriverMetrics,
     pub rtt: HashMap<NodeId, Duration>,
+    /// quinn's path statistics of each peer's active connection.
+    pub paths: HashMap<NodeId, PathStatus>,
 }
 
 type Call = Box<dyn FnOnce(&mut Node, Time) + Send>;
@@ -118,7 +194,6 @@ enum Input {
     Frame(ConnId, Vec<u8>),
     Corrupt(ConnId),
     Lost(ConnId),
-    Datagram(ConnId, Bytes),
     Call(Call),
     Status(oneshot::Sender<TrunkStatus>),
     Shutdown(oneshot::Sender<()>),
@@ -131,15 +206,26 @@ enum Write {
 
 struct ConnHandle {
     conn: Connection,
-    writer: mpsc::UnboundedSender<Write>,
+    writer: mpsc::Sender<Write>,
+}
+
+/// Media waiting for the core task: track, layer, RTP packet, and when it
+/// reached this node.
+type MediaIn = (TrackId, Layer, Bytes, Instant);
+
+/// Shared drop counters of the queues that never block.
+#[derive(Debug, Default)]
+struct QueueDrops {
+    media: std::sync::atomic::AtomicU64,
+    datagrams_in: std::sync::atomic::AtomicU64,
 }
 
 /// A running trunk. Dropping it without [`Trunk::shutdown`] stops the
 /// driver task abruptly (peers notice by heartbeat).
 pub struct Trunk {
-    tx: mpsc::UnboundedSender<Input>,
-    media: mpsc::Sender<(TrackId, Layer, Bytes)>,
-    media_drops: Arc<std::sync::atomic::AtomicU64>,
+    tx: mpsc::Sender<Input>,
+    media: mpsc::Sender<MediaIn>,
+    drops: Arc<QueueDrops>,
     local_addr: SocketAddr,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -147,11 +233,29 @@ pub struct Trunk {
 impl Trunk {
     /// Bind, start dialing the configured peers and accepting others.
     /// Returns the handle and the stream of events.
-    pub fn start(
-        config: TrunkConfig,
-    ) -> Result<(Trunk, mpsc::UnboundedReceiver<TrunkEvent>), TrunkError> {
+    /// Control events come unbounded (the core must never wait for the
+    /// user, who waits for the core in [`Trunk::call`]; they are as many as
+    /// the peers' control frames, which QUIC flow control paces), media
+    /// events bounded, dropped and counted when the user falls behind.
+    pub fn start(config: TrunkConfig) -> Result<(Trunk, TrunkEvents), TrunkError> {
         let mut transport = quinn::TransportConfig::default();
+        match config.congestion {
+            Congestion::Cubic => {}
+            Congestion::NewReno => {
+                transport.congestion_controller_factory(Arc::new(
+                    quinn::congestion::NewRenoConfig::default(),
+                ));
+            }
+            Congestion::Bbr => {
+                transport.congestion_controller_factory(Arc::new(
+                    quinn::congestion::BbrConfig::default(),
+                ));
+            }
+        }
         transport
+            .packet_threshold(PACKET_THRESHOLD)
+            .time_threshold(TIME_THRESHOLD)
+            .datagram_send_buffer_size(DATAGRAM_SEND_BUFFER)
             .keep_alive_interval(Some(KEEP_ALIVE))
             .max_idle_timeout(Some(
                 IDLE_TIMEOUT
@@ -180,10 +284,12 @@ impl Trunk {
             addr: config.bind,
             source,
         })?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(INPUT_QUEUE);
         let (etx, erx) = mpsc::unbounded_channel();
+        let (metx, merx) = mpsc::channel(MEDIA_EVENT_QUEUE);
         let (mtx, mrx) = mpsc::channel(MEDIA_QUEUE);
-        let media_drops = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (dtx, drx) = mpsc::channel(DATAGRAM_IN_QUEUE);
+        let drops = Arc::new(QueueDrops::default());
         let start = Instant::now();
         let mut node = Node::new(config.proto.clone(), rand_seed());
         let mut peers = HashMap::new();
@@ -201,23 +307,29 @@ impl Trunk {
             conns: HashMap::new(),
             next_conn: 1,
             tx: tx.clone(),
+            datagrams_tx: dtx,
             events: etx,
+            media_events: metx,
             scratch: Vec::with_capacity(1500),
             driver: DriverMetrics::default(),
             writers: Vec::new(),
-            media_drops: media_drops.clone(),
+            drops: drops.clone(),
+            starved: HashSet::new(),
         };
         info!(node = config.proto.node_id.0, addr = %local_addr, "trunk listening");
-        let task = tokio::spawn(core.run(rx, mrx));
+        let task = tokio::spawn(core.run(rx, mrx, drx));
         Ok((
             Trunk {
                 tx,
                 media: mtx,
-                media_drops,
+                drops,
                 local_addr,
                 task: Some(task),
             },
-            erx,
+            TrunkEvents {
+                control: erx,
+                media: merx,
+            },
         ))
     }
 
@@ -238,18 +350,23 @@ impl Trunk {
         });
         self.tx
             .send(Input::Call(call))
+            .await
             .map_err(|_| TrunkError::Stopped)?;
         rx.await.map_err(|_| TrunkError::Stopped)
     }
 
-    /// Send one RTP/RTCP packet of a local track to every node subscribed
-    /// to that layer (none: nothing is sent).
+    /// Send one RTP packet of a local track to every node subscribed to
+    /// that layer (none: nothing is sent). `arrival` is when the packet
+    /// reached this node from its publisher: receivers bound lateness and
+    /// keep lip sync with it.
     /// Never blocks: when the queue in front of the core is full the packet
     /// is dropped and counted (`DriverMetrics::media_queue_drops`).
-    pub fn send_media(&self, track: TrackId, layer: Layer, packet: Bytes) {
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.media.try_send((track, layer, packet))
+    pub fn send_media(&self, track: TrackId, layer: Layer, packet: Bytes, arrival: Instant) {
+        if let Err(mpsc::error::TrySendError::Full(_)) =
+            self.media.try_send((track, layer, packet, arrival))
         {
-            self.media_drops
+            self.drops
+                .media
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
@@ -259,6 +376,7 @@ impl Trunk {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Input::Status(tx))
+            .await
             .map_err(|_| TrunkError::Stopped)?;
         rx.await.map_err(|_| TrunkError::Stopped)
     }
@@ -278,7 +396,7 @@ impl Trunk {
     /// calls return at once.
     pub async fn close(&self) {
         let (tx, rx) = oneshot::channel();
-        if self.tx.send(Input::Shutdown(tx)).is_ok() {
+        if self.tx.send(Input::Shutdown(tx)).await.is_ok() {
             let _ = rx.await;
         }
     }
@@ -299,7 +417,27 @@ fn rand_seed() -> u64 {
     RandomState::new().hash_one(Instant::now())
 }
 
-async fn accept_loop(endpoint: Endpoint, tx: mpsc::UnboundedSender<Input>) {
+/// The user's side of a trunk's events.
+pub struct TrunkEvents {
+    /// Protocol events, in order (never dropped).
+    pub control: mpsc::UnboundedReceiver<TrunkEvent>,
+    /// Media of remote tracks (bounded; what the user does not take in time
+    /// is dropped and counted).
+    pub media: mpsc::Receiver<TrunkEvent>,
+}
+
+impl TrunkEvents {
+    /// The next event, control first; `None` once the trunk has stopped.
+    pub async fn recv(&mut self) -> Option<TrunkEvent> {
+        tokio::select! {
+            biased;
+            e = self.control.recv() => e,
+            Some(m) = self.media.recv() => Some(m),
+        }
+    }
+}
+
+async fn accept_loop(endpoint: Endpoint, tx: mpsc::Sender<Input>) {
     while let Some(incoming) = endpoint.accept().await {
         let tx = tx.clone();
         tokio::spawn(async move {
@@ -307,26 +445,28 @@ async fn accept_loop(endpoint: Endpoint, tx: mpsc::UnboundedSender<Input>) {
                 Ok(c) => c,
                 Err(e) => {
                     debug!(error = %e, "trunk handshake failed");
-                    let _ = tx.send(Input::HandshakeFailed);
+                    let _ = tx.send(Input::HandshakeFailed).await;
                     return;
                 }
             };
             // The dialer opens the control stream and speaks first (Hello).
             match tokio::time::timeout(DIAL_TIMEOUT, conn.accept_bi()).await {
                 Ok(Ok((send, recv))) => {
-                    let _ = tx.send(Input::Connected {
-                        conn,
-                        send,
-                        recv,
-                        dialed: None,
-                    });
+                    let _ = tx
+                        .send(Input::Connected {
+                            conn,
+                            send,
+                            recv,
+                            dialed: None,
+                        })
+                        .await;
                 }
                 _ => {
                     conn.close(
                         VarInt::from_u32(CloseCode::ProtocolError.code()),
                         b"no control stream",
                     );
-                    let _ = tx.send(Input::HandshakeFailed);
+                    let _ = tx.send(Input::HandshakeFailed).await;
                 }
             }
         });
@@ -341,13 +481,18 @@ struct Core {
     peers: HashMap<NodeId, SocketAddr>,
     conns: HashMap<ConnId, ConnHandle>,
     next_conn: u64,
-    tx: mpsc::UnboundedSender<Input>,
+    tx: mpsc::Sender<Input>,
+    datagrams_tx: mpsc::Sender<(ConnId, Bytes)>,
     events: mpsc::UnboundedSender<TrunkEvent>,
+    media_events: mpsc::Sender<TrunkEvent>,
     scratch: Vec<u8>,
     driver: DriverMetrics,
     /// Writer tasks, awaited at shutdown so Goodbyes are delivered.
     writers: Vec<tokio::task::JoinHandle<()>>,
-    media_drops: Arc<std::sync::atomic::AtomicU64>,
+    drops: Arc<QueueDrops>,
+    /// (peer, local video track) pairs whose video was dropped for lack of
+    /// bandwidth: a keyframe is asked for when it fits again.
+    starved: HashSet<(NodeId, TrackId)>,
 }
 
 impl Core {
@@ -359,18 +504,28 @@ impl Core {
         self.start + Duration::from_micros(t.0)
     }
 
+    fn time_of(&self, i: Instant) -> Time {
+        Time(u64::try_from(i.saturating_duration_since(self.start).as_micros()).unwrap_or(u64::MAX))
+    }
+
     async fn run(
         mut self,
-        mut rx: mpsc::UnboundedReceiver<Input>,
-        mut media: mpsc::Receiver<(TrackId, Layer, Bytes)>,
+        mut rx: mpsc::Receiver<Input>,
+        mut media: mpsc::Receiver<MediaIn>,
+        mut datagrams: mpsc::Receiver<(ConnId, Bytes)>,
     ) {
         self.pump();
         loop {
             let deadline = self.node.poll_timeout().map(|t| self.instant(t));
             let input = tokio::select! {
                 i = rx.recv() => i,
-                Some((track, layer, packet)) = media.recv() => {
-                    self.send_media(track, layer, &packet);
+                Some((track, layer, packet, arrival)) = media.recv() => {
+                    self.send_media(track, layer, &packet, arrival);
+                    continue;
+                }
+                Some((conn, bytes)) = datagrams.recv() => {
+                    self.datagram(conn, bytes);
+                    self.send_datagrams();
                     continue;
                 }
                 _ = sleep_until(deadline) => {
@@ -405,11 +560,18 @@ impl Core {
                 let id = ConnId(self.next_conn);
                 self.next_conn += 1;
                 debug!(conn = id.0, remote = %conn.remote_address(), ?dialed, "trunk connection up");
-                let (wtx, wrx) = mpsc::unbounded_channel();
+                let (wtx, wrx) = mpsc::channel(WRITER_QUEUE);
                 self.writers.retain(|w| !w.is_finished());
                 self.writers
                     .push(tokio::spawn(writer(conn.clone(), send, wrx)));
-                tokio::spawn(reader(id, conn.clone(), recv, self.tx.clone()));
+                tokio::spawn(reader(
+                    id,
+                    conn.clone(),
+                    recv,
+                    self.tx.clone(),
+                    self.datagrams_tx.clone(),
+                    self.drops.clone(),
+                ));
                 self.conns.insert(id, ConnHandle { conn, writer: wtx });
                 self.node.handle_connected(id, dialed, now);
             }
@@ -423,7 +585,7 @@ impl Core {
             Input::Corrupt(id) => {
                 if let Some(h) = self.conns.remove(&id) {
                     warn!(conn = id.0, "corrupt control stream; closing the trunk");
-                    let _ = h.writer.send(Write::Close(CloseCode::ProtocolError));
+                    close_conn(&h, CloseCode::ProtocolError);
                     self.node.handle_lost(id, now);
                 }
             }
@@ -431,16 +593,6 @@ impl Core {
                 // Connections the core closed itself are already gone.
                 if self.conns.remove(&id).is_some() {
                     self.node.handle_lost(id, now);
-                }
-            }
-            Input::Datagram(id, bytes) => {
-                if let Some(d) = self.node.handle_datagram(id, &bytes) {
-                    let offset = bytes.len() - d.packet.len();
-                    let _ = self.events.send(TrunkEvent::Media {
-                        node: d.node,
-                        wire_id: d.wire_id,
-                        packet: bytes.slice(offset..),
-                    });
                 }
             }
             Input::Call(f) => f(&mut self.node, now),
@@ -452,39 +604,89 @@ impl Core {
                     .keys()
                     .filter_map(|n| self.node.rtt(*n).map(|r| (*n, r)))
                     .collect();
+                let node = self.node.snapshot();
+                let paths = node
+                    .peers
+                    .keys()
+                    .filter_map(|n| {
+                        let h = self.conns.get(&self.node.peer_conn(*n)?)?;
+                        let p = h.conn.stats().path;
+                        Some((
+                            *n,
+                            PathStatus {
+                                rtt: p.rtt,
+                                cwnd: p.cwnd,
+                                lost_packets: p.lost_packets,
+                                congestion_events: p.congestion_events,
+                                sent_packets: p.sent_packets,
+                                current_mtu: p.current_mtu,
+                            },
+                        ))
+                    })
+                    .collect();
                 let _ = reply.send(TrunkStatus {
-                    node: self.node.snapshot(),
+                    node,
                     metrics: self.node.metrics().clone(),
                     driver: DriverMetrics {
                         media_queue_drops: self
-                            .media_drops
+                            .drops
+                            .media
+                            .load(std::sync::atomic::Ordering::Relaxed),
+                        datagrams_in_dropped: self
+                            .drops
+                            .datagrams_in
                             .load(std::sync::atomic::Ordering::Relaxed),
                         ..self.driver
                     },
                     rtt,
+                    paths,
                 });
             }
             Input::Shutdown(_) => {}
         }
     }
 
-    fn send_media(&mut self, track: TrackId, layer: Layer, packet: &[u8]) {
-        for (node, conn, wire_id) in self.node.media_targets(track, layer) {
+    fn send_media(&mut self, track: TrackId, layer: Layer, packet: &[u8], arrival: Instant) {
+        let now = self.now();
+        let origin = self.time_of(arrival);
+        let video = self.node.local_track_kind(track) == Some(TrackKind::Video);
+        let mut resumed = false;
+        let targets = self
+            .node
+            .send_media(track, layer, packet, origin, now, &mut self.scratch);
+        if targets.is_empty() {
+            return;
+        }
+        // One copy for every target: wire ids are per origin, so the
+        // datagram is the same bytes on every trunk.
+        let datagram = Bytes::copy_from_slice(&self.scratch);
+        for &(node, conn) in targets {
             let Some(h) = self.conns.get(&conn) else {
                 continue;
             };
-            self.scratch.clear();
-            wire::encode_datagram(wire_id, packet, &mut self.scratch);
+            if video {
+                // Keep audio first: when quinn's buffer is short of room the
+                // trunk lacks bandwidth; video waits for a keyframe.
+                if h.conn.datagram_send_buffer_space() < VIDEO_HEADROOM {
+                    self.driver.video_dropped_congestion += 1;
+                    self.starved.insert((node, track));
+                    continue;
+                }
+                if self.starved.remove(&(node, track)) {
+                    self.driver.video_resumed += 1;
+                    resumed = true;
+                }
+            }
             // `send_datagram`, not `send_datagram_wait`: the core must never
             // block on one slow trunk. Under congestion quinn drops the
             // oldest queued datagrams, which is what real-time media wants.
-            match h.conn.send_datagram(Bytes::copy_from_slice(&self.scratch)) {
-                Ok(()) => self.node.count_datagram_out(),
+            match h.conn.send_datagram(datagram.clone()) {
+                Ok(()) => {}
                 Err(quinn::SendDatagramError::TooLarge) => {
                     self.driver.datagrams_too_large += 1;
                     debug!(
                         node = node.0,
-                        size = self.scratch.len(),
+                        size = datagram.len(),
                         "media packet too large for the path"
                     );
                 }
@@ -494,21 +696,77 @@ impl Core {
                 }
             }
         }
+        if resumed {
+            debug!(track = track.0, "trunk has room for video again: keyframe");
+            self.node.request_local_keyframe(track, now);
+            self.pump();
+        }
+    }
+
+    /// A datagram from a connection: media goes to the user (bounded),
+    /// NACKs make retransmissions.
+    fn datagram(&mut self, id: ConnId, bytes: Bytes) {
+        if !self.conns.contains_key(&id) {
+            return;
+        }
+        let now = self.now();
+        let Some(d) = self.node.handle_datagram(id, &bytes, now) else {
+            return;
+        };
+        let offset = bytes.len() - d.packet.len();
+        let event = TrunkEvent::Media {
+            node: d.node,
+            wire_id: d.wire_id,
+            packet: bytes.slice(offset..),
+            origin: self.instant(d.origin),
+            repaired: d.repaired,
+        };
+        if self.media_events.try_send(event).is_err() {
+            self.driver.media_events_dropped += 1;
+        }
+    }
+
+    /// Send the datagrams the core asked for (NACKs, retransmissions).
+    fn send_datagrams(&mut self) {
+        while let Some(d) = self.node.poll_datagram() {
+            let Some(h) = self.conns.get(&d.conn) else {
+                continue;
+            };
+            if let Err(e) = h.conn.send_datagram(Bytes::from(d.bytes)) {
+                self.driver.datagrams_failed += 1;
+                debug!(node = d.node.0, error = %e, "repair datagram not sent");
+            }
+        }
     }
 
     /// Carry out what the core asked for.
     fn pump(&mut self) {
+        self.send_datagrams();
         while let Some(t) = self.node.poll_transmit() {
             match t {
                 Transmit::Frame { conn, bytes } => {
-                    if let Some(h) = self.conns.get(&conn) {
-                        let _ = h.writer.send(Write::Frame(bytes));
+                    let full = match self.conns.get(&conn) {
+                        Some(h) => matches!(
+                            h.writer.try_send(Write::Frame(bytes)),
+                            Err(mpsc::error::TrySendError::Full(_))
+                        ),
+                        None => false,
+                    };
+                    if full {
+                        // The peer stopped reading its control stream.
+                        warn!(conn = conn.0, "trunk writer queue full; closing the trunk");
+                        self.driver.writer_overflows += 1;
+                        if let Some(h) = self.conns.remove(&conn) {
+                            close_conn(&h, CloseCode::Timeout);
+                        }
+                        let now = self.now();
+                        self.node.handle_lost(conn, now);
                     }
                 }
                 Transmit::Close { conn, code } => {
                     if let Some(h) = self.conns.remove(&conn) {
                         debug!(conn = conn.0, ?code, "closing trunk connection");
-                        let _ = h.writer.send(Write::Close(code));
+                        close_conn(&h, code);
                     }
                 }
             }
@@ -528,6 +786,7 @@ impl Core {
                 }
             }
         }
+        self.send_datagrams();
     }
 
     fn dial(&mut self, node: NodeId) {
@@ -535,7 +794,9 @@ impl Core {
         let Some(addr) = self.peers.get(&node).copied() else {
             // A peer that dialed us and went away: we do not know where it
             // lives, so it must dial again.
-            let _ = tx.send(Input::DialFailed(node));
+            tokio::spawn(async move {
+                let _ = tx.send(Input::DialFailed(node)).await;
+            });
             return;
         };
         let connecting = self
@@ -552,20 +813,22 @@ impl Core {
             };
             match tokio::time::timeout(DIAL_TIMEOUT, attempt).await {
                 Ok(Ok((conn, send, recv))) => {
-                    let _ = tx.send(Input::Connected {
-                        conn,
-                        send,
-                        recv,
-                        dialed: Some(node),
-                    });
+                    let _ = tx
+                        .send(Input::Connected {
+                            conn,
+                            send,
+                            recv,
+                            dialed: Some(node),
+                        })
+                        .await;
                 }
                 Ok(Err(e)) => {
                     debug!(peer = node.0, %addr, error = %e, "dial failed");
-                    let _ = tx.send(Input::DialFailed(node));
+                    let _ = tx.send(Input::DialFailed(node)).await;
                 }
                 Err(_) => {
                     debug!(peer = node.0, %addr, "dial timed out");
-                    let _ = tx.send(Input::DialFailed(node));
+                    let _ = tx.send(Input::DialFailed(node)).await;
                 }
             }
         });
@@ -578,7 +841,7 @@ impl Core {
         // Writers flush their Goodbye and close; wait until the peers have
         // acknowledged (bounded), so they learn at once rather than by timeout.
         for (_, h) in self.conns.drain() {
-            let _ = h.writer.send(Write::Close(CloseCode::Shutdown));
+            close_conn(&h, CloseCode::Shutdown);
         }
         let writers = std::mem::take(&mut self.writers);
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
@@ -603,9 +866,17 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// Ask a connection's writer to close it; if its queue is full (the peer
+/// stopped reading), close at once.
+fn close_conn(h: &ConnHandle, code: CloseCode) {
+    if h.writer.try_send(Write::Close(code)).is_err() {
+        h.conn.close(VarInt::from_u32(code.code()), b"");
+    }
+}
+
 /// Writes frames in order; on `Close`, finishes the stream and closes the
 /// connection with the code.
-async fn writer(conn: Connection, mut send: SendStream, mut rx: mpsc::UnboundedReceiver<Write>) {
+async fn writer(conn: Connection, mut send: SendStream, mut rx: mpsc::Receiver<Write>) {
     while let Some(w) = rx.recv().await {
         match w {
             Write::Frame(bytes) => {
@@ -631,7 +902,9 @@ async fn reader(
     id: ConnId,
     conn: Connection,
     mut recv: RecvStream,
-    tx: mpsc::UnboundedSender<Input>,
+    tx: mpsc::Sender<Input>,
+    datagrams: mpsc::Sender<(ConnId, Bytes)>,
+    drops: Arc<QueueDrops>,
 ) {
     let mut frames = FrameBuffer::new();
     let mut buf = vec![0u8; 16 * 1024];
@@ -644,12 +917,16 @@ async fn reader(
                     loop {
                         match frames.next_body() {
                             Ok(Some(body)) => {
-                                let _ = tx.send(Input::Frame(id, body.to_vec()));
+                                // Waits when the core is behind: we stop
+                                // reading, QUIC flow control slows the peer.
+                                if tx.send(Input::Frame(id, body.to_vec())).await.is_err() {
+                                    return;
+                                }
                             }
                             Ok(None) => break,
                             Err(e) => {
                                 debug!(conn = id.0, error = %e, "bad frame");
-                                let _ = tx.send(Input::Corrupt(id));
+                                let _ = tx.send(Input::Corrupt(id)).await;
                                 return;
                             }
                         }
@@ -661,10 +938,14 @@ async fn reader(
             },
             d = conn.read_datagram() => match d {
                 Ok(bytes) => {
-                    let _ = tx.send(Input::Datagram(id, bytes));
+                    if datagrams.try_send((id, bytes)).is_err() {
+                        drops
+                            .datagrams_in
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                 }
                 Err(_) => {
-                    let _ = tx.send(Input::Lost(id));
+                    let _ = tx.send(Input::Lost(id)).await;
                     return;
                 }
             },

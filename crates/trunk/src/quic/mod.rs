@@ -7,5 +7,8 @@
 mod driver;
 pub mod identity;
 
-pub use driver::{DriverMetrics, Trunk, TrunkConfig, TrunkError, TrunkEvent, TrunkStatus};
+pub use driver::{
+    Congestion, DriverMetrics, PathStatus, Trunk, TrunkConfig, TrunkError, TrunkEvent, TrunkEvents,
+    TrunkStatus,
+};
 pub use identity::{ALPN, Identity, IdentityError};
