@@ -91,6 +91,7 @@ impl Cluster {
                 .map(|p| (NodeId(p.node_id), p.addr))
                 .collect(),
             congestion: config.trunk_congestion.into(),
+            tuning: Default::default(),
         })
         .context("starting the trunk")?;
         let trunk = Arc::new(trunk);

@@ -101,6 +101,7 @@ async fn trunks(state: &AppState) -> serde_json::Value {
                     "repaired": m.repaired,
                     "given_up": m.given_up,
                     "late_drops": m.late_drops,
+                    "duplicates": m.duplicates,
                     "nacks_sent": m.nacks_sent,
                     "nack_seqs_sent": m.nack_seqs_sent,
                     "nacks_received": m.nacks_received,

@@ -33,6 +33,9 @@ impl SignalingMetrics {
     }
 }
 
+/// A metric family with one value per peer node: name, help, (peer, value).
+type PeerFamily<V> = (&'static str, &'static str, Vec<(String, V)>);
+
 #[derive(Debug)]
 struct Snapshot {
     gauges: Vec<(&'static str, &'static str, i64)>,
@@ -40,10 +43,10 @@ struct Snapshot {
     errors: Vec<(&'static str, u64)>,
     /// Per peer node: (node id, link up, RTT in seconds if measured).
     trunks: Vec<(String, i64, Option<f64>)>,
-    /// Per-peer counter families: name, help, (peer, value).
-    peer_counters: Vec<(&'static str, &'static str, Vec<(String, u64)>)>,
+    /// Per-peer counter families.
+    peer_counters: Vec<PeerFamily<u64>>,
     /// Per-peer gauge families.
-    peer_gauges: Vec<(&'static str, &'static str, Vec<(String, f64)>)>,
+    peer_gauges: Vec<PeerFamily<f64>>,
 }
 
 impl Collector for Snapshot {
@@ -361,6 +364,11 @@ pub(crate) fn render(
                 "switchboard_trunk_media_late_drops",
                 "Media datagrams from the peer dropped for arriving after the lateness bound",
                 per(|m| m.late_drops),
+            ),
+            (
+                "switchboard_trunk_media_duplicates",
+                "Video packets from the peer received twice or after being given up: dropped",
+                per(|m| m.duplicates),
             ),
             (
                 "switchboard_trunk_nacks_sent",

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{T, assert_contiguous, has_tracks_from, join, start};
+use common::{T, assert_contiguous, has_tracks_from, http_get, join, reqwest_status, start};
 use signal::Kind;
 use switchboard::config::{Peer, Secret};
 use switchboard::{Config, Node};
@@ -218,25 +218,4 @@ async fn another_secret_keeps_rooms_apart() {
     );
     a.shutdown().await;
     b.shutdown().await;
-}
-
-/// The body of `GET path` with a bare HTTP/1.1 request (no client crate needed).
-async fn http_get(node: &Node, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(node.http_addr())
-        .await
-        .unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    text.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or(text)
-}
-
-async fn reqwest_status(node: &Node) -> serde_json::Value {
-    let body = http_get(node, "/api/status").await;
-    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }

@@ -29,6 +29,7 @@ async fn main() {
             bind: "127.0.0.1:0".parse().unwrap(),
             peers,
             congestion: Default::default(),
+            tuning: Default::default(),
         })
         .unwrap()
     };

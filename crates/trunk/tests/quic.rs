@@ -26,6 +26,7 @@ fn start(id: u64, secret: &str, peers: Vec<(u64, SocketAddr)>) -> (Trunk, TrunkE
         bind: "127.0.0.1:0".parse().unwrap(),
         peers: peers.into_iter().map(|(n, a)| (NodeId(n), a)).collect(),
         congestion: Default::default(),
+        tuning: Default::default(),
     })
     .expect("trunk starts")
 }
@@ -415,6 +416,7 @@ fn start_with_files(
         bind: "127.0.0.1:0".parse().unwrap(),
         peers: peers.into_iter().map(|(n, a)| (NodeId(n), a)).collect(),
         congestion: Default::default(),
+        tuning: Default::default(),
     })
     .expect("trunk starts")
 }

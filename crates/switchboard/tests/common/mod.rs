@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use switchboard::{Config, Node};
+
 use testkit::{Client, State};
 
 /// Bounds a hang; waits are for conditions, never for time.
@@ -70,4 +71,25 @@ pub fn assert_contiguous(who: &str, s: &State) {
 pub fn has_tracks_from(s: &State, owner: &str, n: usize, min_packets: usize) -> bool {
     let tracks = s.tracks_from(owner);
     tracks.len() == n && tracks.iter().all(|t| s.count(t) >= min_packets)
+}
+
+/// The body of `GET path` with a bare HTTP/1.1 request (no client crate needed).
+pub async fn http_get(node: &Node, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(node.http_addr())
+        .await
+        .unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or(text)
+}
+
+pub async fn reqwest_status(node: &Node) -> serde_json::Value {
+    let body = http_get(node, "/api/status").await;
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }

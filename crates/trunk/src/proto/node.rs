@@ -170,6 +170,9 @@ pub struct DatagramOut {
     pub conn: ConnId,
     pub node: NodeId,
     pub bytes: Vec<u8>,
+    /// A retransmitted video packet (the driver holds it back, like any
+    /// video, when the trunk lacks bandwidth), or else a NACK.
+    pub retransmit: bool,
 }
 
 /// Media repair counters of one peer (both directions), for `/metrics` and
@@ -187,6 +190,8 @@ pub struct PeerMediaStats {
     pub given_up: u64,
     /// Datagrams that arrived later than the lateness bound: dropped.
     pub late_drops: u64,
+    /// Video packets that arrived again (or after being given up): dropped.
+    pub duplicates: u64,
     /// NACK datagrams we sent it, and the sequence numbers they named.
     pub nacks_sent: u64,
     pub nack_seqs_sent: u64,
@@ -548,9 +553,7 @@ impl Node {
             }
         };
         let cfg = self.config.repair;
-        let Some(peer) = self.peers.get_mut(&node) else {
-            return None;
-        };
+        let peer = self.peers.get_mut(&node)?;
         let Some(w) = peer.wires.get_mut(&wire_id) else {
             self.metrics.unknown_wire_drops += 1;
             return None;
@@ -575,7 +578,13 @@ impl Node {
                     peer.stats.repaired += 1;
                     self.metrics.media_repaired += 1;
                 }
-                Arrival::Stale => {}
+                Arrival::Stale => {
+                    // Already delivered (a retransmission crossing a late
+                    // original) or already given up: never twice, never late.
+                    peer.stats.duplicates += 1;
+                    self.metrics.media_duplicates += 1;
+                    return None;
+                }
             }
         }
         if late > cfg.late_bound {
@@ -639,7 +648,12 @@ impl Node {
             peer.stats.retransmits_sent += 1;
             self.metrics.retransmits_sent += 1;
             self.metrics.datagrams_out += 1;
-            self.datagrams.push_back(DatagramOut { conn, node, bytes });
+            self.datagrams.push_back(DatagramOut {
+                conn,
+                node,
+                bytes,
+                retransmit: true,
+            });
         }
     }
 
@@ -794,7 +808,12 @@ impl Node {
             peer.stats.nacks_sent += 1;
             peer.stats.nack_seqs_sent += seqs.len() as u64;
             self.metrics.nacks_sent += 1;
-            self.datagrams.push_back(DatagramOut { conn, node, bytes });
+            self.datagrams.push_back(DatagramOut {
+                conn,
+                node,
+                bytes,
+                retransmit: false,
+            });
         }
     }
 

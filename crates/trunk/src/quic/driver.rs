@@ -50,13 +50,10 @@ const PACKET_THRESHOLD: u32 = 1000;
 const TIME_THRESHOLD: f32 = 1.5;
 /// Datagrams quinn may hold while the congestion window is full. The
 /// default (1 MiB) is ~11 s of one 750 kbit/s video and queued media for
-/// seconds; real-time media is better dropped. quinn drops the oldest
-/// when full. ~170 ms of 3 Mbit/s.
-const DATAGRAM_SEND_BUFFER: usize = 64 * 1024;
-/// Video is not handed to quinn when less than this part of the datagram
-/// send buffer is free: the rest is kept for audio, which is small and
-/// matters most when a trunk lacks bandwidth.
-const VIDEO_HEADROOM: usize = DATAGRAM_SEND_BUFFER / 2;
+/// seconds; real-time media is better dropped (quinn drops the oldest when
+/// full). Big enough for a keyframe burst (~100 KB at 720p); how long media
+/// may wait in it is `VideoGate`'s business.
+const DATAGRAM_SEND_BUFFER: usize = 256 * 1024;
 /// Incoming datagrams queued for the core before new ones are dropped
 /// (counted): ~50 ms at the measured 80k packets/s.
 const DATAGRAM_IN_QUEUE: usize = 4096;
@@ -69,6 +66,25 @@ const INPUT_QUEUE: usize = 1024;
 /// its control stream fills it; the trunk is then closed as dead rather
 /// than buffering without bound.
 const WRITER_QUEUE: usize = 4096;
+
+/// QUIC loss detection and buffering of a trunk (defaults: the constants
+/// above, chosen by measurement; the fields exist so benchmarks can compare).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tuning {
+    pub packet_threshold: u32,
+    pub time_threshold: f32,
+    pub datagram_send_buffer: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            packet_threshold: PACKET_THRESHOLD,
+            time_threshold: TIME_THRESHOLD,
+            datagram_send_buffer: DATAGRAM_SEND_BUFFER,
+        }
+    }
+}
 
 /// Which QUIC congestion controller the trunk uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -107,6 +123,8 @@ pub struct TrunkConfig {
     pub peers: Vec<(NodeId, SocketAddr)>,
     /// QUIC congestion controller.
     pub congestion: Congestion,
+    /// Loss detection and buffers (use `Tuning::default()`).
+    pub tuning: Tuning,
 }
 
 /// What the trunk reports to the node it serves.
@@ -207,6 +225,141 @@ enum Write {
 struct ConnHandle {
     conn: Connection,
     writer: mpsc::Sender<Write>,
+    gate: VideoGate,
+}
+
+/// Whether a trunk has room for video now. A trunk short of bandwidth
+/// shows it two ways, and either closes the gate:
+/// - media waits in quinn's own datagram buffer (the congestion window is
+///   full): how long it would wait is the queued bytes over the rate the
+///   connection actually gets out (quinn's UDP counters);
+/// - the path's queue grows (quinn's congestion window is open but a
+///   bottleneck further on holds the packets): the smoothed RTT rises over
+///   the path's minimum.
+///
+/// Video does not pass a closed gate; audio always does. The gate stays
+/// closed for a hold time (1 s, doubling while congestion recurs within
+/// 10 s, up to 8 s) and reopens only once the queue has drained, so video
+/// comes back in one piece (with a keyframe) instead of flapping. Written
+/// here because quinn's controllers do not tell a datagram user when to
+/// shed load, and no crate does this for QUIC datagrams.
+#[derive(Debug)]
+struct VideoGate {
+    /// When the rate and RTT were last sampled.
+    sampled: Instant,
+    tx_bytes: u64,
+    /// Bytes per second the connection got out, smoothed.
+    rate: f64,
+    /// Smoothed RTT over the path's minimum, at the last sample.
+    queuing: Duration,
+    closed_until: Option<Instant>,
+    hold: Duration,
+    last_close: Option<Instant>,
+    /// When the gate last reopened: video sent before it was held back, so
+    /// the receiver NACKs the gap; resending it would flood the trunk just
+    /// when it recovers, and is useless (a keyframe was asked for).
+    reopened: Option<Instant>,
+}
+
+/// After the gate reopens, no retransmissions for this long (the packets
+/// NACKed then are older than the reopening, see `VideoGate::reopened`;
+/// a little over the lateness bound, after which none is asked for).
+const RETRANSMIT_QUIET: Duration = Duration::from_millis(300);
+
+/// Below this many bytes in quinn's buffer video always goes (a keyframe burst).
+const QUEUE_SMALL: usize = 8 * 1024;
+/// Video is held back when what is queued would wait longer than this in
+/// quinn's buffer, or the path's RTT is this much over its minimum.
+const QUEUE_DELAY_MAX: Duration = Duration::from_millis(80);
+/// ... and let through again once the path's queue is below this.
+const QUEUE_DELAY_OK: Duration = Duration::from_millis(30);
+const HOLD_MIN: Duration = Duration::from_secs(1);
+const HOLD_MAX: Duration = Duration::from_secs(8);
+const HOLD_RESET: Duration = Duration::from_secs(10);
+/// How often rate and RTT are resampled (quinn's stats take a lock).
+const GATE_SAMPLE: Duration = Duration::from_millis(20);
+
+impl VideoGate {
+    fn new(now: Instant) -> Self {
+        Self {
+            sampled: now,
+            tx_bytes: 0,
+            // Optimistic start (10 Mbit/s) so the first bursts pass.
+            rate: 1_250_000.0,
+            queuing: Duration::ZERO,
+            closed_until: None,
+            hold: HOLD_MIN,
+            last_close: None,
+            reopened: None,
+        }
+    }
+
+    /// May a retransmission go now? Like video, and not right after the
+    /// gate reopened.
+    fn allow_retransmit(&mut self, conn: &Connection, buffer: usize, now: Instant) -> bool {
+        self.allow(conn, buffer, now)
+            && self
+                .reopened
+                .is_none_or(|t| now.saturating_duration_since(t) >= RETRANSMIT_QUIET)
+    }
+
+    /// May a video packet go on `conn` now? `buffer`: quinn's datagram
+    /// send buffer size.
+    fn allow(&mut self, conn: &Connection, buffer: usize, now: Instant) -> bool {
+        let queued = buffer.saturating_sub(conn.datagram_send_buffer_space());
+        let since = now.saturating_duration_since(self.sampled);
+        if since >= GATE_SAMPLE {
+            let stats = conn.stats();
+            let tx = stats.udp_tx.bytes;
+            let sample = tx.saturating_sub(self.tx_bytes) as f64 / since.as_secs_f64();
+            // Only a busy link shows its capacity; an idle one keeps the
+            // previous estimate.
+            if queued >= QUEUE_SMALL || sample > self.rate {
+                self.rate = 0.7 * self.rate + 0.3 * sample;
+            }
+            self.tx_bytes = tx;
+            self.sampled = now;
+            self.queuing = stats.path.rtt.saturating_sub(stats.path.min_rtt);
+        }
+        let buffer_wait = if queued < QUEUE_SMALL {
+            Duration::ZERO
+        } else if queued >= buffer / 2 {
+            Duration::MAX
+        } else {
+            Duration::from_secs_f64(queued as f64 / self.rate.max(1.0))
+        };
+        if let Some(until) = self.closed_until {
+            if now < until || self.queuing > QUEUE_DELAY_OK || buffer_wait > QUEUE_DELAY_OK {
+                return false;
+            }
+            self.closed_until = None;
+            self.reopened = Some(now);
+            debug!(
+                queuing_ms = self.queuing.as_millis() as u64,
+                queued, "trunk has room for video again"
+            );
+            return true;
+        }
+        if buffer_wait > QUEUE_DELAY_MAX || self.queuing > QUEUE_DELAY_MAX {
+            self.hold = match self.last_close {
+                Some(t) if now.saturating_duration_since(t) < HOLD_RESET => {
+                    (self.hold * 2).min(HOLD_MAX)
+                }
+                _ => HOLD_MIN,
+            };
+            self.last_close = Some(now);
+            self.closed_until = Some(now + self.hold);
+            debug!(
+                queuing_ms = self.queuing.as_millis() as u64,
+                queued,
+                rate_kbps = (self.rate * 8.0 / 1000.0) as u64,
+                hold_ms = self.hold.as_millis() as u64,
+                "trunk short of bandwidth: video held back"
+            );
+            return false;
+        }
+        true
+    }
 }
 
 /// Media waiting for the core task: track, layer, RTP packet, and when it
@@ -253,9 +406,9 @@ impl Trunk {
             }
         }
         transport
-            .packet_threshold(PACKET_THRESHOLD)
-            .time_threshold(TIME_THRESHOLD)
-            .datagram_send_buffer_size(DATAGRAM_SEND_BUFFER)
+            .packet_threshold(config.tuning.packet_threshold)
+            .time_threshold(config.tuning.time_threshold)
+            .datagram_send_buffer_size(config.tuning.datagram_send_buffer)
             .keep_alive_interval(Some(KEEP_ALIVE))
             .max_idle_timeout(Some(
                 IDLE_TIMEOUT
@@ -315,6 +468,7 @@ impl Trunk {
             writers: Vec::new(),
             drops: drops.clone(),
             starved: HashSet::new(),
+            send_buffer: config.tuning.datagram_send_buffer,
         };
         info!(node = config.proto.node_id.0, addr = %local_addr, "trunk listening");
         let task = tokio::spawn(core.run(rx, mrx, drx));
@@ -493,6 +647,9 @@ struct Core {
     /// (peer, local video track) pairs whose video was dropped for lack of
     /// bandwidth: a keyframe is asked for when it fits again.
     starved: HashSet<(NodeId, TrackId)>,
+    /// quinn's datagram send buffer size (see `VideoGate`: video never
+    /// fills more than half of it; the rest is kept for audio).
+    send_buffer: usize,
 }
 
 impl Core {
@@ -572,7 +729,14 @@ impl Core {
                     self.datagrams_tx.clone(),
                     self.drops.clone(),
                 ));
-                self.conns.insert(id, ConnHandle { conn, writer: wtx });
+                self.conns.insert(
+                    id,
+                    ConnHandle {
+                        conn,
+                        writer: wtx,
+                        gate: VideoGate::new(Instant::now()),
+                    },
+                );
                 self.node.handle_connected(id, dialed, now);
             }
             Input::DialFailed(node) => self.node.handle_dial_failed(node, now),
@@ -660,14 +824,15 @@ impl Core {
         // One copy for every target: wire ids are per origin, so the
         // datagram is the same bytes on every trunk.
         let datagram = Bytes::copy_from_slice(&self.scratch);
+        let at = Instant::now();
         for &(node, conn) in targets {
-            let Some(h) = self.conns.get(&conn) else {
+            let Some(h) = self.conns.get_mut(&conn) else {
                 continue;
             };
             if video {
                 // Keep audio first: when quinn's buffer is short of room the
                 // trunk lacks bandwidth; video waits for a keyframe.
-                if h.conn.datagram_send_buffer_space() < VIDEO_HEADROOM {
+                if !h.gate.allow(&h.conn, self.send_buffer, at) {
                     self.driver.video_dropped_congestion += 1;
                     self.starved.insert((node, track));
                     continue;
@@ -728,10 +893,15 @@ impl Core {
 
     /// Send the datagrams the core asked for (NACKs, retransmissions).
     fn send_datagrams(&mut self) {
+        let now = Instant::now();
         while let Some(d) = self.node.poll_datagram() {
-            let Some(h) = self.conns.get(&d.conn) else {
+            let Some(h) = self.conns.get_mut(&d.conn) else {
                 continue;
             };
+            if d.retransmit && !h.gate.allow_retransmit(&h.conn, self.send_buffer, now) {
+                self.driver.video_dropped_congestion += 1;
+                continue;
+            }
             if let Err(e) = h.conn.send_datagram(Bytes::from(d.bytes)) {
                 self.driver.datagrams_failed += 1;
                 debug!(node = d.node.0, error = %e, "repair datagram not sent");

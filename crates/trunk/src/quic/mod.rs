@@ -9,6 +9,6 @@ pub mod identity;
 
 pub use driver::{
     Congestion, DriverMetrics, PathStatus, Trunk, TrunkConfig, TrunkError, TrunkEvent, TrunkEvents,
-    TrunkStatus,
+    TrunkStatus, Tuning,
 };
 pub use identity::{ALPN, Identity, IdentityError};
