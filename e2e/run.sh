@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Real-browser tests. Installs what they need (Debian chromium and
 # firefox-esr, npm playwright-core and puppeteer-core), builds the node, and
-# runs two suites against real nodes on free ports:
+# runs these suites against real nodes on free ports:
 #   tests/call.test.mjs      two Chromium pages, node on 127.0.0.1
 #   tests/cluster.test.mjs   a page on each of three clustered nodes (trunks)
+#   tests/trunk-loss.test.mjs two clustered nodes whose trunk crosses the UDP
+#                            impairment proxy (switchboard-impair, 3 % loss)
 #   tests/firefox.test.mjs   Firefox + Chromium, node on a veth address in a
 #                            network namespace this script creates (Firefox
 #                            does not use 127.0.0.1 for WebRTC; needs root)
-# Each node must exit 0 on SIGTERM. SWITCHBOARD_BIN=<path> skips the build.
+# Each node must exit 0 on SIGTERM. SWITCHBOARD_BIN=<path> skips the build
+# (then IMPAIR_BIN=<path> names the proxy; default target/release).
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT="$(cd .. && pwd)"
@@ -26,11 +29,16 @@ echo "== npm ci"
 PUPPETEER_SKIP_DOWNLOAD=1 npm ci --no-audit --no-fund --silent
 
 if [ -z "${SWITCHBOARD_BIN:-}" ]; then
-  echo "== building switchboard (release)"
-  (cd "$ROOT" && cargo build --release -p switchboard)
+  echo "== building switchboard and switchboard-impair (release)"
+  (cd "$ROOT" && cargo build --release -p switchboard -p impair)
   SWITCHBOARD_BIN="$ROOT/target/release/switchboard"
-  if [ -n "${CARGO_TARGET_DIR:-}" ]; then SWITCHBOARD_BIN="$CARGO_TARGET_DIR/release/switchboard"; fi
+  IMPAIR_BIN="${IMPAIR_BIN:-$ROOT/target/release/switchboard-impair}"
+  if [ -n "${CARGO_TARGET_DIR:-}" ]; then
+    SWITCHBOARD_BIN="$CARGO_TARGET_DIR/release/switchboard"
+    IMPAIR_BIN="$CARGO_TARGET_DIR/release/switchboard-impair"
+  fi
 fi
+IMPAIR_BIN="${IMPAIR_BIN:-$ROOT/target/release/switchboard-impair}"
 
 mkdir -p artifacts
 PIDS=()
@@ -90,6 +98,34 @@ echo "== cluster: node A at $A_URL (trunk $A_TRUNK), node B at $B_URL (trunk $B_
 SB_URL_A="$A_URL" SB_URL_B="$B_URL" SB_URL_C="$C_URL" node --test --test-concurrency=1 tests/cluster.test.mjs
 stop_node "$C_PID"
 stop_node "$B_PID"
+stop_node "$A_PID"
+
+# Two clustered nodes whose trunk crosses the impairment proxy: B's --peer is
+# the proxy, which forwards to A's trunk port and drops 3 % of the datagrams
+# each way (seeded). Publisher and subscriber on A, subscriber on B.
+start_node artifacts/switchboard-loss-a.log env -- --node-id 1 --trunk-port 0
+A_PID="$NODE_PID"; A_URL="$NODE_URL"
+A_TRUNK="$(grep -o 'trunk=[0-9.:]*' artifacts/switchboard-loss-a.log | head -1 | cut -d= -f2)"
+[ -n "$A_TRUNK" ] || { cat artifacts/switchboard-loss-a.log; echo "node A printed no trunk address"; exit 1; }
+[ -x "$IMPAIR_BIN" ] || { echo "no impairment proxy at $IMPAIR_BIN (set IMPAIR_BIN)"; exit 1; }
+"$IMPAIR_BIN" --listen 127.0.0.1:0 --upstream "$A_TRUNK" --seed 1 --loss 0.03 >artifacts/impair.log 2>&1 &
+IMPAIR_PID=$!
+PIDS+=("$IMPAIR_PID")
+PROXY=""
+for _ in $(seq 1 100); do
+  PROXY="$(grep -o 'listening on [0-9.:]*' artifacts/impair.log | head -1 | cut -d' ' -f3 || true)"
+  [ -n "$PROXY" ] && break
+  kill -0 "$IMPAIR_PID" 2>/dev/null || { cat artifacts/impair.log; echo "switchboard-impair exited"; exit 1; }
+  sleep 0.1
+done
+[ -n "$PROXY" ] || { cat artifacts/impair.log; echo "switchboard-impair did not start"; exit 1; }
+start_node artifacts/switchboard-loss-b.log env -- --node-id 2 --trunk-port 0 --peer "1@$PROXY"
+B_PID="$NODE_PID"; B_URL="$NODE_URL"
+echo "== impaired trunk: node A at $A_URL (trunk $A_TRUNK), node B at $B_URL via proxy $PROXY (3 % loss)"
+SB_URL_A="$A_URL" SB_URL_B="$B_URL" node --test --test-concurrency=1 tests/trunk-loss.test.mjs
+stop_node "$B_PID"
+kill -TERM "$IMPAIR_PID"; wait "$IMPAIR_PID" || true
+PIDS=("${PIDS[@]/$IMPAIR_PID}")
 stop_node "$A_PID"
 unset SWITCHBOARD_CLUSTER_SECRET
 

@@ -1,0 +1,517 @@
+#!/usr/bin/env node
+// Media quality across a trunk, measured in real Chromium pages.
+//
+// Two clustered nodes must already run (this script starts none; see
+// measure-trunk.sh): A and B. One page on A publishes camera + mic (fake
+// devices); one page on A and one on B subscribe. The subscriber pages are
+// receive-only: their getUserMedia is made to fail before the client loads,
+// and the web client then joins without media (app.js openMedia() falls back
+// to an empty stream). Each subscriber therefore receives exactly the
+// publisher's audio and video; the video inbound-rtp is still matched to the
+// publisher's camera track explicitly: roster track id (source "camera") ->
+// window.__sb.remote (receiver MediaStreamTrack) -> inbound-rtp whose
+// trackIdentifier is that track's id.
+//
+// In each subscriber page a sampler polls getStats() every 50 ms and keeps
+// the publisher's video inbound-rtp counters; a requestVideoFrameCallback loop
+// on the publisher's tile keeps (presentation time, receive time, RTP
+// timestamp) per rendered frame. After both subscribers decode a first frame
+// and a warm-up, a window of W seconds is measured.
+//
+// Delay. Two measures, both reported:
+//  - jb_ms: jitterBufferDelay / jitterBufferEmittedCount over the 5 s ending
+//    at the window's start and over the 5 s ending at its end. Robust and
+//    always present; it is the receiver's buffering, which grows when the
+//    network delivers frames late or unevenly (NACK round trips included),
+//    but it does not see a standing queue in front of the receiver.
+//  - e2e_growth_ms / net_growth_ms: relative one-way delay from rendered frames. A frame's
+//    RTP timestamp (90 kHz) follows the publisher's capture clock, so
+//    (presentation time - rtp/90) changes exactly as the capture-to-screen
+//    delay changes, and (receive time - rtp/90) as the capture-to-arrival
+//    delay does (queues in the proxy or node included). Medians over the same
+//    two 5 s spans; "growth" = end - start. If the SFU keeps RTP timestamps
+//    (it forwards them), A's and B's pages render frames with the same RTP
+//    timestamps, and since both pages share one clock, B's presentation time
+//    minus A's for the same frame is the delay the trunk adds (b_minus_a_ms).
+//
+// Usage: node trunk-quality.mjs --a http://127.0.0.1:PORT --b http://127.0.0.1:PORT
+//          [--window 30] [--warmup 5] [--label text] [--room name] [--out file.json]
+// (or env SB_URL_A, SB_URL_B, TQ_WINDOW, TQ_WARMUP, TQ_LABEL). Prints one JSON
+// line (starts with "{") and one table row (starts with "|") on stdout.
+import { writeFileSync } from 'node:fs';
+import { pathToFileURL } from 'node:url';
+import { launchChromium } from './lib.mjs';
+
+const STALL_MS = 200;
+const SPAN_MS = 5000; // the "last 5 s" of the delay measures
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+// ---------- in-page code (serialized into the pages) ----------
+
+/** Runs in a subscriber page: samples the publisher's streams until stopped. */
+function pageSampler(pubId) {
+  const tq = {
+    pubId, clickAt: null, firstDecodeAt: null, firstFrameAt: null,
+    video: [], audio: [], frames: [], ticks: 0, errors: [],
+  };
+  window.__tq = tq;
+  const now = () => performance.timeOrigin + performance.now();
+  const pubTrack = (source) => {
+    const sb = window.__sb;
+    const p = sb && sb.roster.find((x) => x.id === tq.pubId);
+    const t = p && p.tracks.find((x) => x.source === source);
+    return t ? sb.remote.get(t.id) : null;
+  };
+  const num = (v) => (typeof v === 'number' ? v : null);
+  async function tick() {
+    const sb = window.__sb;
+    const vt = pubTrack('camera');
+    if (sb && sb.pc && vt) {
+      const at = pubTrack('microphone');
+      const rep = await sb.pc.getStats();
+      const t = now();
+      rep.forEach((s) => {
+        if (s.type !== 'inbound-rtp') return;
+        if (s.kind === 'video' && s.trackIdentifier === vt.id) {
+          tq.video.push({
+            t,
+            fd: s.framesDecoded || 0,
+            pr: s.packetsReceived || 0,
+            lost: s.packetsLost || 0,
+            nack: s.nackCount || 0,
+            rtx: num(s.retransmittedPacketsReceived),
+            jbd: s.jitterBufferDelay || 0,
+            jbe: s.jitterBufferEmittedCount || 0,
+            bytes: s.bytesReceived || 0,
+            hdr: s.headerBytesReceived || 0,
+            drop: s.framesDropped || 0,
+            frz: num(s.freezeCount),
+            frzDur: num(s.totalFreezesDuration),
+            kf: s.keyFramesDecoded || 0,
+            pli: s.pliCount || 0,
+            fir: s.firCount || 0,
+            w: s.frameWidth || 0,
+            h: s.frameHeight || 0,
+            fps: num(s.framesPerSecond),
+          });
+          if (tq.firstDecodeAt === null && s.framesDecoded > 0) tq.firstDecodeAt = t;
+        } else if (s.kind === 'audio' && at && s.trackIdentifier === at.id && tq.ticks % 10 === 0) {
+          tq.audio.push({
+            t,
+            pr: s.packetsReceived || 0,
+            lost: s.packetsLost || 0,
+            bytes: s.bytesReceived || 0,
+            hdr: s.headerBytesReceived || 0,
+            conc: s.concealedSamples || 0,
+            tot: s.totalSamplesReceived || 0,
+          });
+        }
+      });
+    }
+    tq.ticks += 1;
+  }
+  (async () => {
+    while (!tq.stopped) {
+      const next = performance.now() + 50;
+      try { await tick(); } catch (e) { if (tq.errors.length < 10) tq.errors.push(String(e)); }
+      await new Promise((r) => setTimeout(r, Math.max(0, next - performance.now())));
+    }
+  })();
+  // Rendered frames of the publisher's tile: rVFC metadata.
+  let video = null;
+  const onFrame = (_, m) => {
+    if (tq.stopped) return;
+    if (m.rtpTimestamp !== undefined) {
+      const pres = performance.timeOrigin + m.presentationTime;
+      tq.frames.push([pres, m.receiveTime !== undefined ? performance.timeOrigin + m.receiveTime : null, m.rtpTimestamp]);
+      if (tq.firstFrameAt === null) tq.firstFrameAt = pres;
+    }
+    video.requestVideoFrameCallback(onFrame);
+  };
+  const attach = () => {
+    if (tq.stopped) return;
+    const v = document.querySelector(`.tile[data-participant-id="${CSS.escape(tq.pubId)}"]:not([data-screen]) video`);
+    if (v && v !== video) {
+      video = v;
+      if (v.requestVideoFrameCallback) v.requestVideoFrameCallback(onFrame);
+    }
+    setTimeout(attach, 250);
+  };
+  attach();
+}
+
+// ---------- pages ----------
+
+async function openPage(browser, base, room, name, { receiveOnly }) {
+  const context = await browser.newContext({ viewport: { width: 960, height: 600 } });
+  await context.grantPermissions(['camera', 'microphone']);
+  if (receiveOnly) {
+    await context.addInitScript(() => {
+      navigator.mediaDevices.getUserMedia = () =>
+        Promise.reject(new DOMException('receive-only measurement page', 'NotAllowedError'));
+    });
+  }
+  const page = await context.newPage();
+  page.on('console', (m) => { if (m.type() === 'error') console.error(`[${name}] ${m.text()}`); });
+  page.on('pageerror', (e) => console.error(`[${name}] ${e}`));
+  // A receive-only page never fires "load": the lobby preview <video> gets an
+  // empty MediaStream, which delays the load event indefinitely.
+  await page.goto(`${base}/r/${room}`, { waitUntil: receiveOnly ? 'domcontentloaded' : 'load' });
+  await page.waitForFunction(() => !!window.__sb);
+  await page.fill('#name', name);
+  return page;
+}
+
+/** Publisher outbound video stats (to see what the sender did meanwhile). */
+async function outboundVideo(page) {
+  return page.evaluate(async () => {
+    const pc = window.__sb.pc;
+    let out = null;
+    if (pc) {
+      (await pc.getStats()).forEach((s) => {
+        if (s.type === 'outbound-rtp' && s.kind === 'video' && (!out || (s.bytesSent || 0) > out.bytes)) {
+          out = {
+            t: performance.timeOrigin + performance.now(),
+            fe: s.framesEncoded || 0, bytes: s.bytesSent || 0, hdr: s.headerBytesSent || 0,
+            nack: s.nackCount || 0, pli: s.pliCount || 0, fir: s.firCount || 0,
+            rtx: s.retransmittedPacketsSent ?? null, kf: s.keyFramesEncoded ?? null,
+            w: s.frameWidth || 0, h: s.frameHeight || 0, fps: s.framesPerSecond ?? null,
+            target: s.targetBitrate ?? null, qlr: s.qualityLimitationReason ?? null,
+          };
+        }
+      });
+    }
+    return out;
+  });
+}
+
+async function waitUntil(what, fn, timeoutMs, everyMs = 200) {
+  const end = Date.now() + timeoutMs;
+  let last;
+  while (Date.now() < end) {
+    last = await fn();
+    if (last && last.ok) return last;
+    await sleep(everyMs);
+  }
+  throw new Error(`${what}: not within ${timeoutMs} ms; last ${JSON.stringify(last)}`);
+}
+
+// ---------- metrics ----------
+
+async function scrape(base) {
+  try {
+    const res = await fetch(`${base}/metrics`);
+    return parseMetrics(await res.text());
+  } catch (e) {
+    return { error: String(e), types: {}, values: {} };
+  }
+}
+
+/** switchboard_trunk_* and switchboard_remote_* series of an OpenMetrics text. */
+export function parseMetrics(text) {
+  const types = {};
+  const values = {};
+  for (const line of text.split('\n')) {
+    const ty = line.match(/^# TYPE (\S+) (\S+)/);
+    if (ty) { types[ty[1]] = ty[2]; continue; }
+    if (!/^switchboard_(trunk|remote)_/.test(line)) continue;
+    const m = line.match(/^(\S+?)(\{[^}]*\})?\s+(\S+)/);
+    if (m) values[m[1] + (m[2] || '')] = Number(m[3]);
+  }
+  return { types, values };
+}
+
+/** Per series: counters -> after - before; gauges (and unknown) -> [before, after]. */
+export function metricsDelta(before, after) {
+  const out = {};
+  const names = new Set([...Object.keys(before.values), ...Object.keys(after.values)]);
+  for (const series of [...names].sort()) {
+    const name = series.replace(/\{.*$/, '');
+    const family = name.replace(/_(total|created)$/, '');
+    const type = after.types[name] || after.types[family] || before.types[family];
+    const b = before.values[series];
+    const a = after.values[series];
+    if (type === 'counter') out[series] = (a ?? 0) - (b ?? 0);
+    else out[series] = [b ?? null, a ?? null];
+  }
+  return out;
+}
+
+// ---------- analysis ----------
+
+/** The last sample at or before t (or the first one if none). */
+function at(samples, t) {
+  let best = samples[0];
+  for (const s of samples) { if (s.t <= t) best = s; else break; }
+  return best;
+}
+
+function median(xs) {
+  if (!xs.length) return null;
+  const a = [...xs].sort((x, y) => x - y);
+  return a[Math.floor(a.length / 2)];
+}
+
+const r1 = (x) => (x === null || x === undefined || Number.isNaN(x) ? null : Math.round(x * 10) / 10);
+const d = (a, b, k) => (a[k] === null || b[k] === null ? null : b[k] - a[k]);
+
+function jbMs(samples, t) {
+  const a = at(samples, t - SPAN_MS);
+  const b = at(samples, t);
+  const n = b.jbe - a.jbe;
+  return n > 0 ? r1(((b.jbd - a.jbd) / n) * 1000) : null;
+}
+
+function unwrapRtp(frames) {
+  // 32-bit RTP timestamps may wrap during a run; frames arrive in order.
+  let offset = 0;
+  let prev = null;
+  return frames.map(([pres, recv, ts]) => {
+    if (prev !== null && ts - prev < -(2 ** 31)) offset += 2 ** 32;
+    if (prev !== null && ts - prev > 2 ** 31) offset -= 2 ** 32;
+    prev = ts;
+    return { pres, recv, ts, ms: (ts + offset) / 90 };
+  });
+}
+
+function relDelay(frames, t0, t1, field) {
+  const xs = frames.filter((f) => f.pres > t0 && f.pres <= t1 && f[field] !== null).map((f) => f[field] - f.ms);
+  return median(xs);
+}
+
+function analyse(tq, T0, T1) {
+  const v = tq.video;
+  if (!v.length) return { error: 'no samples' };
+  const a = at(v, T0);
+  const b = at(v, T1);
+  const win = v.filter((s) => s.t > T0 && s.t <= T1);
+  // Stalls: gaps >= 200 ms between increases of framesDecoded (the window's
+  // edges count as boundaries, so a stall across an edge counts in part).
+  let prevT = T0;
+  let prevFd = a.fd;
+  let stalledMs = 0;
+  let stalls = 0;
+  let longest = 0;
+  for (const s of win) {
+    if (s.fd > prevFd) {
+      const gap = s.t - prevT;
+      if (gap >= STALL_MS) { stalledMs += gap; stalls += 1; longest = Math.max(longest, gap); }
+      prevT = s.t;
+      prevFd = s.fd;
+    }
+  }
+  if (T1 - prevT >= STALL_MS) { stalledMs += T1 - prevT; stalls += 1; longest = Math.max(longest, T1 - prevT); }
+  // Sampling quality: a late tick looks like a stall.
+  let maxTick = 0;
+  for (let i = 1; i < win.length; i++) maxTick = Math.max(maxTick, win[i].t - win[i - 1].t);
+  const secs = (b.t - a.t) / 1000;
+  const frames = unwrapRtp(tq.frames);
+  const e2e0 = relDelay(frames, T0 - SPAN_MS, T0, 'pres');
+  const e2e1 = relDelay(frames, T1 - SPAN_MS, T1, 'pres');
+  const net0 = relDelay(frames, T0 - SPAN_MS, T0, 'recv');
+  const net1 = relDelay(frames, T1 - SPAN_MS, T1, 'recv');
+  const au = tq.audio;
+  let audio = null;
+  if (au.length) {
+    const x = at(au, T0);
+    const y = at(au, T1);
+    audio = {
+      packets: y.pr - x.pr, lost: y.lost - x.lost,
+      kbps: r1(((y.bytes + y.hdr - x.bytes - x.hdr) * 8) / ((y.t - x.t) || 1)),
+      concealed_pct: y.tot > x.tot ? r1((100 * (y.conc - x.conc)) / (y.tot - x.tot)) : null,
+    };
+  }
+  return {
+    frames: b.fd - a.fd,
+    fps: r1((b.fd - a.fd) / secs),
+    fps_stat: b.fps,
+    stalled_s: r1(stalledMs / 1000),
+    stalls,
+    longest_stall_ms: Math.round(longest),
+    packets: b.pr - a.pr,
+    lost: b.lost - a.lost,
+    nacks: b.nack - a.nack,
+    rtx: d(a, b, 'rtx'),
+    dropped: b.drop - a.drop,
+    freezes: d(a, b, 'frz'),
+    freeze_s: a.frzDur === null || b.frzDur === null ? null : r1(b.frzDur - a.frzDur),
+    keyframes: b.kf - a.kf,
+    plis: b.pli - a.pli,
+    firs: b.fir - a.fir,
+    kbps: r1(((b.bytes + b.hdr - a.bytes - a.hdr) * 8) / (b.t - a.t)),
+    resolution: `${b.w}x${b.h}`,
+    jb_ms: [jbMs(v, T0), jbMs(v, T1)],
+    e2e_growth_ms: e2e0 === null || e2e1 === null ? null : r1(e2e1 - e2e0),
+    net_growth_ms: net0 === null || net1 === null ? null : r1(net1 - net0),
+    first_frame_ms: tq.firstDecodeAt === null ? null : Math.round(tq.firstDecodeAt - tq.clickAt),
+    first_render_ms: tq.firstFrameAt === null ? null : Math.round(tq.firstFrameAt - tq.clickAt),
+    audio,
+    sampling: { polls: win.length, max_gap_ms: Math.round(maxTick), rendered_frames: frames.filter((f) => f.pres > T0 && f.pres <= T1).length },
+    errors: tq.errors,
+  };
+}
+
+/**
+ * Delay B adds over A for the same frames (matched by RTP timestamp): B's
+ * frames rendered in (t0, t1] against A's rendering of the same frame,
+ * whenever that was.
+ */
+function bMinusA(ta, tb, t0, t1) {
+  const fa = new Map(ta.frames.map((f) => [f[2], f]));
+  const pres = [];
+  const recv = [];
+  for (const f of tb.frames) {
+    if (!(f[0] > t0 && f[0] <= t1)) continue;
+    const g = fa.get(f[2]);
+    if (!g) continue;
+    pres.push(f[0] - g[0]);
+    if (f[1] !== null && g[1] !== null) recv.push(f[1] - g[1]);
+  }
+  return { matched: pres.length, pres_ms: r1(median(pres)), recv_ms: r1(median(recv)) };
+}
+
+// ---------- the measurement ----------
+
+/**
+ * Publisher + subscriber on node A, subscriber on node B; returns the result
+ * object. opts: { a, b, windowS, warmupS, label, room, firstFrameTimeoutMs, log }
+ */
+export async function measureTrunkQuality(opts) {
+  const { a, b } = opts;
+  const windowS = opts.windowS ?? 30;
+  const warmupS = opts.warmupS ?? 5;
+  const label = opts.label ?? '';
+  const room = opts.room ?? `trunk-quality-${process.pid}-${Date.now() % 100000}`;
+  const log = opts.log ?? ((m) => console.error(m));
+  const browser = opts.browser ?? await launchChromium();
+  try {
+    const pub = await openPage(browser, a, room, 'Publisher on A', { receiveOnly: false });
+    await pub.click('#join-btn');
+    await pub.waitForFunction(() => window.__sb && window.__sb.me, null, { timeout: 15_000 });
+    const pubId = await pub.evaluate(() => window.__sb.me);
+    await waitUntil('publisher sends video', async () => {
+      const o = await outboundVideo(pub);
+      return { ok: !!o && o.fe > 0, o };
+    }, 20_000);
+    log(`publisher ${pubId} sending; joining subscribers on A and B`);
+
+    const subA = await openPage(browser, a, room, 'Subscriber on A', { receiveOnly: true });
+    const subB = await openPage(browser, b, room, 'Subscriber on B', { receiveOnly: true });
+    const click = async (page) => {
+      await page.evaluate(pageSampler, pubId);
+      await page.evaluate(() => {
+        window.__tq.clickAt = performance.timeOrigin + performance.now();
+        document.getElementById('join-btn').click();
+      });
+    };
+    await Promise.all([click(subA), click(subB)]);
+
+    const timeout = opts.firstFrameTimeoutMs ?? 60_000;
+    await waitUntil('both subscribers decode the publisher\'s video', async () => {
+      const fa = await subA.evaluate(() => window.__tq.firstDecodeAt);
+      const fb = await subB.evaluate(() => window.__tq.firstDecodeAt);
+      return { ok: fa !== null && fb !== null, fa, fb };
+    }, timeout);
+    log(`both subscribers decode; warm-up ${warmupS} s, window ${windowS} s`);
+    await sleep(warmupS * 1000);
+
+    const mBefore = { A: await scrape(a), B: await scrape(b) };
+    const oBefore = await outboundVideo(pub);
+    const T0 = Date.now();
+    await sleep(windowS * 1000);
+    const T1 = Date.now();
+    const mAfter = { A: await scrape(a), B: await scrape(b) };
+    const oAfter = await outboundVideo(pub);
+
+    const grab = (p) => p.evaluate(() => { window.__tq.stopped = true; return window.__tq; });
+    const [tqA, tqB] = [await grab(subA), await grab(subB)];
+    const resA = analyse(tqA, T0, T1);
+    const resB = analyse(tqB, T0, T1);
+    const o = oBefore && oAfter ? {
+      frames: oAfter.fe - oBefore.fe,
+      kbps: r1(((oAfter.bytes + oAfter.hdr - oBefore.bytes - oBefore.hdr) * 8) / (oAfter.t - oBefore.t)),
+      nacks_in: oAfter.nack - oBefore.nack,
+      plis_in: oAfter.pli - oBefore.pli,
+      firs_in: oAfter.fir - oBefore.fir,
+      rtx_sent: oAfter.rtx === null || oBefore.rtx === null ? null : oAfter.rtx - oBefore.rtx,
+      keyframes: oAfter.kf === null || oBefore.kf === null ? null : oAfter.kf - oBefore.kf,
+      resolution: `${oAfter.w}x${oAfter.h}`,
+      fps: oAfter.fps,
+      target_kbps: oAfter.target === null ? null : r1(oAfter.target / 1000),
+      quality_limitation: oAfter.qlr,
+    } : null;
+    return {
+      label,
+      window_s: windowS,
+      warmup_s: warmupS,
+      room,
+      t0: new Date(T0).toISOString(),
+      B: resB,
+      A: resA,
+      b_minus_a: {
+        start: bMinusA(tqA, tqB, T0 - SPAN_MS, T0),
+        end: bMinusA(tqA, tqB, T1 - SPAN_MS, T1),
+      },
+      publisher: o,
+      metrics: { A: metricsDelta(mBefore.A, mAfter.A), B: metricsDelta(mBefore.B, mAfter.B) },
+    };
+  } finally {
+    if (!opts.browser) await browser.close();
+  }
+}
+
+export const TABLE_HEADER = [
+  '| impairment | B frames | B stalled s | B lost | B nacks | B jb ms start→end | B e2e growth ms | B−A ms start→end | B first frame ms | A frames | A stalled s | A first frame ms |',
+  '|---|---|---|---|---|---|---|---|---|---|---|---|',
+].join('\n');
+
+export function tableRow(r) {
+  const arrow = (p) => (p ? `${p[0] ?? '–'} → ${p[1] ?? '–'}` : '–');
+  const B = r.B;
+  const A = r.A;
+  return `| ${r.label} | ${B.frames} | ${B.stalled_s} | ${B.lost} | ${B.nacks} | ${arrow(B.jb_ms)} | ${B.e2e_growth_ms ?? '–'} | `
+    + `${arrow([r.b_minus_a.start.pres_ms, r.b_minus_a.end.pres_ms])} | ${B.first_frame_ms} | ${A.frames} | ${A.stalled_s} | ${A.first_frame_ms} |`;
+}
+
+// ---------- command line ----------
+
+function parseArgs(argv) {
+  const o = {
+    a: process.env.SB_URL_A,
+    b: process.env.SB_URL_B,
+    windowS: Number(process.env.TQ_WINDOW || 30),
+    warmupS: Number(process.env.TQ_WARMUP || 5),
+    label: process.env.TQ_LABEL || '',
+    room: process.env.TQ_ROOM,
+    out: process.env.TQ_OUT,
+    header: false,
+  };
+  for (let i = 0; i < argv.length; i++) {
+    const k = argv[i];
+    const v = () => argv[++i];
+    if (k === '--a') o.a = v();
+    else if (k === '--b') o.b = v();
+    else if (k === '--window') o.windowS = Number(v());
+    else if (k === '--warmup') o.warmupS = Number(v());
+    else if (k === '--label') o.label = v();
+    else if (k === '--room') o.room = v();
+    else if (k === '--out') o.out = v();
+    else if (k === '--header') o.header = true;
+    else throw new Error(`unknown argument ${k}`);
+  }
+  if (!o.a || !o.b) throw new Error('need --a and --b (or SB_URL_A, SB_URL_B): the URLs of two clustered nodes');
+  o.a = o.a.replace(/\/$/, '');
+  o.b = o.b.replace(/\/$/, '');
+  return o;
+}
+
+if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {
+  const o = parseArgs(process.argv.slice(2));
+  const r = await measureTrunkQuality(o);
+  const line = JSON.stringify(r);
+  if (o.out) writeFileSync(o.out, `${line}\n`);
+  console.log(line);
+  if (o.header) console.log(TABLE_HEADER);
+  console.log(tableRow(r));
+}
