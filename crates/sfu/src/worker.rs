@@ -895,7 +895,7 @@ impl Worker {
                         // A new subscriber needs a keyframe to start decoding.
                         let room = self.peers[&pid].room.clone();
                         for track in new_video {
-                            self.keyframe_for_track(&room, &track);
+                            self.keyframe_for_track(&room, &track, true);
                         }
                         let again = self.peers.get(&pid).is_some_and(|p| p.renegotiate);
                         if again {
@@ -1316,10 +1316,13 @@ impl Worker {
             return;
         };
         let room = peer.room.clone();
-        self.keyframe_for_track(&room, &track);
+        self.keyframe_for_track(&room, &track, false);
     }
 
-    fn keyframe_for_track(&mut self, room: &RoomName, track_id: &str) {
+    /// Ask for a keyframe of a track, rate-limited; `new_subscriber`: the
+    /// request starts a subscription (shorter spacing, see
+    /// `NEW_SUBSCRIBER_INTERVAL`).
+    fn keyframe_for_track(&mut self, room: &RoomName, track_id: &str, new_subscriber: bool) {
         let Some(t) = self
             .rooms
             .get_mut(room)
@@ -1330,7 +1333,13 @@ impl Worker {
         if t.kind != MediaKind::Video {
             return;
         }
-        if t.keyframes.request(Instant::now()) {
+        let now = Instant::now();
+        let pass = if new_subscriber {
+            t.keyframes.request_new_subscriber(now)
+        } else {
+            t.keyframes.request(now)
+        };
+        if pass {
             let origin = t.origin;
             self.send_keyframe_request(room, track_id, origin);
         }
@@ -1710,7 +1719,7 @@ impl Worker {
                 };
                 if l.subs.insert(track.clone()) {
                     // A new subscriber needs a keyframe to start decoding.
-                    self.keyframe_for_track(&room, &track);
+                    self.keyframe_for_track(&room, &track, true);
                 }
             }
             RemoteCommand::Unsubscribe { track } => {
@@ -1724,7 +1733,10 @@ impl Worker {
                     .get(&track)
                     .is_some_and(|t| matches!(t.origin, Origin::Local { .. }));
                 if local {
-                    self.keyframe_for_track(&room, &track);
+                    // Another node's request: its own limiter already spaced
+                    // it (per node, per track), and it is often a new
+                    // subscriber there, which must not wait out our interval.
+                    self.keyframe_for_track(&room, &track, true);
                 }
             }
             RemoteCommand::Chat { from, text } => {

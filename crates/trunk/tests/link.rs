@@ -467,7 +467,14 @@ fn media_flows_only_to_subscribers_and_unknown_wire_ids_are_dropped() {
 
 #[test]
 fn keyframe_requests_are_coalesced_and_rate_limited() {
-    let mut net = Net::new(vec![cfg(1), cfg(2), cfg(3)]);
+    // A 500 ms interval (the default is shorter) makes the schedule below
+    // easy to read.
+    let slow = |id| {
+        let mut c = cfg(id);
+        c.keyframe_interval = Duration::from_millis(500);
+        c
+    };
+    let mut net = Net::new(vec![slow(1), slow(2), slow(3)]);
     for i in 0..3 {
         populate(&mut net, i);
     }

@@ -16,6 +16,7 @@ use super::types::{
 use super::wire::{
     self, Datagram, DatagramMessage, MAX_DATA_PAYLOAD, MAX_NACK_SEQS, Message, PROTOCOL_VERSION,
 };
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
@@ -51,7 +52,10 @@ impl Config {
             misses: 3,
             redial_base: Duration::from_millis(100),
             redial_cap: Duration::from_secs(10),
-            keyframe_interval: Duration::from_millis(500),
+            // Only a guard against a flooding peer: the SFUs on both sides
+            // space keyframe requests per track already, and a second 500 ms
+            // window here delayed a new cross-node subscriber's first frame.
+            keyframe_interval: Duration::from_millis(100),
             repair: RepairConfig::default(),
             #[cfg(feature = "planted-bugs")]
             bugs: PlantedBugs::default(),
@@ -280,6 +284,8 @@ pub struct Node {
     /// Keyframe limiters holding a coalesced request: the only ones the
     /// keyframe timer visits.
     kf_pending: BTreeSet<KfKey>,
+    /// `poll_timeout`'s answer while no timer moved (`None`: recompute).
+    timeout: Cell<Option<Option<Time>>>,
     out: VecDeque<Transmit>,
     datagrams: VecDeque<DatagramOut>,
     events: VecDeque<Event>,
@@ -322,6 +328,7 @@ impl Node {
             local_wires: HashMap::new(),
             repairing: BTreeSet::new(),
             kf_pending: BTreeSet::new(),
+            timeout: Cell::new(None),
             out: VecDeque::new(),
             datagrams: VecDeque::new(),
             events: VecDeque::new(),
@@ -371,10 +378,29 @@ impl Node {
         self.datagrams.pop_front()
     }
 
-    /// The earliest time [`Self::handle_timeout`] has work to do. Visits
+    /// The earliest time [`Self::handle_timeout`] has work to do. Cached:
+    /// recomputed only after a call that can bring a timer forward (the
+    /// media fast path, `send_media` and a gap-free `handle_datagram`, never
+    /// does), so a driver may ask after every packet. It may be early (a
+    /// timer went away since: `handle_timeout` then finds nothing to do),
+    /// never late. The computation visits
     /// connections and peers, and only the tracks that hold a coalesced
     /// keyframe request or a gap under repair — never every track.
     pub fn poll_timeout(&self) -> Option<Time> {
+        if let Some(t) = self.timeout.get() {
+            return t;
+        }
+        let t = self.compute_timeout();
+        self.timeout.set(Some(t));
+        t
+    }
+
+    /// Forget the cached [`Self::poll_timeout`].
+    fn timers_changed(&self) {
+        self.timeout.set(None);
+    }
+
+    fn compute_timeout(&self) -> Option<Time> {
         let mut t: Option<Time> = None;
         let mut min = |x: Time| t = Some(t.map_or(x, |y| y.min(x)));
         for c in self.conns.values() {
@@ -422,6 +448,7 @@ impl Node {
 
     /// Configure a peer to dial (and redial whenever the link is lost).
     pub fn add_peer(&mut self, node: NodeId, now: Time) {
+        self.timers_changed();
         if node == self.config.node_id || self.shut_down {
             return;
         }
@@ -435,6 +462,7 @@ impl Node {
     /// A connection is established (`dialed = Some(peer)` if we dialed it).
     /// We send Hello at once; the link is up when the peer's Hello arrives.
     pub fn handle_connected(&mut self, conn: ConnId, dialed: Option<NodeId>, now: Time) {
+        self.timers_changed();
         if self.shut_down {
             self.out.push_back(Transmit::Close {
                 conn,
@@ -469,6 +497,7 @@ impl Node {
 
     /// A dial requested by [`Event::Redial`] failed.
     pub fn handle_dial_failed(&mut self, node: NodeId, now: Time) {
+        self.timers_changed();
         if let Some(peer) = self.peers.get_mut(&node)
             && peer.dial == DialState::Dialing
         {
@@ -480,12 +509,14 @@ impl Node {
 
     /// The driver saw the connection close (peer's close, idle timeout, reset).
     pub fn handle_lost(&mut self, conn: ConnId, now: Time) {
+        self.timers_changed();
         self.drop_conn(conn, None, CloseCode::Timeout, now);
     }
 
     /// One frame body from the control stream (see [`wire::split_frame`]).
     /// A malformed frame closes the trunk with a protocol error.
     pub fn handle_frame(&mut self, conn: ConnId, body: &[u8], now: Time) {
+        self.timers_changed();
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
@@ -559,7 +590,7 @@ impl Node {
             return None;
         };
         peer.stats.datagrams_in += 1;
-        let late = peer.clock.sample(now, origin);
+        let late = peer.clock.sample(now, origin) > cfg.late_bound;
         let mut repaired = false;
         if let (Some(r), Some(seq)) = (w.repair.as_mut(), rtp_seq(packet)) {
             match r.on_packet(seq, now, &cfg) {
@@ -571,7 +602,13 @@ impl Node {
                     self.metrics.media_given_up += u64::from(dropped);
                     if gap > 0 {
                         self.repairing.insert((node, wire_id));
+                        self.timeout.set(None);
                     }
+                }
+                // Filled too late to be of use: given up after all.
+                Arrival::Repaired if late => {
+                    peer.stats.given_up += 1;
+                    self.metrics.media_given_up += 1;
                 }
                 Arrival::Repaired => {
                     repaired = true;
@@ -587,7 +624,7 @@ impl Node {
                 }
             }
         }
-        if late > cfg.late_bound {
+        if late {
             peer.stats.late_drops += 1;
             self.metrics.late_drops += 1;
             return None;
@@ -659,6 +696,7 @@ impl Node {
 
     /// Timers: heartbeats, dead trunks, redials, coalesced keyframe requests.
     pub fn handle_timeout(&mut self, now: Time) {
+        self.timers_changed();
         let mut actions = Vec::new();
         for (&id, c) in self.conns.iter_mut() {
             if let Some(a) = c.heartbeat.handle_timeout(now) {
@@ -819,6 +857,7 @@ impl Node {
 
     /// Say Goodbye on every trunk and stop: no more dialing or accepting.
     pub fn shutdown(&mut self, now: Time) {
+        self.timers_changed();
         let mut conns: Vec<ConnId> = self.conns.keys().copied().collect();
         conns.sort();
         for conn in conns {
@@ -834,6 +873,7 @@ impl Node {
 
     /// The first local participant is about to join `room`: open it.
     pub fn open_room(&mut self, room: RoomName, _now: Time) -> Result<Generation, LocalError> {
+        self.timers_changed();
         if self.shut_down {
             return Err(LocalError::ShutDown);
         }
@@ -865,6 +905,7 @@ impl Node {
     /// The last local participant left `room`: close it and forget everything
     /// about it (its room links go down on both sides).
     pub fn close_room(&mut self, room: &RoomName, _now: Time) -> Result<(), LocalError> {
+        self.timers_changed();
         let Some(local) = self.rooms.get(room) else {
             return Err(LocalError::RoomNotOpen(room.clone()));
         };
@@ -896,6 +937,7 @@ impl Node {
         room: &RoomName,
         info: ParticipantInfo,
     ) -> Result<(), LocalError> {
+        self.timers_changed();
         let local = self
             .rooms
             .get_mut(room)
@@ -918,6 +960,7 @@ impl Node {
         room: &RoomName,
         id: ParticipantId,
     ) -> Result<(), LocalError> {
+        self.timers_changed();
         let local = self
             .rooms
             .get_mut(room)
@@ -949,6 +992,7 @@ impl Node {
         track: TrackId,
         info: TrackInfo,
     ) -> Result<WireId, LocalError> {
+        self.timers_changed();
         if self.track_rooms.contains_key(&track) {
             return Err(LocalError::TrackExists);
         }
@@ -998,6 +1042,7 @@ impl Node {
     }
 
     pub fn unpublish_track(&mut self, room: &RoomName, track: TrackId) -> Result<(), LocalError> {
+        self.timers_changed();
         let local = self
             .rooms
             .get_mut(room)
@@ -1048,6 +1093,7 @@ impl Node {
         layer: Layer,
         on: bool,
     ) -> Result<(), LocalError> {
+        self.timers_changed();
         let generation = self
             .rooms
             .get(room)
@@ -1111,6 +1157,7 @@ impl Node {
         wire_id: WireId,
         now: Time,
     ) -> Result<(), LocalError> {
+        self.timers_changed();
         let generation = self
             .rooms
             .get(room)
@@ -1150,6 +1197,7 @@ impl Node {
         from: ParticipantId,
         payload: &[u8],
     ) -> Result<(), LocalError> {
+        self.timers_changed();
         if payload.len() > MAX_DATA_PAYLOAD {
             return Err(LocalError::PayloadTooLarge(payload.len()));
         }
@@ -1228,6 +1276,7 @@ impl Node {
     /// a peer's request): the driver does so when video to a peer resumes
     /// after it had to drop some for lack of bandwidth.
     pub fn request_local_keyframe(&mut self, track: TrackId, now: Time) {
+        self.timers_changed();
         let Some(room) = self.track_rooms.get(&track).cloned() else {
             return;
         };
@@ -1340,6 +1389,19 @@ impl Node {
             let wires: usize = p.rooms.values().map(|r| r.tracks.len()).sum();
             if wires != p.wires.len() {
                 return Err(format!("peer {node:?}: wire index out of sync"));
+            }
+        }
+        // The cache may be early (a timer went away: one spurious wake-up),
+        // never late (a timer would fire late).
+        if let Some(cached) = self.timeout.get() {
+            let fresh = self.compute_timeout();
+            let late = match (cached, fresh) {
+                (_, None) => false,
+                (None, Some(_)) => true,
+                (Some(c), Some(f)) => c > f,
+            };
+            if late {
+                return Err(format!("cached timeout {cached:?} later than {fresh:?}"));
             }
         }
         for (node, wire) in &self.repairing {
@@ -1552,6 +1614,8 @@ impl Node {
         let peer = self.peers.entry(node).or_insert_with(|| Peer::new(false));
         peer.conn = Some(conn);
         peer.incarnation = Some(incarnation);
+        // A restarted peer has a new clock; learn its offset afresh.
+        peer.clock = Default::default();
         peer.attempts = 0;
         peer.dial = DialState::Idle;
         let reconnect = peer.ever_up;
