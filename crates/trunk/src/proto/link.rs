@@ -26,6 +26,10 @@ pub(crate) struct Conn {
     pub heartbeat: Heartbeat,
     /// Order of creation, for tie-breaking duplicates (newest wins).
     pub serial: u64,
+    /// The transport's own RTT estimate of the path (the driver's), if
+    /// given: it follows the datagram path, unlike Ping/Pong on the stream,
+    /// which head-of-line blocking inflates exactly when the path is lossy.
+    pub path_rtt: Option<std::time::Duration>,
 }
 
 /// Redial state of a peer we were configured to dial.

@@ -354,6 +354,22 @@ impl Node {
         self.conns.get(&conn)?.heartbeat.rtt()
     }
 
+    /// The transport's RTT estimate of a connection's path (the driver
+    /// reports it before timers; NACK retries are spaced by it, falling
+    /// back to the heartbeat's RTT).
+    pub fn set_path_rtt(&mut self, conn: ConnId, rtt: Duration) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.path_rtt = Some(rtt);
+        }
+    }
+
+    /// RTT for spacing NACK retries to `node`.
+    fn repair_rtt(&self, node: NodeId) -> Option<Duration> {
+        let conn = self.peers.get(&node)?.conn?;
+        let c = self.conns.get(&conn)?;
+        c.path_rtt.or_else(|| c.heartbeat.rtt())
+    }
+
     /// The active connection to `node`, if the link is up.
     pub fn peer_conn(&self, node: NodeId) -> Option<ConnId> {
         self.peers.get(&node)?.conn
@@ -484,6 +500,7 @@ impl Node {
                 state: ConnState::Handshaking,
                 heartbeat: Heartbeat::new(self.config.heartbeat, self.config.misses, now),
                 serial: self.next_serial,
+                path_rtt: None,
             },
         );
         let hello = Message::Hello {
@@ -817,7 +834,7 @@ impl Node {
         let due: Vec<(NodeId, WireId)> = self.repairing.iter().copied().collect();
         let mut seqs = Vec::new();
         for (node, wire) in due {
-            let rtt = self.rtt(node);
+            let rtt = self.repair_rtt(node);
             let Some(peer) = self.peers.get_mut(&node) else {
                 self.repairing.remove(&(node, wire));
                 continue;

@@ -687,6 +687,9 @@ impl Core {
                 }
                 _ = sleep_until(deadline) => {
                     let now = self.now();
+                    for (id, h) in &self.conns {
+                        self.node.set_path_rtt(*id, h.conn.rtt());
+                    }
                     self.node.handle_timeout(now);
                     self.pump();
                     continue;
