@@ -347,7 +347,7 @@ pub(crate) fn render(
             ),
             (
                 "switchboard_trunk_media_lost",
-                "Packets of the peer's video seen missing on the trunk (gaps)",
+                "Packets of the peer's tracks seen missing on the trunk (gaps)",
                 per(|m| m.lost),
             ),
             (
@@ -367,7 +367,7 @@ pub(crate) fn render(
             ),
             (
                 "switchboard_trunk_media_duplicates",
-                "Video packets from the peer received twice or after being given up: dropped",
+                "Packets from the peer received twice or after being given up: dropped",
                 per(|m| m.duplicates),
             ),
             (

@@ -35,7 +35,7 @@
 //!   [sent, now], a packet is delivered more than once only if it was
 //!   retransmitted and never twice in one subscription of a video track
 //!   (under repair), `repaired` only fills a hole of that subscription, a
-//!   repair is counted only if delivered, audio is never repaired, a
+//!   repair is counted only if delivered, a
 //!   retransmission is flagged as one, and a NACK names only packets not
 //!   delivered in the current subscription;
 //! - repair works: in the quiet phase (no faults, no churn, layer 0 of most
@@ -282,7 +282,6 @@ struct QuietPkt {
     track: TrackId,
     seq: u32,
     lost: bool,
-    video: bool,
 }
 
 /// What became of a datagram handed to the network.
@@ -638,17 +637,14 @@ impl Sim {
                 rec.retx += 1;
             }
             Ok(Datagram::Control(DatagramMessage::Nack { wire_id, seqs })) => {
-                let video_subscribed = s.peers.get(&to).is_some_and(|p| {
+                let subscribed = s.peers.get(&to).is_some_and(|p| {
                     p.rooms.values().any(|r| {
-                        r.subscribed.contains_key(&wire_id)
-                            && r.tracks
-                                .get(&wire_id)
-                                .is_some_and(|t| t.kind == TrackKind::Video)
+                        r.subscribed.contains_key(&wire_id) && r.tracks.contains_key(&wire_id)
                     })
                 });
-                if !active || !video_subscribed || seqs.is_empty() || seqs.len() > MAX_NACK_SEQS {
+                if !active || !subscribed || seqs.is_empty() || seqs.len() > MAX_NACK_SEQS {
                     return self.fail(format!(
-                        "NACKs only for subscribed video: node {} NACKed {wire_id:?} {seqs:?} to {to:?} (active trunk: {active}, subscribed video: {video_subscribed})",
+                        "NACKs only for subscribed tracks: node {} NACKed {wire_id:?} {seqs:?} to {to:?} (active trunk: {active}, subscribed: {subscribed})",
                         i + 1
                     ));
                 }
@@ -1148,7 +1144,6 @@ impl Sim {
                     track,
                     seq: p.seq,
                     lost: fate == Fate::Lost,
-                    video: p.video,
                 });
             }
         }
@@ -1174,7 +1169,6 @@ impl Sim {
             .handle_datagram(ConnId(conn), bytes, now)
             .map(|d| (d.node, d.wire_id, d.origin, d.repaired, d.packet == packet));
         let after = self.nodes[i].node.metrics();
-        let lost = after.media_lost - before.media_lost;
         let repaired = after.media_repaired - before.media_repaired;
         stat(12, after.late_drops - before.late_drops);
         if repaired > 0 && !got.is_some_and(|g| g.3) {
@@ -1187,9 +1181,6 @@ impl Sim {
                 before.late_drops,
                 after.late_drops
             ));
-        }
-        if sent.is_some_and(|p| !p.video) && (lost > 0 || repaired > 0) {
-            return self.fail(format!("node {}: audio counted as lost or repaired", i + 1));
         }
         match (sent, got) {
             (None, Some(_)) => self.fail(format!("node {}: a NACK was delivered as media", i + 1)),
@@ -1235,13 +1226,13 @@ impl Sim {
         let subscribed = n.wanted.keys().any(|k| k.1 == p.node && k.2 == p.wire);
         let sub = self.sub_gen.get(&(i, p.node, p.wire)).copied();
         let rec = self.net.entry((i, p.track, p.seq)).or_default();
-        // Under repair (subscribed video), a packet is delivered at most
-        // once per subscription; `repaired` only ever fills a hole.
-        let twice = (repaired || (p.video && subscribed)) && rec.delivered > 0 && rec.sub == sub;
+        // Under repair (subscribed), a packet is delivered at most once per
+        // subscription; `repaired` only ever fills a hole.
+        let twice = (repaired || subscribed) && rec.delivered > 0 && rec.sub == sub;
         rec.delivered += 1;
         rec.sub = sub;
         let too_often = rec.delivered > rec.sent + rec.retx;
-        if repaired && (!p.video || !subscribed) {
+        if repaired && !subscribed {
             self.fail(format!(
                 "node {}: {p:?} marked repaired on a track not under repair",
                 i + 1
@@ -1566,7 +1557,6 @@ impl Sim {
                 let live: Vec<(WireId, u32)> = self.nodes[i]
                     .sources
                     .values()
-                    .filter(|s| s.video)
                     .filter_map(|s| s.last_sent.map(|(seq, at)| (s.wire, seq, at)))
                     .filter(|(_, _, at)| now.since(*at) < ms(500))
                     .map(|(w, seq, _)| (w, seq))
@@ -2056,12 +2046,8 @@ impl Sim {
         let t = self.now + ms(4 * MAX_DELAY_MS + 10);
         self.run_until(t);
         for i in 0..self.nodes.len() {
-            let remote: Vec<(RoomName, NodeId, WireId)> = self.nodes[i]
-                .remote_tracks
-                .iter()
-                .filter(|(_, info)| info.kind == TrackKind::Video)
-                .map(|(k, _)| k.clone())
-                .collect();
+            let remote: Vec<(RoomName, NodeId, WireId)> =
+                self.nodes[i].remote_tracks.keys().cloned().collect();
             for key in remote {
                 let has = self.nodes[i]
                     .wanted
@@ -2128,8 +2114,8 @@ impl Sim {
                 .net
                 .get(&(q.to, q.track, q.seq))
                 .map_or(0, |r| r.delivered);
-            match (q.lost, q.video) {
-                (false, _) if delivered == 0 => {
+            match q.lost {
+                false if delivered == 0 => {
                     let late = self.nodes[q.to].node.metrics().late_drops;
                     return self.fail(format!(
                         "freshness: node {} never got {:?} seq {} that the quiet network brought in time (its late drops: {late})",
@@ -2138,14 +2124,11 @@ impl Sim {
                         q.seq
                     ));
                 }
-                (true, true) => {
+                true => {
                     lost += 1;
                     repaired += u64::from(delivered > 0);
                 }
-                (true, false) if delivered > 0 => {
-                    return self.fail(format!("node {}: audio was retransmitted", q.to + 1));
-                }
-                _ => {}
+                false => {}
             }
         }
         stat(14, lost);

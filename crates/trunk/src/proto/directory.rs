@@ -75,8 +75,8 @@ pub(crate) struct TrackMedia {
     /// Per layer, the (node, connection) pairs subscribed to it; rebuilt
     /// whenever a subscription or a link changes, never per packet.
     pub targets: Vec<(Layer, Vec<(NodeId, ConnId)>)>,
-    /// What was sent, for retransmission (video only: a late audio frame is
-    /// worth less than the concealment the receiver already did).
+    /// What was sent, for retransmission (every track: browsers do not
+    /// NACK audio, so a trunk loss would otherwise always be concealed).
     pub history: Option<SendHistory>,
 }
 
@@ -85,7 +85,7 @@ pub(crate) struct TrackMedia {
 pub(crate) struct WireIn {
     pub room: RoomName,
     pub kind: TrackKind,
-    /// Gap detection and NACKs, while the local SFU subscribes to a video
+    /// Gap detection and NACKs, while the local SFU subscribes to the
     /// track; `None` otherwise.
     pub repair: Option<RecvRepair>,
 }

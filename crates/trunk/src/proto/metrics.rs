@@ -27,7 +27,7 @@ pub struct Metrics {
     pub media_given_up: u64,
     /// Media datagrams dropped for arriving after the lateness bound.
     pub late_drops: u64,
-    /// Video packets received twice (or after being given up): dropped.
+    /// Media packets received twice (or after being given up): dropped.
     pub media_duplicates: u64,
     pub nacks_sent: u64,
     pub nacks_received: u64,

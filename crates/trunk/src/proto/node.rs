@@ -174,8 +174,8 @@ pub struct DatagramOut {
     pub conn: ConnId,
     pub node: NodeId,
     pub bytes: Vec<u8>,
-    /// A retransmitted video packet (the driver holds it back, like any
-    /// video, when the trunk lacks bandwidth), or else a NACK.
+    /// A retransmitted packet (the driver holds it back, like video, when
+    /// the trunk lacks bandwidth), or else a NACK.
     pub retransmit: bool,
 }
 
@@ -194,7 +194,7 @@ pub struct PeerMediaStats {
     pub given_up: u64,
     /// Datagrams that arrived later than the lateness bound: dropped.
     pub late_drops: u64,
-    /// Video packets that arrived again (or after being given up): dropped.
+    /// Packets that arrived again (or after being given up): dropped.
     pub duplicates: u64,
     /// NACK datagrams we sent it, and the sequence numbers they named.
     pub nacks_sent: u64,
@@ -1046,7 +1046,7 @@ impl Node {
                 wire_id,
                 kind: info.kind,
                 targets: Vec::new(),
-                history: (info.kind == TrackKind::Video).then(SendHistory::new),
+                history: Some(SendHistory::new()),
             },
         );
         self.broadcast(room, |gens| Message::TrackAdded {
@@ -1133,7 +1133,7 @@ impl Node {
         let subscribed = !track.layers.is_empty();
         if let Some(w) = peer.wires.get_mut(&wire_id) {
             match (subscribed, w.kind, w.repair.is_some()) {
-                (true, TrackKind::Video, false) => w.repair = Some(RecvRepair::new()),
+                (true, _, false) => w.repair = Some(RecvRepair::new()),
                 (false, _, true) => {
                     w.repair = None;
                     self.repairing.remove(&(node, wire_id));

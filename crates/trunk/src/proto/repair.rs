@@ -4,10 +4,10 @@
 //! nodes* can only be repaired between them (DESIGN, "Loss repair and
 //! freshness"). Three small pieces, all sans-IO:
 //!
-//! - [`SendHistory`] (origin side, one per local video track): the last
+//! - [`SendHistory`] (origin side, one per local track): the last
 //!   packets sent to the trunk, bounded by slot count (so by bytes) and by
 //!   age, looked up by RTP sequence number to answer a NACK.
-//! - [`RecvRepair`] (receiving side, one per subscribed remote video track):
+//! - [`RecvRepair`] (receiving side, one per subscribed remote track):
 //!   notices sequence gaps, schedules NACKs after a short reordering wait,
 //!   retries them at the link's RTT, and gives a packet up once it could
 //!   only arrive later than the lateness bound.
