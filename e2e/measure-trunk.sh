@@ -24,13 +24,16 @@
 #   --prefix NAME     table mode: file name prefix (default "run")
 # env: SWITCHBOARD_BIN (default <repo>/target/release/switchboard),
 #      IMPAIR_BIN (default <repo>/target/release/switchboard-impair),
-#      SWITCHBOARD_LOG (default "info"), CHROMIUM, KEEP_LOGS=1 (print log dir).
+#      SWITCHBOARD_LOG (default "info"), CHROMIUM, KEEP_LOGS=1 (print log dir),
+#      TRUNK_QUALITY (the measuring script; default <this dir>/trunk-quality.mjs,
+#      e.g. a copy being edited while a table run uses this one).
 # The proxy gets --seed 1 unless the proxy args name a seed.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
 SWITCHBOARD_BIN="${SWITCHBOARD_BIN:-$ROOT/target/release/switchboard}"
 IMPAIR_BIN="${IMPAIR_BIN:-$ROOT/target/release/switchboard-impair}"
+TRUNK_QUALITY="$(realpath "${TRUNK_QUALITY:-$HERE/trunk-quality.mjs}")"
 
 LABEL=""; WINDOW=30; WARMUP=5; OUT=""; DIRECT=0; TABLE=0; OUT_DIR="$HERE/artifacts"; PREFIX="run"
 PROXY_ARGS=()
@@ -122,7 +125,7 @@ run_one() {
   done
   [ -n "$up" ] || echo "warning: B reports no trunk up after 20 s; measuring anyway" >&2
   local rc=0 res
-  res="$(cd "$HERE" && node trunk-quality.mjs --a "$a_url" --b "$b_url" --window "$WINDOW" --warmup "$WARMUP" \
+  res="$(cd "$HERE" && node "$TRUNK_QUALITY" --a "$a_url" --b "$b_url" --window "$WINDOW" --warmup "$WARMUP" \
     --label "$label" ${out:+--out "$out"})" || rc=$?
   stop "$b_pid" "node B"
   [ -n "$proxy_pid" ] && stop "$proxy_pid" switchboard-impair
@@ -144,7 +147,7 @@ run_one() {
   if [ "${KEEP_LOGS:-0}" != 1 ]; then rm -rf "$LOGDIR"; fi
 }
 
-HEADER="$(node --input-type=module -e "import('$HERE/trunk-quality.mjs').then((m) => console.log(m.TABLE_HEADER))")"
+HEADER="$(node --input-type=module -e "import('$TRUNK_QUALITY').then((m) => console.log(m.TABLE_HEADER))")"
 
 if [ "$TABLE" = 0 ]; then
   [ -n "$LABEL" ] || LABEL="${PROXY_ARGS[*]:-none}"

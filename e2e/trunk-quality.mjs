@@ -10,7 +10,9 @@
 // publisher's audio and video; the video inbound-rtp is still matched to the
 // publisher's camera track explicitly: roster track id (source "camera") ->
 // window.__sb.remote (receiver MediaStreamTrack) -> inbound-rtp whose
-// trackIdentifier is that track's id.
+// trackIdentifier is that track's id; the audio likewise via the roster
+// track of source "microphone" (and, for getSynchronizationSources(), the
+// RTCRtpReceiver whose track that is).
 //
 // In each subscriber page a sampler polls getStats() every 50 ms and keeps
 // the publisher's video inbound-rtp counters; a requestVideoFrameCallback loop
@@ -34,9 +36,19 @@
 //    timestamps, and since both pages share one clock, B's presentation time
 //    minus A's for the same frame is the delay the trunk adds (b_minus_a_ms).
 //
+// A/V sync (lip sync) of the publisher's microphone + camera, per subscriber
+// and B - A (av_sync; the method and why it is not estimatedPlayoutTimestamp
+// alone: see avSync()). The sampler also keeps, per tick, both tracks'
+// estimatedPlayoutTimestamp (same getStats call) and both receivers'
+// getSynchronizationSources() (RTP timestamp last delivered to the track, and
+// when). B - A is measured without sender reports, by RTP timestamp on one
+// clock, because estimatedPlayoutTimestamp lives in the frame of each node's
+// own sender reports and so cannot see a wrong wallclock on B.
+//
 // Usage: node trunk-quality.mjs --a http://127.0.0.1:PORT --b http://127.0.0.1:PORT
 //          [--window 30] [--warmup 5] [--label text] [--room name] [--out file.json]
-// (or env SB_URL_A, SB_URL_B, TQ_WINDOW, TQ_WARMUP, TQ_LABEL). Prints one JSON
+//          [--dump raw.json]   (every page sample, for looking into a result)
+// (or env SB_URL_A, SB_URL_B, TQ_WINDOW, TQ_WARMUP, TQ_LABEL, TQ_DUMP). Prints one JSON
 // line (starts with "{") and one table row (starts with "|") on stdout.
 import { writeFileSync } from 'node:fs';
 import { pathToFileURL } from 'node:url';
@@ -53,7 +65,7 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 function pageSampler(pubId) {
   const tq = {
     pubId, clickAt: null, firstDecodeAt: null, firstFrameAt: null,
-    video: [], audio: [], frames: [], ticks: 0, errors: [],
+    video: [], audio: [], frames: [], av: [], ticks: 0, errors: [],
   };
   window.__tq = tq;
   const now = () => performance.timeOrigin + performance.now();
@@ -71,6 +83,18 @@ function pageSampler(pubId) {
       const at = pubTrack('microphone');
       const rep = await sb.pc.getStats();
       const t = now();
+      // A/V sync (avSync()): what the receivers of the publisher's microphone
+      // and camera tracks last delivered to their tracks, sampled right after
+      // the getStats call whose estimatedPlayoutTimestamps go with it.
+      const ar = at && sb.pc.getReceivers().find((r) => r.track === at);
+      const ss = ar ? ar.getSynchronizationSources().reduce((x, y) => (x && x.timestamp >= y.timestamp ? x : y), null) : null;
+      const vr = sb.pc.getReceivers().find((r) => r.track === vt);
+      const vs = vr ? vr.getSynchronizationSources().reduce((x, y) => (x && x.timestamp >= y.timestamp ? x : y), null) : null;
+      const av = {
+        t: now(), ev: null, ea: null,
+        ar: ss ? ss.rtpTimestamp : null, ats: ss ? ss.timestamp : null,
+        vr: vs ? vs.rtpTimestamp : null, vts: vs ? vs.timestamp : null,
+      };
       rep.forEach((s) => {
         if (s.type !== 'inbound-rtp') return;
         if (s.kind === 'video' && s.trackIdentifier === vt.id) {
@@ -96,7 +120,10 @@ function pageSampler(pubId) {
             fps: num(s.framesPerSecond),
           });
           if (tq.firstDecodeAt === null && s.framesDecoded > 0) tq.firstDecodeAt = t;
-        } else if (s.kind === 'audio' && at && s.trackIdentifier === at.id && tq.ticks % 10 === 0) {
+          av.ev = num(s.estimatedPlayoutTimestamp);
+        } else if (s.kind === 'audio' && at && s.trackIdentifier === at.id) {
+          av.ea = num(s.estimatedPlayoutTimestamp);
+          if (tq.ticks % 10 !== 0) return;
           tq.audio.push({
             t,
             pr: s.packetsReceived || 0,
@@ -105,9 +132,12 @@ function pageSampler(pubId) {
             hdr: s.headerBytesReceived || 0,
             conc: s.concealedSamples || 0,
             tot: s.totalSamplesReceived || 0,
+            jbd: s.jitterBufferDelay || 0,
+            jbe: s.jitterBufferEmittedCount || 0,
           });
         }
       });
+      if (av.ar !== null || av.ev !== null || av.ea !== null) tq.av.push(av);
     }
     tq.ticks += 1;
   }
@@ -320,6 +350,7 @@ function analyse(tq, T0, T1) {
       packets: y.pr - x.pr, lost: y.lost - x.lost,
       kbps: r1(((y.bytes + y.hdr - x.bytes - x.hdr) * 8) / ((y.t - x.t) || 1)),
       concealed_pct: y.tot > x.tot ? r1((100 * (y.conc - x.conc)) / (y.tot - x.tot)) : null,
+      jb_ms: y.jbe > x.jbe ? r1(((y.jbd - x.jbd) / (y.jbe - x.jbe)) * 1000) : null, // whole window
     };
   }
   return {
@@ -371,11 +402,154 @@ function bMinusA(ta, tb, t0, t1) {
   return { matched: pres.length, pres_ms: r1(median(pres)), recv_ms: r1(median(recv)) };
 }
 
+/** Signed difference a - b of two 32-bit RTP timestamps, in ticks. */
+function rtpDiff(a, b) {
+  return ((((a - b) % 2 ** 32) + 2 ** 32 + 2 ** 31) % 2 ** 32) - 2 ** 31;
+}
+
+function quantile(xs, q) {
+  if (!xs.length) return null;
+  const a = [...xs].sort((x, y) => x - y);
+  return a[Math.min(a.length - 1, Math.floor(q * a.length))];
+}
+
+/** median signed, median |x| and p90 |x| of samples (null if none). */
+function spread(xs) {
+  if (!xs.length) return { n: 0, median_ms: null, median_abs_ms: null, p90_abs_ms: null };
+  const abs = xs.map(Math.abs);
+  return { n: xs.length, median_ms: r1(median(xs)), median_abs_ms: r1(median(abs)), p90_abs_ms: r1(quantile(abs, 0.9)) };
+}
+
+/**
+ * A/V sync samples of one subscriber page in (t0, t1], one per getStats
+ * tick. Per stream, the RTP time (ms from the anchors, i.e. on the
+ * publisher's own RTP clocks: the SFU forwards RTP timestamps) of the media
+ * the page outputs, carried forward to the tick: rtp/clock + (t - when it was
+ * output). Per tick, video minus audio of that (t cancels):
+ *   track:   both from RTCRtpReceiver.getSynchronizationSources(), whose
+ *            timestamp is when media with that RTP timestamp was delivered to
+ *            the MediaStreamTrack: audio played out, a video frame decoded
+ *            and handed to the renderer on WebRTC's schedule (jitter buffer
+ *            and A/V sync delays included);
+ *   display: the same with the video frame on screen (rVFC presentationTime)
+ *            instead: adds the compositor, which in headless Chromium now and
+ *            then shifts every frame by a whole frame interval (50 ms at
+ *            20 fps), on either page, with or without a trunk;
+ *   est:     video.estimatedPlayoutTimestamp - audio.estimatedPlayoutTimestamp
+ *            (one getStats call).
+ * track and display differ from the offset a viewer perceives by one constant
+ * (the publisher's audio-vs-video RTP origin), the same on every page. A tick
+ * at which audio or video was not output for STALL_MS counts as frozen (no
+ * lip sync to speak of).
+ */
+function avSamples(tq, t0, t1, anchors) {
+  const frames = tq.frames;
+  const out = [];
+  let i = 0;
+  let frozen = 0;
+  for (const s of tq.av) {
+    if (!(s.t > t0 && s.t <= t1)) continue;
+    while (i + 1 < frames.length && frames[i + 1][0] <= s.t) i += 1;
+    const f = frames[i] && frames[i][0] <= s.t ? frames[i] : null;
+    const fresh = (at) => at !== null && s.t - at <= STALL_MS;
+    const audio = fresh(s.ats) ? rtpDiff(s.ar, anchors.a) / 48 - s.ats : null;
+    const video = fresh(s.vts) ? rtpDiff(s.vr, anchors.v) / 90 - s.vts : null;
+    const shown = f && fresh(f[0]) ? rtpDiff(f[2], anchors.v) / 90 - f[0] : null;
+    if (audio === null || video === null) frozen += 1;
+    out.push({
+      track: audio === null || video === null ? null : video - audio,
+      display: audio === null || shown === null ? null : shown - audio,
+      est: s.ev !== null && s.ea !== null ? s.ev - s.ea : null,
+    });
+  }
+  return { samples: out, frozen };
+}
+
+/**
+ * Lip sync of the publisher's microphone + camera at A, at B, and B - A.
+ * Offsets in ms, video minus audio: + = video ahead of the audio (audio
+ * late), - = video behind the audio.
+ *
+ * Method, and why. estimatedPlayoutTimestamp (the first choice) is present
+ * in this Chromium, but only once a page holds two sender reports of each
+ * stream (the nodes send audio SRs every ~5 s: ~10 s after joining), and it
+ * cannot be trusted to see the fault we look for: it is the SR-NTP time of
+ * what plays, so video.est - audio.est is Chrome's own A/V sync residual *in
+ * the frame of that node's sender reports*, and differs from the offset the
+ * page really outputs by the error of those reports (plus Chrome's guess of
+ * when a frame renders). If B's reports
+ * put video 100 ms late against audio, Chrome on B delays video to match and
+ * est misses those 100 ms. (With the build from before the trunk carried
+ * origin times, at 40±10 ms, est B - A was 49..96 ms where the number below
+ * gave 51..124: most of that offset was Chrome's sync not keeping up with a
+ * growing trunk delay, which est does see. It also ignores the compositor.)
+ * So the deciding number uses no sender report: both pages receive the same
+ * RTP timestamps, so the track offset (avSamples) of B minus that of A is the
+ * change in perceived lip sync, on one clock:
+ *     b_minus_a_ms = median(track at B) - median(track at A)
+ *                  = audio delay B adds - video delay B adds (both reported).
+ * The display offset is reported too (display_b_minus_a_ms), but it carries
+ * the compositor's whole-frame steps (up to ±50 ms per page, unrelated to the
+ * network), so the assertion uses the track offset.
+ * Absolute offsets (median, median |x|, p90 |x| per page) need the constant
+ * the track offset is off by; it is taken from A: K = median over A's ticks
+ * of (track - est), offset = track - K. They are thus in the frame of A's
+ * sender reports, i.e. of when the origin node received each stream from the
+ * publisher (the time the trunk now carries), and at A they are about A's
+ * est offset. Each page's own est offsets are reported as "est".
+ */
+export function avSync(tqA, tqB, T0, T1) {
+  const a0 = tqA.av.find((s) => s.ar !== null && s.vr !== null);
+  if (!a0) return { error: 'the subscriber on A output no audio or no video' };
+  const anchors = { v: a0.vr, a: a0.ar };
+  const A = avSamples(tqA, T0, T1, anchors);
+  const B = avSamples(tqB, T0, T1, anchors);
+  const vals = (x, k) => x.samples.map((s) => s[k]).filter((v) => v !== null);
+  const calib = (k) => median(A.samples.filter((s) => s[k] !== null && s.est !== null).map((s) => s[k] - s.est));
+  const K = { track: calib('track'), display: calib('display') };
+  const abs = (x, k) => (K[k] === null ? spread([]) : spread(vals(x, k).map((o) => o - K[k])));
+  const side = (x) => ({
+    ...abs(x, 'track'),
+    display: abs(x, 'display'),
+    est: spread(vals(x, 'est')),
+    ticks: x.samples.length,
+    frozen: x.frozen,
+  });
+  const diff = (k) => {
+    const a = median(vals(A, k));
+    const b = median(vals(B, k));
+    return a === null || b === null ? null : b - a;
+  };
+  // Delay B adds per stream: when B outputs an RTP time minus when A does.
+  const out = (tq, ts, rtp, clock, anchor) => median(tq.av
+    .filter((s) => s.t > T0 && s.t <= T1 && s[ts] !== null && s[rtp] !== null)
+    .map((s) => s[ts] - rtpDiff(s[rtp], anchor) / clock));
+  const delay = (ts, rtp, clock, anchor) => {
+    const a = out(tqA, ts, rtp, clock, anchor);
+    const b = out(tqB, ts, rtp, clock, anchor);
+    return a === null || b === null ? null : b - a;
+  };
+  const audioDelay = delay('ats', 'ar', 48, anchors.a);
+  const videoDelay = delay('vts', 'vr', 90, anchors.v);
+  // Seconds apart would mean the pages do not see the same RTP timestamps.
+  const same = audioDelay !== null && videoDelay !== null && Math.abs(audioDelay) < 5000 && Math.abs(videoDelay) < 5000;
+  return {
+    A: side(A),
+    B: side(B),
+    b_minus_a_ms: same ? r1(diff('track')) : null,
+    display_b_minus_a_ms: same ? r1(diff('display')) : null,
+    est_b_minus_a_ms: r1(diff('est')),
+    audio_delay_b_minus_a_ms: r1(audioDelay),
+    video_delay_b_minus_a_ms: r1(videoDelay),
+    same_rtp_timestamps: same,
+  };
+}
+
 // ---------- the measurement ----------
 
 /**
  * Publisher + subscriber on node A, subscriber on node B; returns the result
- * object. opts: { a, b, windowS, warmupS, label, room, firstFrameTimeoutMs, log }
+ * object. opts: { a, b, windowS, warmupS, label, room, firstFrameTimeoutMs, log, dump }
  */
 export async function measureTrunkQuality(opts) {
   const { a, b } = opts;
@@ -426,6 +600,7 @@ export async function measureTrunkQuality(opts) {
 
     const grab = (p) => p.evaluate(() => { window.__tq.stopped = true; return window.__tq; });
     const [tqA, tqB] = [await grab(subA), await grab(subB)];
+    if (opts.dump) writeFileSync(opts.dump, `${JSON.stringify({ T0, T1, A: tqA, B: tqB })}\n`);
     const resA = analyse(tqA, T0, T1);
     const resB = analyse(tqB, T0, T1);
     const o = oBefore && oAfter ? {
@@ -452,7 +627,9 @@ export async function measureTrunkQuality(opts) {
       b_minus_a: {
         start: bMinusA(tqA, tqB, T0 - SPAN_MS, T0),
         end: bMinusA(tqA, tqB, T1 - SPAN_MS, T1),
+        video: bMinusA(tqA, tqB, T0, T1),
       },
+      av_sync: avSync(tqA, tqB, T0, T1),
       publisher: o,
       metrics: { A: metricsDelta(mBefore.A, mAfter.A), B: metricsDelta(mBefore.B, mAfter.B) },
     };
@@ -462,16 +639,24 @@ export async function measureTrunkQuality(opts) {
 }
 
 export const TABLE_HEADER = [
-  '| impairment | B frames | B stalled s | B lost | B nacks | B jb ms start→end | B e2e growth ms | B−A ms start→end | B first frame ms | A frames | A stalled s | A first frame ms |',
-  '|---|---|---|---|---|---|---|---|---|---|---|---|',
+  '| impairment | B frames | B stalled s | B lost | B nacks | B jb ms start→end | B e2e growth ms | B−A ms start→end | B first frame ms | A frames | A stalled s | A first frame ms | A/V offset A → B ms |',
+  '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
 ].join('\n');
+
+/** "A → B (Δ B−A)" of the median signed A/V offsets (+: video ahead). */
+function avCell(av) {
+  if (!av || av.error) return '–';
+  const f = (x) => (x === null || x === undefined ? '–' : `${x > 0 ? '+' : ''}${x}`);
+  return `${f(av.A.median_ms)} → ${f(av.B.median_ms)} (Δ ${f(av.b_minus_a_ms)})`;
+}
 
 export function tableRow(r) {
   const arrow = (p) => (p ? `${p[0] ?? '–'} → ${p[1] ?? '–'}` : '–');
   const B = r.B;
   const A = r.A;
   return `| ${r.label} | ${B.frames} | ${B.stalled_s} | ${B.lost} | ${B.nacks} | ${arrow(B.jb_ms)} | ${B.e2e_growth_ms ?? '–'} | `
-    + `${arrow([r.b_minus_a.start.pres_ms, r.b_minus_a.end.pres_ms])} | ${B.first_frame_ms} | ${A.frames} | ${A.stalled_s} | ${A.first_frame_ms} |`;
+    + `${arrow([r.b_minus_a.start.pres_ms, r.b_minus_a.end.pres_ms])} | ${B.first_frame_ms} | ${A.frames} | ${A.stalled_s} | ${A.first_frame_ms} | `
+    + `${avCell(r.av_sync)} |`;
 }
 
 // ---------- command line ----------
@@ -485,6 +670,7 @@ function parseArgs(argv) {
     label: process.env.TQ_LABEL || '',
     room: process.env.TQ_ROOM,
     out: process.env.TQ_OUT,
+    dump: process.env.TQ_DUMP,
     header: false,
   };
   for (let i = 0; i < argv.length; i++) {
@@ -497,6 +683,7 @@ function parseArgs(argv) {
     else if (k === '--label') o.label = v();
     else if (k === '--room') o.room = v();
     else if (k === '--out') o.out = v();
+    else if (k === '--dump') o.dump = v();
     else if (k === '--header') o.header = true;
     else throw new Error(`unknown argument ${k}`);
   }

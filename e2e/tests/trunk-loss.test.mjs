@@ -3,7 +3,15 @@
 // publisher and a subscriber on A, a subscriber on B (trunk-quality.mjs).
 // Over a 20 s window the subscriber on B must decode at least 90 % as many of
 // the publisher's frames as the subscriber on A (the same node, no trunk),
-// and B's /metrics must show that trunk packets were repaired.
+// and B's /metrics must show that trunk packets were repaired; and lip sync
+// on B must match A's: the median A/V offset (video minus audio) of the
+// publisher's microphone + camera at B may differ from A's by at most
+// MAX_AV_DIFF_MS (trunk-quality.mjs av_sync, measured by RTP timestamp on one
+// clock, not through the nodes' sender reports: see avSync() there). B keeps
+// the origin's audio/video timing only if its sender reports carry the time
+// the origin received each packet; with a wrong wallclock, differences
+// between the trunk's delays of audio and video (queues, loss repair) move
+// lip sync on B.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdirSync, writeFileSync } from 'node:fs';
@@ -13,6 +21,8 @@ import { measureTrunkQuality, TABLE_HEADER, tableRow } from '../trunk-quality.mj
 const REPAIR_COUNTER = 'repaired';
 const MIN_RATIO = 0.9;
 const WINDOW_S = 20;
+/** Largest |B - A| of the median A/V offsets, ms (loose: see above). */
+const MAX_AV_DIFF_MS = 40;
 
 const A = process.env.SB_URL_A;
 const B = process.env.SB_URL_B;
@@ -29,7 +39,7 @@ async function repairCounters(base) {
   return out;
 }
 
-test('3 % loss on the trunk: B decodes ≥ 90 % of the frames A does, and B repairs', async () => {
+test('3 % loss on the trunk: B decodes ≥ 90 % of the frames A does, B repairs, and B keeps A\'s lip sync', async () => {
   const before = await repairCounters(B);
   const r = await measureTrunkQuality({ a: A, b: B, windowS: WINDOW_S, warmupS: 5, label: 'trunk 3% loss (test)' });
   const after = await repairCounters(B);
@@ -38,7 +48,7 @@ test('3 % loss on the trunk: B decodes ≥ 90 % of the frames A does, and B repa
   writeFileSync(new URL('../artifacts/trunk-loss.json', import.meta.url), `${JSON.stringify(r)}\n`);
   console.log(`${TABLE_HEADER}\n${tableRow(r)}`);
 
-  // Both conditions are checked and reported together.
+  // All conditions are checked and reported together.
   const failures = [];
   if (!(r.A.frames > 0)) failures.push(`the subscriber on A decoded nothing: ${JSON.stringify(r.A)}`);
   if (!(r.B.frames >= MIN_RATIO * r.A.frames)) {
@@ -49,6 +59,19 @@ test('3 % loss on the trunk: B decodes ≥ 90 % of the frames A does, and B repa
   if (grew.length === 0) {
     failures.push(`no metric on B whose name contains "${REPAIR_COUNTER}" increased; before ${JSON.stringify(before)}, `
       + `after ${JSON.stringify(after)}; B's trunk metrics over the window: ${JSON.stringify(r.metrics.B)}`);
+  }
+  const av = r.av_sync;
+  const avText = () => `A/V offset (video minus audio, ms): A median ${av.A?.median_ms} (p90 |x| ${av.A?.p90_abs_ms}), `
+    + `B median ${av.B?.median_ms} (p90 |x| ${av.B?.p90_abs_ms}); B − A ${av.b_minus_a_ms} `
+    + `(audio delay B adds ${av.audio_delay_b_minus_a_ms}, video ${av.video_delay_b_minus_a_ms}; `
+    + `on screen: B − A ${av.display_b_minus_a_ms}; Chrome's estimatedPlayoutTimestamp: B − A ${av.est_b_minus_a_ms}; `
+    + `ticks A ${av.A?.ticks} (frozen ${av.A?.frozen}), B ${av.B?.ticks} (frozen ${av.B?.frozen}))`;
+  if (!av || av.error || av.b_minus_a_ms === null) {
+    failures.push(`no A/V offset measured: ${av && av.error ? av.error : avText()}`);
+  } else if (!(Math.abs(av.b_minus_a_ms) <= MAX_AV_DIFF_MS)) {
+    failures.push(`lip sync on B differs from A's by ${av.b_minus_a_ms} ms (more than ${MAX_AV_DIFF_MS}): ${avText()}`);
+  } else {
+    console.log(avText());
   }
   assert.deepEqual(failures, []);
 });
