@@ -12,7 +12,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{T, http_get, join, start};
+use common::{T, http_get, join, reqwest_status, start};
 use impair::{Direction, Impairment, Proxy, ProxyConfig};
 use signal::Kind;
 use signal::Source;
@@ -155,6 +155,14 @@ async fn video_crosses_a_lossy_reordering_trunk_intact() {
         nacks > 0 && resent > 0,
         "NACKs {nacks}, retransmissions {resent}"
     );
+    // The status API shows the same per peer, with QUIC's view of the path.
+    let status = reqwest_status(&b).await;
+    let trunk = &status["trunks"][0];
+    assert_eq!(trunk["node_id"], 1, "{status}");
+    assert!(trunk["media"]["repaired"].as_u64() > Some(0), "{status}");
+    assert!(trunk["media"]["nacks_sent"].as_u64() > Some(0), "{status}");
+    assert!(trunk["path"]["rtt_ms"].as_f64().is_some(), "{status}");
+    assert!(trunk["path"]["cwnd_bytes"].as_u64() > Some(0), "{status}");
     a.shutdown().await;
     b.shutdown().await;
 }
