@@ -366,6 +366,9 @@ struct Peer {
     phase: Phase,
     /// The server's outstanding offer, if any (at most one).
     pending: Option<SdpPendingOffer>,
+    /// The m-lines (mid of each, in order) of the outstanding offer: an
+    /// answer must have exactly these.
+    pending_mids: Vec<String>,
     /// A change happened while an offer was outstanding: offer again after.
     renegotiate: bool,
     /// Sources the browser declared for its sending mids.
@@ -416,6 +419,35 @@ struct Worker {
     room_watchers: Vec<UnboundedSender<RoomEvent>>,
     /// Remote media in the command queue (see `Commands::remote`).
     media_queued: Arc<AtomicUsize>,
+}
+
+/// The mid of every m-line of an SDP, in order (`""` for an m-line without
+/// one). Offer and answer must list the same (RFC 8829 §5.3.1), so this
+/// tells which offer an answer belongs to. A line scan, not a parser: str0m
+/// parses the SDP itself; this only compares.
+fn sdp_mids(sdp: &str) -> Vec<String> {
+    let mut mids: Vec<String> = Vec::new();
+    for line in sdp.lines() {
+        let line = line.trim_end();
+        if line.starts_with("m=") {
+            mids.push(String::new());
+        } else if let (Some(mid), Some(last)) = (line.strip_prefix("a=mid:"), mids.last_mut()) {
+            *last = mid.to_owned();
+        }
+    }
+    mids
+}
+
+/// Could an answer with m-lines `answer` belong to the offer with `offer`?
+/// Same number of m-lines, and each mid the answer names is the offer's
+/// there (an answer that leaves a rejected m-line without its mid is not
+/// held against it).
+fn answers(answer: &[String], offer: &[String]) -> bool {
+    answer.len() == offer.len()
+        && answer
+            .iter()
+            .zip(offer)
+            .all(|(a, o)| a.is_empty() || a == o)
 }
 
 fn now_ms() -> u64 {
@@ -789,6 +821,7 @@ impl Worker {
                 events,
                 phase: Phase::AwaitingOffer,
                 pending: None,
+                pending_mids: Vec::new(),
                 renegotiate: false,
                 declared: HashMap::new(),
                 published: HashMap::new(),
@@ -879,6 +912,22 @@ impl Worker {
                         return send_error(peer, ErrorCode::InvalidSdp, e.to_string());
                     }
                 };
+                // An answer to an earlier offer (a client repeating itself,
+                // or one that missed an offer) must not spend the one
+                // outstanding: that made every later answer one offer
+                // behind, an endless re-offer loop (issue 7).
+                let mids = sdp_mids(&sdp);
+                if !answers(&mids, &peer.pending_mids) {
+                    peer.pending = Some(pending);
+                    return send_error(
+                        peer,
+                        ErrorCode::InvalidSdp,
+                        format!(
+                            "answer does not match the outstanding offer (m-lines {mids:?}, offered {:?}); ignored",
+                            peer.pending_mids
+                        ),
+                    );
+                }
                 let r = catch_unwind(AssertUnwindSafe(|| {
                     peer.rtc.sdp_api().accept_answer(pending, answer)
                 }));
@@ -1076,9 +1125,9 @@ impl Worker {
         }
         if let Some((offer, pending)) = change.apply() {
             peer.pending = Some(pending);
-            let _ = peer.events.send(ServerMessage::Offer {
-                sdp: offer.to_sdp_string(),
-            });
+            let sdp = offer.to_sdp_string();
+            peer.pending_mids = sdp_mids(&sdp);
+            let _ = peer.events.send(ServerMessage::Offer { sdp });
             self.dirty.insert(pid);
         }
     }
@@ -1813,4 +1862,31 @@ fn send_error(peer: &Peer, code: ErrorCode, message: String) {
 /// The subscriber's payload type for the publisher's codec, if it has one.
 fn map_pt(rtc: &Rtc, params: PayloadParams) -> Option<u8> {
     rtc.codec_config().match_params(params).map(|p| *p.pt())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OFFER: &str = "v=0\r\no=- 1 2 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n\
+        m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:0\r\n\
+        m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:1\r\n\
+        m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\n";
+
+    #[test]
+    fn answers_are_matched_to_their_offer_by_m_lines() {
+        let offer = sdp_mids(OFFER);
+        assert_eq!(offer, ["0", "1", "2"]);
+        assert!(answers(&offer, &offer));
+        // A rejected m-line without its mid still answers the offer.
+        let lenient = sdp_mids(&OFFER.replace("a=mid:2\r\n", ""));
+        assert_eq!(lenient, ["0", "1", ""]);
+        assert!(answers(&lenient, &offer));
+        // The previous answer (one m-line fewer), or other mids: not this offer.
+        let stale = sdp_mids(OFFER.split("m=video").next().unwrap_or_default());
+        assert!(!answers(&stale, &offer));
+        let other = sdp_mids(&OFFER.replace("a=mid:1", "a=mid:7"));
+        assert!(!answers(&other, &offer));
+        assert!(sdp_mids("garbage\nno m-lines").is_empty());
+    }
 }

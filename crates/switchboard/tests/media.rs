@@ -304,3 +304,51 @@ async fn h264_and_vp9_video_are_forwarded_with_their_codec() {
     });
     node.shutdown().await;
 }
+
+/// A client that repeats its previous answer while a server offer is
+/// outstanding gets `invalid_sdp` for it, and the offer stays outstanding:
+/// its right answer is then accepted. (It used to spend the offer, so every
+/// later answer was one offer behind: an endless re-offer loop, and the new
+/// publisher's media never reached that subscriber.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_answer_does_not_start_a_re_offer_loop() {
+    let node = node().await;
+    let mut ann = join(&node, "stale", "Ann").await;
+    ann.publish_av();
+    let ann_id = ann.id.clone();
+    let ben = join(&node, "stale", "Ben").await;
+    ben.wait_until("Ann's media", T, |s| has_tracks_from(s, &ann_id, 2, 10))
+        .await
+        .unwrap();
+    ben.stale_answer_once();
+    let mut cat = join(&node, "stale", "Cat").await;
+    cat.publish_av();
+    let cat_id = cat.id.clone();
+    ben.wait_until("Cat's media despite the stale answer", T, |s| {
+        has_tracks_from(s, &cat_id, 2, 20)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}", ben.state(|s| s.errors.clone())));
+    let offers = ben.state(|s| s.offers_received);
+    // A loop sends an offer per answer, dozens a second; a settled session
+    // sends none.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ben.state(|s| {
+        assert_eq!(s.offers_received, offers, "offers kept coming");
+        let refused = s
+            .errors
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    signal::ServerMessage::Error {
+                        code: signal::ErrorCode::InvalidSdp,
+                        ..
+                    }
+                )
+            })
+            .count();
+        assert_eq!(refused, 1, "{:?}", s.errors);
+        assert_contiguous("Ben", s);
+    });
+}

@@ -150,6 +150,7 @@ enum Cmd {
     Send(ClientMessage),
     Vanish,
     RequestKeyframe(String),
+    StaleAnswerOnce,
 }
 
 /// Handle to a running test participant.
@@ -210,6 +211,8 @@ impl Client {
             pubs: Vec::new(),
             remote: HashMap::new(),
             dirty: true,
+            last_answer: None,
+            stale_answer: false,
         };
         tokio::spawn(driver.run(transport.rx, crx));
         Ok(Client {
@@ -307,6 +310,13 @@ impl Client {
         let _ = self.cmd.send(Cmd::RequestKeyframe(track.into()));
     }
 
+    /// Misbehave once, as a client with a stale answer would: at the next
+    /// server offer, first send the previous answer again, then the right
+    /// one.
+    pub fn stale_answer_once(&self) {
+        let _ = self.cmd.send(Cmd::StaleAnswerOnce);
+    }
+
     /// Read the recorded state.
     pub fn state<R>(&self, f: impl FnOnce(&State) -> R) -> R {
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -365,6 +375,9 @@ struct Driver {
     remote: HashMap<Mid, (String, String)>,
     /// Local changes wait for negotiation.
     dirty: bool,
+    /// The last answer sent, and whether to repeat it before the next one.
+    last_answer: Option<String>,
+    stale_answer: bool,
 }
 
 impl Driver {
@@ -515,9 +528,14 @@ impl Driver {
                     self.dirty = true;
                 }
                 if let Ok(answer) = self.rtc.sdp_api().accept_offer(offer) {
-                    let _ = self.signal_tx.send(ClientMessage::Answer {
-                        sdp: answer.to_sdp_string(),
-                    });
+                    if std::mem::take(&mut self.stale_answer)
+                        && let Some(old) = self.last_answer.clone()
+                    {
+                        let _ = self.signal_tx.send(ClientMessage::Answer { sdp: old });
+                    }
+                    let sdp = answer.to_sdp_string();
+                    self.last_answer = Some(sdp.clone());
+                    let _ = self.signal_tx.send(ClientMessage::Answer { sdp });
                 }
                 self.with_state(|s| s.offers_received += 1);
             }
@@ -567,6 +585,7 @@ impl Driver {
                 let _ = self.signal_tx.send(m);
             }
             Cmd::Vanish => self.socket = None,
+            Cmd::StaleAnswerOnce => self.stale_answer = true,
             Cmd::RequestKeyframe(track) => {
                 let mid = self
                     .remote
