@@ -62,7 +62,11 @@ fn local_ufrag(buf: &[u8]) -> Option<String> {
     if buf.first().is_none_or(|b| *b > 3) {
         return None;
     }
-    let msg = StunMessage::parse(buf).ok()?;
+    // str0m panics on internal bugs by design and this runs on
+    // unauthenticated input: a panic here would end the whole worker.
+    let msg = std::panic::catch_unwind(|| StunMessage::parse(buf))
+        .ok()?
+        .ok()?;
     let (local, _remote) = msg.split_username()?;
     Some(local.to_owned())
 }
@@ -123,6 +127,24 @@ mod tests {
         let a: SocketAddr = "127.0.0.1:5000".parse().unwrap();
         for buf in [&[][..], &[0u8; 3], &[0u8; 20], &[1u8; 64], &[0xffu8; 100]] {
             assert_eq!(d.route(a, buf), None);
+        }
+    }
+
+    proptest::proptest! {
+        /// Unauthenticated datagrams that look like STUN (first byte 0–3)
+        /// reach str0m's STUN parser: whatever they hold, routing returns
+        /// and the worker lives on.
+        #[test]
+        fn stun_like_garbage_never_panics(
+            first in 0u8..4,
+            rest in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+        ) {
+            let mut d = Demux::default();
+            d.add("abcd".into(), 1u32);
+            let a: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+            let mut buf = vec![first];
+            buf.extend(rest);
+            let _ = d.route(a, &buf);
         }
     }
 }

@@ -108,6 +108,14 @@ impl Sfu {
         })
     }
 
+    /// Whether the media worker thread is still running. It only ends on
+    /// shutdown or if something outside the guarded str0m calls panicked:
+    /// `/readyz` then answers 503 so a load balancer stops sending people
+    /// to a node that cannot carry media.
+    pub fn is_running(&self) -> bool {
+        self.inner.is_running()
+    }
+
     /// The address browsers send media to (the advertised candidate uses
     /// `public_ip` if set, with this port).
     pub fn media_addr(&self) -> SocketAddr {
@@ -184,5 +192,18 @@ impl Participant {
 impl Drop for Participant {
     fn drop(&mut self) {
         self.commands.leave(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_worker_reports_whether_it_runs() {
+        let sfu = Sfu::start(SfuConfig::default()).expect("starts on a free port");
+        assert!(sfu.is_running());
+        sfu.close();
+        assert!(!sfu.is_running(), "a stopped worker must not look ready");
     }
 }

@@ -20,6 +20,9 @@ pub struct SfuMetrics {
     /// Media from remote nodes dropped because the worker had
     /// `REMOTE_MEDIA_IN_QUEUE` packets waiting already.
     pub remote_media_in_dropped: AtomicU64,
+    /// str0m calls that panicked (the participant concerned is removed with
+    /// `error internal`; the worker goes on).
+    pub media_panics: AtomicU64,
 }
 
 impl SfuMetrics {

@@ -196,6 +196,13 @@ impl Handle {
     pub(crate) fn media_addr(&self) -> SocketAddr {
         self.addr
     }
+    pub(crate) fn is_running(&self) -> bool {
+        let thread = match self.thread.lock() {
+            Ok(t) => t,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
     pub(crate) fn metrics(&self) -> Arc<SfuMetrics> {
         self.metrics.clone()
     }
@@ -396,8 +403,12 @@ enum End {
     Left,
     /// ICE died or never came up.
     Disconnected,
-    /// str0m failed or panicked on this participant.
+    /// str0m failed on this participant.
     Failed,
+    /// A str0m call panicked on this participant (an internal bug of
+    /// str0m's, by its design): it is removed with `error internal` and
+    /// counted; the worker and everyone else go on.
+    Panicked,
 }
 
 struct Worker {
@@ -554,7 +565,7 @@ impl Worker {
             Ok(Err(e)) => debug!(participant = %peer.id, error = %e, "input refused"),
             Err(_) => {
                 warn!(participant = %peer.id, "str0m panicked on input; dropping participant");
-                peer.ended = Some(End::Failed);
+                peer.ended = Some(End::Panicked);
             }
         }
         // str0m wants its output drained after every input: a second input
@@ -592,7 +603,7 @@ impl Worker {
                     peer.rtc.handle_input(Input::Timeout(now))
                 }));
                 if r.is_err() {
-                    peer.ended = Some(End::Failed);
+                    peer.ended = Some(End::Panicked);
                 }
                 due.push(*pid);
             }
@@ -661,7 +672,7 @@ impl Worker {
             Ok(false) => peer.ended = Some(End::Failed),
             Err(_) => {
                 warn!(participant = %peer.id, "str0m panicked; dropping participant");
-                peer.ended = Some(End::Failed);
+                peer.ended = Some(End::Panicked);
             }
         }
         if !peer.rtc.is_alive() && peer.ended.is_none() {
@@ -868,9 +879,13 @@ impl Worker {
                     debug!(participant = %peer.id, "client offer during server offer; ignored");
                     return;
                 }
-                let offer = match SdpOffer::from_sdp_string(&sdp) {
-                    Ok(o) => o,
-                    Err(e) => return send_error(peer, ErrorCode::InvalidSdp, e.to_string()),
+                let offer = match catch_unwind(|| SdpOffer::from_sdp_string(&sdp)) {
+                    Ok(Ok(o)) => o,
+                    Ok(Err(e)) => return send_error(peer, ErrorCode::InvalidSdp, e.to_string()),
+                    Err(_) => {
+                        self.metrics.media_panics.fetch_add(1, Ordering::Relaxed);
+                        return send_error(peer, ErrorCode::InvalidSdp, "unparsable SDP".into());
+                    }
                 };
                 for t in tracks {
                     peer.declared.insert(t.mid, t.source);
@@ -893,7 +908,7 @@ impl Worker {
                     }
                     Ok(Err(e)) => send_error(peer, ErrorCode::InvalidSdp, e.to_string()),
                     Err(_) => {
-                        peer.ended = Some(End::Failed);
+                        peer.ended = Some(End::Panicked);
                     }
                 }
             }
@@ -905,11 +920,16 @@ impl Worker {
                         "no server offer is outstanding".into(),
                     );
                 };
-                let answer = match SdpAnswer::from_sdp_string(&sdp) {
-                    Ok(a) => a,
-                    Err(e) => {
+                let answer = match catch_unwind(|| SdpAnswer::from_sdp_string(&sdp)) {
+                    Ok(Ok(a)) => a,
+                    Ok(Err(e)) => {
                         peer.pending = Some(pending);
                         return send_error(peer, ErrorCode::InvalidSdp, e.to_string());
+                    }
+                    Err(_) => {
+                        self.metrics.media_panics.fetch_add(1, Ordering::Relaxed);
+                        peer.pending = Some(pending);
+                        return send_error(peer, ErrorCode::InvalidSdp, "unparsable SDP".into());
                     }
                 };
                 // An answer to an earlier offer (a client repeating itself,
@@ -957,7 +977,7 @@ impl Worker {
                         peer.renegotiate = true;
                         self.rebuild_subscriptions(pid);
                     }
-                    Err(_) => peer.ended = Some(End::Failed),
+                    Err(_) => peer.ended = Some(End::Panicked),
                 }
             }
             ParticipantCommand::Chat { text } => {
@@ -1097,33 +1117,45 @@ impl Worker {
         if gone.is_empty() && new.is_empty() {
             return;
         }
-        let mut change = peer.rtc.sdp_api();
-        for id in &gone {
-            if let Some(sub) = peer.subs.remove(id) {
-                peer.sub_by_mid.remove(&sub.mid);
-                change.stop_media(sub.mid);
+        // Every str0m call of the change under one guard: a panic ends
+        // this participant (reaped with `error internal`), not the worker.
+        let applied = catch_unwind(AssertUnwindSafe(|| {
+            let mut change = peer.rtc.sdp_api();
+            for id in &gone {
+                if let Some(sub) = peer.subs.remove(id) {
+                    peer.sub_by_mid.remove(&sub.mid);
+                    change.stop_media(sub.mid);
+                }
             }
-        }
-        for (id, kind, owner) in new {
-            let mid = change.add_media(
-                kind,
-                Direction::SendOnly,
-                Some(owner),
-                Some(id.clone()),
-                None,
-            );
-            peer.sub_by_mid.insert(mid, id.clone());
-            peer.subs.insert(
-                id,
-                Subscription {
-                    mid,
-                    rewriter: Rewriter::default(),
-                    pt_map: Vec::new(),
-                    active: false,
-                },
-            );
-        }
-        if let Some((offer, pending)) = change.apply() {
+            for (id, kind, owner) in new {
+                let mid = change.add_media(
+                    kind,
+                    Direction::SendOnly,
+                    Some(owner),
+                    Some(id.clone()),
+                    None,
+                );
+                peer.sub_by_mid.insert(mid, id.clone());
+                peer.subs.insert(
+                    id,
+                    Subscription {
+                        mid,
+                        rewriter: Rewriter::default(),
+                        pt_map: Vec::new(),
+                        active: false,
+                    },
+                );
+            }
+            change.apply()
+        }));
+        let applied = match applied {
+            Ok(a) => a,
+            Err(_) => {
+                peer.ended = Some(End::Panicked);
+                return;
+            }
+        };
+        if let Some((offer, pending)) = applied {
             peer.pending = Some(pending);
             let sdp = offer.to_sdp_string();
             peer.pending_mids = sdp_mids(&sdp);
@@ -1325,11 +1357,6 @@ impl Worker {
                 debug!(track = %track_id, "packet older than its source; not forwarded");
                 continue;
             };
-            let mut api = sub_peer.rtc.direct_api();
-            let Some(stream) = api.stream_tx_by_mid(sub.mid, None) else {
-                debug!(track = %track_id, "no send stream (yet); not forwarded");
-                continue;
-            };
             let write = RtpWrite::new(
                 out_pt.into(),
                 seq.into(),
@@ -1340,10 +1367,23 @@ impl Worker {
             .marker(packet.marker)
             .ext_vals(ext.clone())
             .nackable(nackable);
-            let r = catch_unwind(AssertUnwindSafe(|| stream.write_rtp(write)));
-            if r.is_err() {
-                sub_peer.ended = Some(End::Failed);
-                continue;
+            let rtc = &mut sub_peer.rtc;
+            let mid = sub.mid;
+            let r = catch_unwind(AssertUnwindSafe(|| {
+                let mut api = rtc.direct_api();
+                api.stream_tx_by_mid(mid, None)
+                    .map(|stream| stream.write_rtp(write))
+            }));
+            match r {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    debug!(track = %track_id, "no send stream (yet); not forwarded");
+                    continue;
+                }
+                Err(_) => {
+                    sub_peer.ended = Some(End::Panicked);
+                    continue;
+                }
             }
             sent += 1;
             dirty.insert(m);
@@ -1402,12 +1442,21 @@ impl Worker {
                 let Some(p) = self.peers.get_mut(&pid) else {
                     return;
                 };
-                let mut api = p.rtc.direct_api();
-                let Some(rx) = api.stream_rx_by_mid(mid, None) else {
-                    return;
-                };
-                rx.request_keyframe(KeyframeRequestKind::Pli);
-                self.dirty.insert(pid);
+                let rtc = &mut p.rtc;
+                let r = catch_unwind(AssertUnwindSafe(|| {
+                    let mut api = rtc.direct_api();
+                    api.stream_rx_by_mid(mid, None)
+                        .map(|rx| rx.request_keyframe(KeyframeRequestKind::Pli))
+                }));
+                match r {
+                    Ok(Some(())) => {
+                        self.dirty.insert(pid);
+                    }
+                    Ok(None) => {}
+                    Err(_) => {
+                        p.ended = Some(End::Panicked);
+                    }
+                }
             }
             Origin::Remote { link } => {
                 let Some(l) = self.rooms.get(room).and_then(|r| r.links.get(&link)) else {
@@ -1504,6 +1553,13 @@ impl Worker {
                 let _ = peer.events.send(ServerMessage::Error {
                     code: ErrorCode::Disconnected,
                     message: "media connection lost".into(),
+                });
+            }
+            End::Panicked => {
+                self.metrics.media_panics.fetch_add(1, Ordering::Relaxed);
+                let _ = peer.events.send(ServerMessage::Error {
+                    code: ErrorCode::Internal,
+                    message: "internal error in the media engine; please rejoin".into(),
                 });
             }
         }
@@ -1861,7 +1917,12 @@ fn send_error(peer: &Peer, code: ErrorCode, message: String) {
 
 /// The subscriber's payload type for the publisher's codec, if it has one.
 fn map_pt(rtc: &Rtc, params: PayloadParams) -> Option<u8> {
-    rtc.codec_config().match_params(params).map(|p| *p.pt())
+    // Guarded like every str0m call: a panic means "no common codec".
+    catch_unwind(AssertUnwindSafe(|| {
+        rtc.codec_config().match_params(params).map(|p| *p.pt())
+    }))
+    .ok()
+    .flatten()
 }
 
 #[cfg(test)]

@@ -149,6 +149,11 @@ pub(crate) fn render(
                 "1 while accepting participants",
                 state.ready.load(Ordering::Relaxed) as i64,
             ),
+            (
+                "switchboard_media_worker_up",
+                "1 while the media worker thread runs",
+                i64::from(state.sfu.is_running()),
+            ),
         ],
         counters: vec![
             (
@@ -190,6 +195,11 @@ pub(crate) fn render(
                 "switchboard_remote_media_dropped",
                 "Media packets for other nodes dropped because a trunk link's queue was full",
                 g(&m.remote_media_dropped),
+            ),
+            (
+                "switchboard_media_panics",
+                "str0m calls that panicked (that participant removed with error internal)",
+                g(&m.media_panics),
             ),
             (
                 "switchboard_remote_media_in_dropped",
