@@ -27,6 +27,7 @@ pub use remote::{
     CodecInfo, MediaPacket, REMOTE_MEDIA_IN_QUEUE, REMOTE_MEDIA_QUEUE, RemoteCommand, RemoteEvent,
     RemoteLink, RemoteSender, RoomEvent, TrackDescription,
 };
+pub use worker::MAX_PUBLISHED_TRACKS;
 
 /// Media-plane configuration.
 #[derive(Debug, Clone)]

@@ -58,6 +58,10 @@ const MEDIA_SILENCE_TIMEOUT: Duration = Duration::from_secs(8);
 
 /// Requested UDP buffer sizes (the kernel caps them at net.core.[rw]mem_max).
 const SOCKET_BUFFER: usize = 4 << 20;
+/// Most tracks one participant may publish (camera, microphone, screen and
+/// its audio, with room to spare). An SDP may declare far more m-lines, and
+/// each would become a track every other member is offered.
+pub const MAX_PUBLISHED_TRACKS: usize = 8;
 
 const SOCKET: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -998,6 +1002,11 @@ impl Worker {
                 self.broadcast(&room, msg);
             }
             ParticipantCommand::Mute { audio, video } => {
+                if (peer.audio_muted, peer.video_muted) == (audio, video) {
+                    // Nothing changed: no roster to every member and no
+                    // message to every node (a client may repeat itself).
+                    return;
+                }
                 peer.audio_muted = audio;
                 peer.video_muted = video;
                 let room = peer.room.clone();
@@ -1027,6 +1036,13 @@ impl Worker {
         let receiving = matches!(dir, Direction::RecvOnly | Direction::SendRecv);
         let room = peer.room.clone();
         match (receiving, peer.published.get(&mid).cloned()) {
+            (true, None) if peer.published.len() >= MAX_PUBLISHED_TRACKS => {
+                return send_error(
+                    peer,
+                    ErrorCode::Full,
+                    format!("at most {MAX_PUBLISHED_TRACKS} published tracks per participant"),
+                );
+            }
             (true, None) => {
                 let source = peer
                     .declared

@@ -352,3 +352,47 @@ async fn a_stale_answer_does_not_start_a_re_offer_loop() {
         assert_contiguous("Ben", s);
     });
 }
+
+/// A participant that publishes more tracks than the limit gets `error
+/// full` for the rest; the others see only the allowed ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_tracks_per_participant_are_limited() {
+    let node = node().await;
+    let mut ann = join(&node, "many", "Ann").await;
+    for _ in 0..sfu::MAX_PUBLISHED_TRACKS + 3 {
+        ann.publish(
+            testkit::MediaKind::Audio,
+            signal::Source::Microphone,
+            Duration::from_millis(20),
+            100,
+        );
+    }
+    let ann_id = ann.id.clone();
+    let ben = join(&node, "many", "Ben").await;
+    ben.wait_until("the allowed tracks", T, |s| {
+        has_tracks_from(s, &ann_id, sfu::MAX_PUBLISHED_TRACKS, 5)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}", ben.state(|s| s.tracks.len())));
+    ann.wait_until("error full for the rest", T, |s| {
+        s.errors.iter().any(|e| {
+            matches!(
+                e,
+                signal::ServerMessage::Error {
+                    code: signal::ErrorCode::Full,
+                    ..
+                }
+            )
+        })
+    })
+    .await
+    .unwrap();
+    ben.state(|s| {
+        let owners = s
+            .roster
+            .iter()
+            .find(|p| p.id == ann_id)
+            .map(|p| p.tracks.len());
+        assert_eq!(owners, Some(sfu::MAX_PUBLISHED_TRACKS), "{:?}", s.roster);
+    });
+}
