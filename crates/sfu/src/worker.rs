@@ -1037,10 +1037,14 @@ impl Worker {
         let room = peer.room.clone();
         match (receiving, peer.published.get(&mid).cloned()) {
             (true, None) if peer.published.len() >= MAX_PUBLISHED_TRACKS => {
+                // `invalid_sdp`, not `full`: the session goes on with the
+                // tracks it has (`full` ends a session, see SIGNALING.md).
                 return send_error(
                     peer,
-                    ErrorCode::Full,
-                    format!("at most {MAX_PUBLISHED_TRACKS} published tracks per participant"),
+                    ErrorCode::InvalidSdp,
+                    format!(
+                        "at most {MAX_PUBLISHED_TRACKS} published tracks per participant; m-line {mid} ignored"
+                    ),
                 );
             }
             (true, None) => {

@@ -353,8 +353,9 @@ async fn a_stale_answer_does_not_start_a_re_offer_loop() {
     });
 }
 
-/// A participant that publishes more tracks than the limit gets `error
-/// full` for the rest; the others see only the allowed ones.
+/// A participant that publishes more tracks than the limit gets
+/// `invalid_sdp` for the rest and stays in the call; the others see only
+/// the allowed ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn published_tracks_per_participant_are_limited() {
     let node = node().await;
@@ -374,12 +375,12 @@ async fn published_tracks_per_participant_are_limited() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}: {:?}", ben.state(|s| s.tracks.len())));
-    ann.wait_until("error full for the rest", T, |s| {
+    ann.wait_until("invalid_sdp for the rest", T, |s| {
         s.errors.iter().any(|e| {
             matches!(
                 e,
                 signal::ServerMessage::Error {
-                    code: signal::ErrorCode::Full,
+                    code: signal::ErrorCode::InvalidSdp,
                     ..
                 }
             )
