@@ -163,7 +163,16 @@ pub struct RecvRepair {
     max: Option<u16>,
     /// Sequence numbers under repair, oldest first.
     missing: VecDeque<Missing>,
+    /// How late a packet that was only reordered (it filled its hole before
+    /// any NACK went out) arrived after its hole was seen: the largest
+    /// recently, decaying. The first NACK waits this long (×1.25), so a
+    /// path that reorders by 20 ms does not get every late packet resent.
+    reorder: Duration,
 }
+
+/// The adaptive reorder wait never exceeds this: real losses must still be
+/// repaired well inside the lateness bound.
+pub const MAX_REORDER_WAIT: Duration = Duration::from_millis(50);
 
 impl RecvRepair {
     pub fn new() -> Self {
@@ -190,11 +199,16 @@ impl RecvRepair {
             // Keep the newest of a long gap: they are the ones still worth
             // repairing before the lateness bound.
             let first = seq.wrapping_sub(keep);
+            let wait = if keep > 0 {
+                self.nack_wait(cfg)
+            } else {
+                cfg.nack_delay
+            };
             for i in 0..keep {
                 self.missing.push_back(Missing {
                     seq: first.wrapping_add(i),
                     since: now,
-                    next_nack: now + cfg.nack_delay,
+                    next_nack: now + wait,
                     tries: 0,
                 });
             }
@@ -205,11 +219,26 @@ impl RecvRepair {
         }
         match self.missing.iter().position(|m| m.seq == seq) {
             Some(i) => {
-                self.missing.remove(i);
+                if let Some(m) = self.missing.remove(i)
+                    && m.tries == 0
+                {
+                    // Only reordered: learn how late such packets come.
+                    let late = now.since(m.since).min(MAX_REORDER_WAIT);
+                    self.reorder = self.reorder.max(late);
+                }
                 Arrival::Repaired
             }
             None => Arrival::Stale,
         }
+    }
+
+    /// How long a new gap waits before its first NACK: the configured
+    /// minimum, or the reordering seen lately (decaying by 1/64 per gap),
+    /// capped at [`MAX_REORDER_WAIT`].
+    fn nack_wait(&mut self, cfg: &RepairConfig) -> Duration {
+        self.reorder -= self.reorder / 64;
+        (self.reorder + self.reorder / 4)
+            .clamp(cfg.nack_delay, MAX_REORDER_WAIT.max(cfg.nack_delay))
     }
 
     /// When [`Self::poll`] has work next.
@@ -384,6 +413,30 @@ mod tests {
         assert_eq!(r.poll(ms(251), None, &cfg, &mut Vec::new(), 64), 1);
         assert_eq!(r.missing(), 0);
         assert_eq!(r.next_due(&cfg), None);
+    }
+
+    #[test]
+    fn the_first_nack_waits_for_the_reordering_seen() {
+        let cfg = RepairConfig::default();
+        let mut r = RecvRepair::new();
+        r.on_packet(0, ms(0), &cfg);
+        // Packet 1 comes 20 ms after its gap was seen: reordered, not lost.
+        r.on_packet(2, ms(1), &cfg);
+        assert_eq!(r.on_packet(1, ms(21), &cfg), Arrival::Repaired);
+        // The next gap waits ~1.25 × 20 ms before its NACK, not 10 ms.
+        r.on_packet(4, ms(30), &cfg);
+        let mut nack = Vec::new();
+        r.poll(ms(45), None, &cfg, &mut nack, 64);
+        assert!(nack.is_empty(), "still inside the learned reorder wait");
+        r.poll(ms(56), None, &cfg, &mut nack, 64);
+        assert_eq!(nack, vec![3]);
+        // Never beyond the cap, however late a reordered packet was.
+        let mut r = RecvRepair::new();
+        r.on_packet(0, ms(0), &cfg);
+        r.on_packet(2, ms(1), &cfg);
+        r.on_packet(1, ms(200), &cfg);
+        r.on_packet(4, ms(300), &cfg);
+        assert!(r.next_due(&cfg) <= Some(ms(300) + MAX_REORDER_WAIT));
     }
 
     #[test]
