@@ -331,8 +331,23 @@ async fn a_stale_answer_does_not_start_a_re_offer_loop() {
     .unwrap_or_else(|e| panic!("{e}: {:?}", ben.state(|s| s.errors.clone())));
     let offers = ben.state(|s| s.offers_received);
     // A loop sends an offer per answer, dozens a second; a settled session
-    // sends none.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // sends none while a second of Cat's media (50 audio + 30 video
+    // packets) comes in.
+    let cat_video = ben.state(|s| {
+        s.tracks_from(&cat_id)
+            .iter()
+            .map(|t| s.count(t))
+            .sum::<usize>()
+    });
+    ben.wait_until("another second of Cat's media", T, |s| {
+        s.tracks_from(&cat_id)
+            .iter()
+            .map(|t| s.count(t))
+            .sum::<usize>()
+            >= cat_video + 80
+    })
+    .await
+    .unwrap();
     ben.state(|s| {
         assert_eq!(s.offers_received, offers, "offers kept coming");
         let refused = s

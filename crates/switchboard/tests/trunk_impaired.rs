@@ -18,8 +18,7 @@ use signal::Kind;
 use signal::Source;
 use switchboard::config::{Peer, Secret};
 use switchboard::{Config, Node};
-use testkit::MediaKind;
-use testkit::State;
+use testkit::{Client, MediaKind, State};
 
 const SECRET: &str = "impaired trunk tests share this secret";
 
@@ -75,12 +74,31 @@ fn track_of(s: &State, owner: &str, kind: Kind) -> Option<String> {
         .map(|t| t.id.clone())
 }
 
-/// Sequence numbers received on `track`, and the highest payload counter.
-fn seqs(s: &State, track: &str) -> BTreeSet<u64> {
-    s.tracks
+/// Opus-like audio (120 B every 20 ms) and 1,000-byte video packets every
+/// `video_every`.
+fn publish_av(c: &mut Client, video_every: Duration) {
+    c.publish(
+        MediaKind::Audio,
+        Source::Microphone,
+        Duration::from_millis(20),
+        120,
+    );
+    c.publish(MediaKind::Video, Source::Camera, video_every, 1000);
+}
+
+/// Sequence numbers between the first and the last received on `track`
+/// that are missing, and how many that span holds.
+fn missing(s: &State, track: &str) -> (Vec<u64>, u64) {
+    let got: BTreeSet<u64> = s
+        .tracks
         .get(track)
         .map(|v| v.iter().map(|r| r.seq).collect())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    let (Some(&first), Some(&last)) = (got.first(), got.last()) else {
+        return (Vec::new(), 0);
+    };
+    let gaps = (first..=last).filter(|q| !got.contains(q)).collect();
+    (gaps, last - first + 1)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,18 +107,7 @@ async fn video_crosses_a_lossy_reordering_trunk_intact() {
     let mut ann = join(&a, "lossy", "Ann").await;
     let ben = join(&b, "lossy", "Ben").await;
     // 100 video packets/s (a 800 kbit/s camera) and Opus-like audio.
-    ann.publish(
-        MediaKind::Audio,
-        Source::Microphone,
-        Duration::from_millis(20),
-        120,
-    );
-    ann.publish(
-        MediaKind::Video,
-        Source::Camera,
-        Duration::from_millis(10),
-        1000,
-    );
+    publish_av(&mut ann, Duration::from_millis(10));
     let ann_id = ann.id.clone();
     ben.wait_until("Ann's video via the trunk", T, |s| {
         track_of(s, &ann_id, Kind::Video).is_some_and(|t| s.count(&t) >= 20)
@@ -125,20 +132,24 @@ async fn video_crosses_a_lossy_reordering_trunk_intact() {
     })
     .await
     .unwrap();
-    // Stop the loss, let the last repairs land, then look at the record.
+    // Stop the loss, wait for the last repairs to land, then look at the
+    // record: no gap may remain.
     impair_both(&proxy, Impairment::none());
     let lost_at_b = metric(&b, "switchboard_trunk_media_lost_total").await;
     let dropped_by_proxy = proxy.stats().to_client.dropped_loss;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let got = ben.state(|s| seqs(s, &video));
-    let (first, last) = (*got.first().unwrap(), *got.last().unwrap());
-    let missing: Vec<u64> = (first..=last).filter(|q| !got.contains(q)).collect();
-    assert!(
-        missing.is_empty(),
-        "Ben misses {} of {} video packets after repair: {missing:?}",
-        missing.len(),
-        last - first + 1
-    );
+    if ben
+        .wait_until("every video packet once repair is done", T, |s| {
+            missing(s, &video).0.is_empty()
+        })
+        .await
+        .is_err()
+    {
+        let (gaps, span) = ben.state(|s| missing(s, &video));
+        panic!(
+            "Ben misses {} of {span} video packets after repair: {gaps:?}",
+            gaps.len()
+        );
+    }
     ben.state(|s| assert_eq!(s.corrupt, 0, "corrupt payloads"));
     let repaired = metric(&b, "switchboard_trunk_media_repaired_total").await;
     let nacks = metric(&b, "switchboard_trunk_nacks_sent_total").await;
@@ -167,6 +178,17 @@ async fn video_crosses_a_lossy_reordering_trunk_intact() {
     b.shutdown().await;
 }
 
+/// Wait until `seconds` more of audio (50 packets a second) arrived on
+/// `track`: time under a condition, not a sleep.
+async fn audio_for(c: &Client, track: &str, seconds: usize, what: &str) {
+    let from = c.state(|s| s.count(track));
+    c.wait_until(&format!("{seconds} s of audio {what}"), T, |s| {
+        s.count(track) >= from + 50 * seconds
+    })
+    .await
+    .unwrap();
+}
+
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -190,19 +212,8 @@ async fn a_trunk_short_of_bandwidth_keeps_audio_and_recovers_video() {
     let (a, proxy, b) = cluster(5).await;
     let mut ann = join(&a, "narrow", "Ann").await;
     let ben = join(&b, "narrow", "Ben").await;
-    ann.publish(
-        MediaKind::Audio,
-        Source::Microphone,
-        Duration::from_millis(20),
-        120,
-    );
     // ~1.6 Mbit/s of video.
-    ann.publish(
-        MediaKind::Video,
-        Source::Camera,
-        Duration::from_millis(5),
-        1000,
-    );
+    publish_av(&mut ann, Duration::from_millis(5));
     let ann_id = ann.id.clone();
     ben.wait_until("Ann's audio and video via the trunk", T, |s| {
         [Kind::Audio, Kind::Video]
@@ -227,9 +238,11 @@ async fn a_trunk_short_of_bandwidth_keeps_audio_and_recovers_video() {
             ..Impairment::none()
         },
     );
-    tokio::time::sleep(Duration::from_secs(2)).await; // settle on the cap
+    // Settle on the cap, then measure memory across 4 s more under it (both
+    // counted in audio packets, 50 a second, which must keep coming).
+    audio_for(&ben, &audio, 2, "settling on the cap").await;
     let rss_before = rss_bytes();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    audio_for(&ben, &audio, 4, "under the cap").await;
     let rss_after = rss_bytes();
     // Audio: 50 packets/s; at least 80 % of the last 2 s arrived.
     let audio_recent = ben.state(|s| recent(s, &audio, Duration::from_secs(2)));

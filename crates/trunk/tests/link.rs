@@ -429,7 +429,9 @@ fn media_flows_only_to_subscribers_and_unknown_wire_ids_are_dropped() {
     let mut d = Vec::new();
     let now = net.now;
     assert_eq!(
-        net.nodes[1].send_media(TrackId(1), Layer(1), b"rtp", now, now, &mut d),
+        net.nodes[1]
+            .send_media(TrackId(1), Layer(1), b"rtp", now, now, &mut d)
+            .targets,
         &[(NodeId(1), ConnId(1))]
     );
     assert!(

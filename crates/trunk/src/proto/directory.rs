@@ -77,14 +77,13 @@ pub(crate) struct TrackMedia {
     pub targets: Vec<(Layer, Vec<(NodeId, ConnId)>)>,
     /// What was sent, for retransmission (every track: browsers do not
     /// NACK audio, so a trunk loss would otherwise always be concealed).
-    pub history: Option<SendHistory>,
+    pub history: SendHistory,
 }
 
 /// The receive side's view of one remote wire id (up room links only).
 #[derive(Debug)]
 pub(crate) struct WireIn {
     pub room: RoomName,
-    pub kind: TrackKind,
     /// Gap detection and NACKs, while the local SFU subscribes to the
     /// track; `None` otherwise.
     pub repair: Option<RecvRepair>,

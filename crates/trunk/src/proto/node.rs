@@ -168,6 +168,23 @@ pub struct RemoteDatagram<'a> {
     pub repaired: bool,
 }
 
+/// Where one media packet goes ([`Node::send_media`]); derefs to the
+/// (node, connection) pairs, empty when nobody subscribes.
+#[derive(Debug, Clone, Copy)]
+pub struct MediaTargets<'a> {
+    /// A video track: the driver holds video back when a trunk lacks
+    /// bandwidth, and keeps audio.
+    pub video: bool,
+    pub targets: &'a [(NodeId, ConnId)],
+}
+
+impl std::ops::Deref for MediaTargets<'_> {
+    type Target = [(NodeId, ConnId)];
+    fn deref(&self) -> &Self::Target {
+        self.targets
+    }
+}
+
 /// A datagram the core wants sent (a NACK, or a retransmission answering one).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DatagramOut {
@@ -683,11 +700,8 @@ impl Node {
             self.metrics.retransmits_refused += seqs.len() as u64;
             return;
         }
-        let Some(history) = m.history.as_ref() else {
-            return;
-        };
         for &seq in seqs {
-            let Some((origin, packet)) = history.get(seq, now, cfg.history) else {
+            let Some((origin, packet)) = m.history.get(seq, now, cfg.history) else {
                 peer.stats.retransmits_missed += 1;
                 self.metrics.retransmits_missed += 1;
                 continue;
@@ -1046,7 +1060,7 @@ impl Node {
                 wire_id,
                 kind: info.kind,
                 targets: Vec::new(),
-                history: Some(SendHistory::new()),
+                history: SendHistory::new(),
             },
         );
         self.broadcast(room, |gens| Message::TrackAdded {
@@ -1132,9 +1146,9 @@ impl Node {
         };
         let subscribed = !track.layers.is_empty();
         if let Some(w) = peer.wires.get_mut(&wire_id) {
-            match (subscribed, w.kind, w.repair.is_some()) {
-                (true, _, false) => w.repair = Some(RecvRepair::new()),
-                (false, _, true) => {
+            match (subscribed, w.repair.is_some()) {
+                (true, false) => w.repair = Some(RecvRepair::new()),
+                (false, true) => {
                     w.repair = None;
                     self.repairing.remove(&(node, wire_id));
                 }
@@ -1263,30 +1277,31 @@ impl Node {
         origin: Time,
         now: Time,
         datagram: &mut Vec<u8>,
-    ) -> &[(NodeId, ConnId)] {
+    ) -> MediaTargets<'_> {
+        let none = MediaTargets {
+            video: false,
+            targets: &[],
+        };
         let Some(m) = self.media.get_mut(&track) else {
-            return &[];
+            return none;
         };
         let Some(i) = m
             .targets
             .iter()
             .position(|(l, t)| *l == layer && !t.is_empty())
         else {
-            return &[];
+            return none;
         };
         wire::encode_datagram(m.wire_id, origin.0, packet, datagram);
-        if let (Some(h), Some(seq)) = (m.history.as_mut(), rtp_seq(packet)) {
-            h.record(seq, origin.0, packet, now);
+        if let Some(seq) = rtp_seq(packet) {
+            m.history.record(seq, origin.0, packet, now);
         }
         let targets = &m.targets[i].1;
         self.metrics.datagrams_out += targets.len() as u64;
-        targets
-    }
-
-    /// Whether a local track is video (the driver keeps audio first when a
-    /// trunk lacks bandwidth).
-    pub fn local_track_kind(&self, track: TrackId) -> Option<TrackKind> {
-        self.media.get(&track).map(|m| m.kind)
+        MediaTargets {
+            video: m.kind == TrackKind::Video,
+            targets,
+        }
     }
 
     /// Ask the publisher of a local track for a keyframe (rate-limited like
@@ -1294,15 +1309,20 @@ impl Node {
     /// after it had to drop some for lack of bandwidth.
     pub fn request_local_keyframe(&mut self, track: TrackId, now: Time) {
         self.timers_changed();
-        let Some(room) = self.track_rooms.get(&track).cloned() else {
-            return;
-        };
+        if let Some(room) = self.track_rooms.get(&track).cloned() {
+            self.local_keyframe(room, track, now);
+        }
+    }
+
+    /// A keyframe of local `track` in `room` is wanted: ask the SFU now, or
+    /// coalesce into the limiter's next slot. `false`: no such track there.
+    fn local_keyframe(&mut self, room: RoomName, track: TrackId, now: Time) -> bool {
         let Some(t) = self
             .rooms
             .get_mut(&room)
             .and_then(|r| r.tracks.get_mut(&track))
         else {
-            return;
+            return false;
         };
         if t.keyframes.request(now) {
             self.events
@@ -1311,9 +1331,16 @@ impl Node {
             self.metrics.keyframes_coalesced += 1;
             self.kf_pending.insert(KfKey::Local(track));
         }
+        true
     }
 
     // ----- inspection ----------------------------------------------------
+
+    /// The kind of a local track the media fast path still knows (checks:
+    /// nothing of a track survives its unpublishing).
+    pub fn local_track_kind(&self, track: TrackId) -> Option<TrackKind> {
+        self.media.get(&track).map(|m| m.kind)
+    }
 
     /// A copy of the whole state, for invariant checks and status pages.
     pub fn snapshot(&self) -> NodeSnapshot {
@@ -1945,7 +1972,6 @@ impl Node {
                     wire_id,
                     WireIn {
                         room: room.clone(),
-                        kind: track.kind,
                         repair: None,
                     },
                 );
@@ -2004,24 +2030,12 @@ impl Node {
                 if !self.accept(node, &room, gens) {
                     return;
                 }
-                let Some(local) = self.rooms.get_mut(&room) else {
-                    return;
+                let known = match self.local_wires.get(&wire_id).copied() {
+                    Some(track) => self.local_keyframe(room, track, now),
+                    None => false,
                 };
-                let Some(track) = self.local_wires.get(&wire_id).copied() else {
+                if !known {
                     self.metrics.unknown_wire_drops += 1;
-                    return;
-                };
-                match local.tracks.get_mut(&track) {
-                    Some(t) => {
-                        if t.keyframes.request(now) {
-                            self.events
-                                .push_back(Event::KeyframeRequested { room, track });
-                        } else {
-                            self.metrics.keyframes_coalesced += 1;
-                            self.kf_pending.insert(KfKey::Local(track));
-                        }
-                    }
-                    None => self.metrics.unknown_wire_drops += 1,
                 }
             }
             Message::Data {

@@ -22,8 +22,7 @@ use tracing::{debug, info, warn};
 use super::identity::{Identity, IdentityError, SERVER_NAME};
 use crate::proto::wire::FrameBuffer;
 use crate::proto::{
-    CloseCode, ConnId, Event, Layer, Node, NodeId, NodeSnapshot, Time, TrackId, TrackKind,
-    Transmit, WireId,
+    CloseCode, ConnId, Event, Layer, Node, NodeId, NodeSnapshot, Time, TrackId, Transmit, WireId,
 };
 
 /// How long a dial may take before it counts as failed (the core then
@@ -254,7 +253,6 @@ struct VideoGate {
     queuing: Duration,
     closed_until: Option<Instant>,
     hold: Duration,
-    last_close: Option<Instant>,
     /// Since when the queue has been over the limit (gate still open).
     congested_since: Option<Instant>,
     /// When the gate last reopened: video sent before it was held back, so
@@ -294,7 +292,6 @@ impl VideoGate {
             queuing: Duration::ZERO,
             closed_until: None,
             hold: HOLD_MIN,
-            last_close: None,
             congested_since: None,
             reopened: None,
         }
@@ -367,7 +364,6 @@ impl VideoGate {
                 }
                 _ => HOLD_MIN,
             };
-            self.last_close = Some(now);
             self.closed_until = Some(now + self.hold);
             debug!(
                 queuing_ms = self.queuing.as_millis() as u64,
@@ -835,19 +831,22 @@ impl Core {
     fn send_media(&mut self, track: TrackId, layer: Layer, packet: &[u8], arrival: Instant) {
         let now = self.now();
         let origin = self.time_of(arrival);
-        let video = self.node.local_track_kind(track) == Some(TrackKind::Video);
         let mut resumed = false;
-        let targets = self
+        // Encoded straight into the buffer that becomes the `Bytes` every
+        // target shares (wire ids are per origin, so the datagram is the
+        // same bytes on every trunk); kept for the next packet if unused.
+        let mut buf = std::mem::take(&mut self.scratch);
+        let out = self
             .node
-            .send_media(track, layer, packet, origin, now, &mut self.scratch);
-        if targets.is_empty() {
+            .send_media(track, layer, packet, origin, now, &mut buf);
+        if out.is_empty() {
+            self.scratch = buf;
             return;
         }
-        // One copy for every target: wire ids are per origin, so the
-        // datagram is the same bytes on every trunk.
-        let datagram = Bytes::copy_from_slice(&self.scratch);
+        let video = out.video;
+        let datagram = Bytes::from(buf);
         let at = Instant::now();
-        for &(node, conn) in targets {
+        for &(node, conn) in out.targets {
             let Some(h) = self.conns.get_mut(&conn) else {
                 continue;
             };
@@ -933,7 +932,6 @@ impl Core {
 
     /// Carry out what the core asked for.
     fn pump(&mut self) {
-        self.send_datagrams();
         while let Some(t) = self.node.poll_transmit() {
             match t {
                 Transmit::Frame { conn, bytes } => {
