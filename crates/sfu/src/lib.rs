@@ -14,6 +14,7 @@ pub use signal::{
 };
 
 mod demux;
+mod gop;
 mod keyframe;
 mod media_wire;
 mod metrics;

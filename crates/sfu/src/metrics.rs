@@ -23,6 +23,10 @@ pub struct SfuMetrics {
     /// str0m calls that panicked (the participant concerned is removed with
     /// `error internal`; the worker goes on).
     pub media_panics: AtomicU64,
+    /// New subscriptions (here or on another node) started from a track's
+    /// cached keyframe and the packets that took.
+    pub gop_replays: AtomicU64,
+    pub gop_replayed_packets: AtomicU64,
 }
 
 impl SfuMetrics {

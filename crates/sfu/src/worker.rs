@@ -38,6 +38,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, info, warn};
 
 use crate::demux::Demux;
+use crate::gop::GopCache;
 use crate::keyframe::{KEYFRAME_INTERVAL, KeyframeLimiter};
 use crate::remote::{
     CodecInfo, MediaPacket, REMOTE_MEDIA_IN_QUEUE, REMOTE_MEDIA_QUEUE, RemoteCommand, RemoteEvent,
@@ -301,6 +302,9 @@ struct Track {
     kind: MediaKind,
     source: Source,
     keyframes: KeyframeLimiter,
+    /// Video: the last keyframe and what followed, replayed to a new
+    /// subscription (created with the codec, at the first packet).
+    gop: Option<GopCache>,
     /// The codec its packets carry: given for remote tracks, learned from
     /// the first packet for local ones (which are announced to remote
     /// links only then).
@@ -690,10 +694,20 @@ impl Worker {
             Event::RtpPacket(pkt) => self.forward(pid, pkt),
             Event::KeyframeRequest(req) => self.keyframe_request_from_subscriber(pid, req.mid),
             Event::Connected => {
-                if let Some(p) = self.peers.get_mut(&pid) {
-                    p.connected = true;
-                    info!(participant = %p.id, "media connected");
-                }
+                let Some(p) = self.peers.get_mut(&pid) else {
+                    return;
+                };
+                p.connected = true;
+                info!(participant = %p.id, "media connected");
+                // Subscriptions answered before the transport came up start
+                // now that media can flow (see `start_subscriptions`).
+                let ready: Vec<String> = p
+                    .subs
+                    .iter()
+                    .filter(|(_, sub)| sub.active)
+                    .map(|(track, _)| track.clone())
+                    .collect();
+                self.start_subscriptions(pid, ready);
             }
             Event::IceConnectionStateChange(state) => {
                 if let Some(p) = self.peers.get_mut(&pid) {
@@ -957,7 +971,7 @@ impl Worker {
                 }));
                 match r {
                     Ok(Ok(())) => {
-                        let mut new_video = Vec::new();
+                        let mut new_video = Vec::new(); // audio too; only video needs starting
                         for (track, sub) in peer.subs.iter_mut() {
                             if !sub.active {
                                 sub.active = true;
@@ -965,10 +979,10 @@ impl Worker {
                             }
                         }
                         self.dirty.insert(pid);
-                        // A new subscriber needs a keyframe to start decoding.
-                        let room = self.peers[&pid].room.clone();
-                        for track in new_video {
-                            self.keyframe_for_track(&room, &track, true);
+                        // A new subscriber needs a keyframe to start decoding;
+                        // one not connected yet starts at `Event::Connected`.
+                        if self.peers[&pid].connected {
+                            self.start_subscriptions(pid, new_video);
                         }
                         let again = self.peers.get(&pid).is_some_and(|p| p.renegotiate);
                         if again {
@@ -1067,6 +1081,7 @@ impl Worker {
                     kind,
                     source,
                     keyframes: KeyframeLimiter::new(KEYFRAME_INTERVAL),
+                    gop: None,
                     codec: None,
                 };
                 if let Some(r) = self.rooms.get_mut(&room) {
@@ -1226,19 +1241,6 @@ impl Worker {
         let Some(params) = publisher.rtc.codec_config().find(|p| p.pt() == pt).copied() else {
             return;
         };
-        let room_name = publisher.room.clone();
-        let Some(room) = self.rooms.get_mut(&room_name) else {
-            return;
-        };
-        let Some(track) = room.tracks.get_mut(&track_id) else {
-            return;
-        };
-        if track.codec.is_none() {
-            // First packet: now the codec is known, other nodes can be told.
-            track.codec = Some(params);
-            let desc = describe(track, params);
-            room.tell_links(RemoteEvent::TrackAdded(desc));
-        }
         let packet = MediaPacket {
             ssrc: *ssrc,
             seq: *pkt.seq_no,
@@ -1250,6 +1252,20 @@ impl Worker {
             voice_activity: pkt.header.ext_vals.voice_activity,
             arrival: pkt.timestamp,
         };
+        let room_name = publisher.room.clone();
+        let Some(room) = self.rooms.get_mut(&room_name) else {
+            return;
+        };
+        let Some(track) = room.tracks.get_mut(&track_id) else {
+            return;
+        };
+        remember(track, params, &packet);
+        if track.codec.is_none() {
+            // First packet: now the codec is known, other nodes can be told.
+            track.codec = Some(params);
+            let desc = describe(track, params);
+            room.tell_links(RemoteEvent::TrackAdded(desc));
+        }
         let mut ext = ExtensionValues {
             audio_level: packet.audio_level,
             voice_activity: packet.voice_activity,
@@ -1281,8 +1297,8 @@ impl Worker {
         };
         let Some(track) = self
             .rooms
-            .get(&room_name)
-            .and_then(|r| r.tracks.get(track_id))
+            .get_mut(&room_name)
+            .and_then(|r| r.tracks.get_mut(track_id))
         else {
             return; // removed meanwhile: late packets are dropped, never create anything
         };
@@ -1309,6 +1325,7 @@ impl Worker {
         // then map RTP time to the wallclock the origin saw, for audio and
         // video alike, whatever the trunk's jitter or repair delay.
         let arrival = packet.arrival.min(Instant::now());
+        remember(track, params, &packet);
         self.fan_out(&room_name, track_id, params, &packet, ext, arrival);
     }
 
@@ -1339,8 +1356,6 @@ impl Worker {
             return;
         };
         let nackable = track.kind == MediaKind::Video;
-        let clock_rate = params.spec().clock_rate.get();
-        let in_pt = packet.payload_type;
         let mut sent = 0u64;
         for &m in &room.members {
             if matches!(track.origin, Origin::Local { pid, .. } if pid == m) {
@@ -1358,49 +1373,19 @@ impl Worker {
             if !sub.active {
                 continue;
             }
-            let out_pt = match sub.pt_map.iter().find(|(p, _)| *p == in_pt) {
-                Some((_, out)) => *out,
-                None => {
-                    let out = map_pt(&sub_peer.rtc, params);
-                    sub.pt_map.push((in_pt, out));
-                    out
-                }
-            };
-            let Some(out_pt) = out_pt else {
-                debug!(track = %track_id, "no common codec; not forwarded");
-                continue;
-            };
-            let Some((seq, ts)) =
-                sub.rewriter
-                    .rewrite(packet.ssrc, packet.seq, packet.rtp_ts, arrival, clock_rate)
-            else {
-                debug!(track = %track_id, "packet older than its source; not forwarded");
-                continue;
-            };
-            let write = RtpWrite::new(
-                out_pt.into(),
-                seq.into(),
-                ts,
+            match write_to(
+                &mut sub_peer.rtc,
+                sub,
+                track_id,
+                params,
+                packet,
+                &ext,
                 arrival,
-                packet.payload.clone(),
-            )
-            .marker(packet.marker)
-            .ext_vals(ext.clone())
-            .nackable(nackable);
-            let rtc = &mut sub_peer.rtc;
-            let mid = sub.mid;
-            let r = catch_unwind(AssertUnwindSafe(|| {
-                let mut api = rtc.direct_api();
-                api.stream_tx_by_mid(mid, None)
-                    .map(|stream| stream.write_rtp(write))
-            }));
-            match r {
-                Ok(Some(_)) => {}
-                Ok(None) => {
-                    debug!(track = %track_id, "no send stream (yet); not forwarded");
-                    continue;
-                }
-                Err(_) => {
+                nackable,
+            ) {
+                Written::Yes => {}
+                Written::No => continue,
+                Written::Panicked => {
                     sub_peer.ended = Some(End::Panicked);
                     continue;
                 }
@@ -1416,6 +1401,124 @@ impl Worker {
     }
 
     // ---- keyframes ------------------------------------------------------
+
+    /// Subscriptions of `pid` that can receive media from now on (answer in
+    /// and transport up; `tracks` may name audio, which needs nothing): each
+    /// video one gets the track's cached group of pictures at once if there
+    /// is one, else asks the publisher for a keyframe. Asked any earlier
+    /// (at the answer, before ICE and DTLS finished), the keyframe went out
+    /// before this subscriber could receive it.
+    fn start_subscriptions(&mut self, pid: Pid, tracks: Vec<String>) {
+        let Some(room) = self.peers.get(&pid).map(|p| p.room.clone()) else {
+            return;
+        };
+        for track in tracks {
+            if !self.replay_to_subscriber(&room, pid, &track) {
+                self.keyframe_for_track(&room, &track, true);
+            }
+        }
+    }
+
+    /// Replay a track's cached group to one local subscription. False: no
+    /// group young enough (or not a video track, or nothing written).
+    fn replay_to_subscriber(&mut self, room: &RoomName, pid: Pid, track_id: &str) -> bool {
+        let Worker {
+            peers,
+            rooms,
+            metrics,
+            dirty,
+            ..
+        } = self;
+        let Some(track) = rooms.get(room).and_then(|r| r.tracks.get(track_id)) else {
+            return false;
+        };
+        let (Some(gop), Some(params)) = (&track.gop, track.codec) else {
+            return false;
+        };
+        let Some(packets) = gop.replay(Instant::now()) else {
+            return false;
+        };
+        let Some(peer) = peers.get_mut(&pid) else {
+            return false;
+        };
+        let Some(sub) = peer.subs.get_mut(track_id) else {
+            return false;
+        };
+        let mut sent = 0u64;
+        for packet in packets {
+            let ext = ExtensionValues::default();
+            match write_to(
+                &mut peer.rtc,
+                sub,
+                track_id,
+                params,
+                packet,
+                &ext,
+                packet.arrival.min(Instant::now()),
+                true,
+            ) {
+                Written::Yes => sent += 1,
+                Written::No => {}
+                Written::Panicked => {
+                    peer.ended = Some(End::Panicked);
+                    return true;
+                }
+            }
+        }
+        if sent == 0 {
+            return false;
+        }
+        dirty.insert(pid);
+        metrics.gop_replays.fetch_add(1, Ordering::Relaxed);
+        metrics.gop_replayed_packets.fetch_add(sent, Ordering::Relaxed);
+        metrics.rtp_packets_out.fetch_add(sent, Ordering::Relaxed);
+        debug!(track = %track_id, packets = sent, "new subscription started from the cached keyframe");
+        true
+    }
+
+    /// Replay a local track's cached group to one remote node that just
+    /// subscribed to it. The packets leave stamped with the current time:
+    /// they are sent now, and the receiving node would drop them as late
+    /// otherwise. False: no group young enough.
+    fn replay_to_link(&mut self, room: &RoomName, key: LinkKey, track_id: &str) -> bool {
+        let Some(r) = self.rooms.get(room) else {
+            return false;
+        };
+        let Some(gop) = r.tracks.get(track_id).and_then(|t| t.gop.as_ref()) else {
+            return false;
+        };
+        let Some(link) = r.links.get(&key) else {
+            return false;
+        };
+        let now = Instant::now();
+        let Some(packets) = gop.replay(now) else {
+            return false;
+        };
+        let mut sent = 0u64;
+        for packet in packets {
+            let packet = MediaPacket {
+                arrival: now,
+                ..packet.clone()
+            };
+            let event = RemoteEvent::Media {
+                track: track_id.to_owned(),
+                packet,
+            };
+            if link.media.try_send(event).is_ok() {
+                sent += 1;
+            } else {
+                self.metrics
+                    .remote_media_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.metrics.gop_replays.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .gop_replayed_packets
+            .fetch_add(sent, Ordering::Relaxed);
+        debug!(track = %track_id, packets = sent, "remote subscription started from the cached keyframe");
+        sent > 0
+    }
 
     fn keyframe_request_from_subscriber(&mut self, pid: Pid, mid: Mid) {
         let Some(peer) = self.peers.get(&pid) else {
@@ -1448,6 +1551,7 @@ impl Worker {
         } else {
             t.keyframes.request(now)
         };
+        debug!(track = %track_id, new_subscriber, pass, "keyframe wanted");
         if pass {
             let origin = t.origin;
             self.send_keyframe_request(room, track_id, origin);
@@ -1811,6 +1915,7 @@ impl Worker {
                         kind,
                         source: desc.source,
                         keyframes: KeyframeLimiter::new(KEYFRAME_INTERVAL),
+                        gop: None,
                         codec: Some(codec),
                     },
                 );
@@ -1843,8 +1948,12 @@ impl Worker {
                     return;
                 };
                 if l.subs.insert(track.clone()) {
-                    // A new subscriber needs a keyframe to start decoding.
-                    self.keyframe_for_track(&room, &track, true);
+                    // A new subscriber needs a keyframe to start decoding:
+                    // the cached group if there is one (sent to this link
+                    // only), else a fresh keyframe.
+                    if !self.replay_to_link(&room, key, &track) {
+                        self.keyframe_for_track(&room, &track, true);
+                    }
                 }
             }
             RemoteCommand::Unsubscribe { track } => {
@@ -1970,4 +2079,85 @@ mod tests {
         assert!(!answers(&other, &offer));
         assert!(sdp_mids("garbage\nno m-lines").is_empty());
     }
+}
+
+/// What [`write_to`] did with a packet.
+enum Written {
+    Yes,
+    /// Not forwarded (no common codec, older than its source, no send
+    /// stream yet); logged at debug.
+    No,
+    /// str0m panicked: the subscriber must be removed.
+    Panicked,
+}
+
+/// Write one packet of `track_id` to one active subscription: payload type
+/// mapped, numbering rewritten, str0m call guarded.
+#[allow(clippy::too_many_arguments)]
+fn write_to(
+    rtc: &mut Rtc,
+    sub: &mut Subscription,
+    track_id: &str,
+    params: PayloadParams,
+    packet: &MediaPacket,
+    ext: &ExtensionValues,
+    arrival: Instant,
+    nackable: bool,
+) -> Written {
+    let in_pt = packet.payload_type;
+    let out_pt = match sub.pt_map.iter().find(|(p, _)| *p == in_pt) {
+        Some((_, out)) => *out,
+        None => {
+            let out = map_pt(rtc, params);
+            sub.pt_map.push((in_pt, out));
+            out
+        }
+    };
+    let Some(out_pt) = out_pt else {
+        debug!(track = %track_id, "no common codec; not forwarded");
+        return Written::No;
+    };
+    let clock_rate = params.spec().clock_rate.get();
+    let Some((seq, ts)) =
+        sub.rewriter
+            .rewrite(packet.ssrc, packet.seq, packet.rtp_ts, arrival, clock_rate)
+    else {
+        debug!(track = %track_id, "packet older than its source; not forwarded");
+        return Written::No;
+    };
+    let write = RtpWrite::new(
+        out_pt.into(),
+        seq.into(),
+        ts,
+        arrival,
+        packet.payload.clone(),
+    )
+    .marker(packet.marker)
+    .ext_vals(ext.clone())
+    .nackable(nackable);
+    let mid = sub.mid;
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        let mut api = rtc.direct_api();
+        api.stream_tx_by_mid(mid, None)
+            .map(|stream| stream.write_rtp(write))
+    }));
+    match r {
+        Ok(Some(_)) => Written::Yes,
+        Ok(None) => {
+            debug!(track = %track_id, "no send stream (yet); not forwarded");
+            Written::No
+        }
+        Err(_) => Written::Panicked,
+    }
+}
+
+/// Keep a video packet in its track's group-of-pictures cache.
+fn remember(track: &mut Track, params: PayloadParams, packet: &MediaPacket) {
+    if track.kind != MediaKind::Video {
+        return;
+    }
+    track
+        .gop
+        .get_or_insert_with(|| GopCache::new(params.spec().codec))
+        .push(packet, packet.arrival);
 }
