@@ -84,7 +84,9 @@ impl GopCache {
         match self.codec {
             Codec::Vp8 => detect_vp8_keyframe(payload),
             // P = 0 (not inter-predicted) on a packet that begins a frame (B).
-            Codec::Vp9 => payload.first().is_some_and(|b| b & 0x40 == 0 && b & 0x08 != 0),
+            Codec::Vp9 => payload
+                .first()
+                .is_some_and(|b| b & 0x40 == 0 && b & 0x08 != 0),
             // An IDR slice, or the SPS that precedes one.
             Codec::H264 => detect_h264_nalu(payload, 5) || detect_h264_nalu(payload, 7),
             Codec::H265 => detect_h265_keyframe(payload),
@@ -120,7 +122,11 @@ impl GopCache {
             };
             let restart = self.started.is_none() || self.frame_start > 0;
             if restart {
-                tracing::debug!(seq = packet.seq, ts = packet.rtp_ts, "keyframe: group of pictures restarts");
+                tracing::debug!(
+                    seq = packet.seq,
+                    ts = packet.rtp_ts,
+                    "keyframe: group of pictures restarts"
+                );
                 self.clear();
                 self.started = Some(now);
                 for p in frame {
@@ -195,7 +201,9 @@ mod tests {
     }
 
     fn seqs(c: &GopCache, now: Instant) -> Vec<u64> {
-        c.replay(now).map(|i| i.map(|p| p.seq).collect()).unwrap_or_default()
+        c.replay(now)
+            .map(|i| i.map(|p| p.seq).collect())
+            .unwrap_or_default()
     }
 
     #[test]
@@ -250,7 +258,10 @@ mod tests {
         assert!(c.len() <= GOP_MAX_PACKETS);
         c.push(&vp8(1000, 5000, true, true), t0);
         assert_eq!(seqs(&c, t0), vec![1000]);
-        assert!(c.replay(t0 + GOP_MAX_AGE + Duration::from_millis(1)).is_none());
+        assert!(
+            c.replay(t0 + GOP_MAX_AGE + Duration::from_millis(1))
+                .is_none()
+        );
     }
 
     #[test]

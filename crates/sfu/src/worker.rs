@@ -1364,7 +1364,10 @@ impl Worker {
             let Some(sub_peer) = peers.get_mut(&m) else {
                 continue;
             };
-            if sub_peer.ended.is_some() {
+            // Not before the transport is up: nothing written earlier
+            // arrives, and the subscription starts with a keyframe then
+            // (`start_subscriptions`).
+            if sub_peer.ended.is_some() || !sub_peer.connected {
                 continue;
             }
             let Some(sub) = sub_peer.subs.get_mut(track_id) else {
@@ -1470,7 +1473,9 @@ impl Worker {
         }
         dirty.insert(pid);
         metrics.gop_replays.fetch_add(1, Ordering::Relaxed);
-        metrics.gop_replayed_packets.fetch_add(sent, Ordering::Relaxed);
+        metrics
+            .gop_replayed_packets
+            .fetch_add(sent, Ordering::Relaxed);
         metrics.rtp_packets_out.fetch_add(sent, Ordering::Relaxed);
         debug!(track = %track_id, packets = sent, "new subscription started from the cached keyframe");
         true
@@ -2054,33 +2059,6 @@ fn map_pt(rtc: &Rtc, params: PayloadParams) -> Option<u8> {
     .flatten()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const OFFER: &str = "v=0\r\no=- 1 2 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n\
-        m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:0\r\n\
-        m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:1\r\n\
-        m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\n";
-
-    #[test]
-    fn answers_are_matched_to_their_offer_by_m_lines() {
-        let offer = sdp_mids(OFFER);
-        assert_eq!(offer, ["0", "1", "2"]);
-        assert!(answers(&offer, &offer));
-        // A rejected m-line without its mid still answers the offer.
-        let lenient = sdp_mids(&OFFER.replace("a=mid:2\r\n", ""));
-        assert_eq!(lenient, ["0", "1", ""]);
-        assert!(answers(&lenient, &offer));
-        // The previous answer (one m-line fewer), or other mids: not this offer.
-        let stale = sdp_mids(OFFER.split("m=video").next().unwrap_or_default());
-        assert!(!answers(&stale, &offer));
-        let other = sdp_mids(&OFFER.replace("a=mid:1", "a=mid:7"));
-        assert!(!answers(&other, &offer));
-        assert!(sdp_mids("garbage\nno m-lines").is_empty());
-    }
-}
-
 /// What [`write_to`] did with a packet.
 enum Written {
     Yes,
@@ -2160,4 +2138,31 @@ fn remember(track: &mut Track, params: PayloadParams, packet: &MediaPacket) {
         .gop
         .get_or_insert_with(|| GopCache::new(params.spec().codec))
         .push(packet, packet.arrival);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OFFER: &str = "v=0\r\no=- 1 2 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n\
+        m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:0\r\n\
+        m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:1\r\n\
+        m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\n";
+
+    #[test]
+    fn answers_are_matched_to_their_offer_by_m_lines() {
+        let offer = sdp_mids(OFFER);
+        assert_eq!(offer, ["0", "1", "2"]);
+        assert!(answers(&offer, &offer));
+        // A rejected m-line without its mid still answers the offer.
+        let lenient = sdp_mids(&OFFER.replace("a=mid:2\r\n", ""));
+        assert_eq!(lenient, ["0", "1", ""]);
+        assert!(answers(&lenient, &offer));
+        // The previous answer (one m-line fewer), or other mids: not this offer.
+        let stale = sdp_mids(OFFER.split("m=video").next().unwrap_or_default());
+        assert!(!answers(&stale, &offer));
+        let other = sdp_mids(&OFFER.replace("a=mid:1", "a=mid:7"));
+        assert!(!answers(&other, &offer));
+        assert!(sdp_mids("garbage\nno m-lines").is_empty());
+    }
 }

@@ -219,3 +219,49 @@ async fn another_secret_keeps_rooms_apart() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_on_another_node_starts_at_a_keyframe() {
+    let a = node(1, SECRET, &[]).await;
+    let b = node(2, SECRET, &[&a]).await;
+    let mut ann = join(&a, "gop", "Ann").await;
+    // A keyframe every 15 packets (~500 ms), like an encoder's periodic ones.
+    let v = ann.publish_keyframes(std::time::Duration::from_millis(33), 1000, 15);
+    ann.wait_until("40 video packets sent", T, |s| {
+        s.sent.get(&v).is_some_and(|n| *n >= 40)
+    })
+    .await
+    .unwrap();
+    // Nobody on B yet: B joins the room, learns the track, subscribes over
+    // the trunk; node A answers with the cached group, node B passes it on.
+    let ben = join(&b, "gop", "Ben").await;
+    let ann_id = ann.id.clone();
+    let first = |s: &testkit::State| -> Vec<testkit::Received> {
+        s.tracks_from(&ann_id)
+            .first()
+            .and_then(|t| s.tracks.get(*t))
+            .map(|r| r.iter().take(20).cloned().collect())
+            .unwrap_or_default()
+    };
+    ben.wait_until("20 packets of Ann's video", T, |s| first(s).len() == 20)
+        .await
+        .unwrap();
+    let got = ben.state(first);
+    assert_eq!(
+        got[0].keyframe,
+        Some(true),
+        "the first packet across the trunk starts a keyframe: {:?}",
+        got.iter()
+            .map(|r| (r.payload.counter, r.keyframe))
+            .collect::<Vec<_>>()
+    );
+    for w in got.windows(2) {
+        assert_eq!(
+            w[1].payload.counter,
+            w[0].payload.counter + 1,
+            "then every packet, in order"
+        );
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}

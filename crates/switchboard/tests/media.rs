@@ -412,3 +412,64 @@ async fn published_tracks_per_participant_are_limited() {
         assert_eq!(owners, Some(sfu::MAX_PUBLISHED_TRACKS), "{:?}", s.roster);
     });
 }
+
+/// The first packets a subscriber gets of `owner`'s video.
+fn first_video_packets(s: &State, owner: &str, n: usize) -> Vec<testkit::Received> {
+    let video = s
+        .roster
+        .iter()
+        .find(|p| p.id == owner)
+        .and_then(|p| p.tracks.iter().find(|t| t.kind == Kind::Video))
+        .map(|t| t.id.clone());
+    video
+        .and_then(|v| s.tracks.get(&v))
+        .map(|r| r.iter().take(n).cloned().collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_subscriber_starts_at_the_cached_keyframe() {
+    let node = node().await;
+    let mut publisher = join(&node, "gop", "Pub").await;
+    // A keyframe every 15 packets (~500 ms), like an encoder's periodic ones.
+    let v = publisher.publish_keyframes(Duration::from_millis(33), 1000, 15);
+    publisher
+        .wait_until("40 video packets sent", T, |s| {
+            s.sent.get(&v).is_some_and(|n| *n >= 40)
+        })
+        .await
+        .unwrap();
+    let requests = publisher.state(|s| s.keyframe_requests);
+    let sub = join(&node, "gop", "Sub").await;
+    let pub_id = publisher.id.clone();
+    sub.wait_until("20 packets of Pub's video", T, |s| {
+        first_video_packets(s, &pub_id, 20).len() == 20
+    })
+    .await
+    .unwrap();
+    let first = sub.state(|s| first_video_packets(s, &pub_id, 20));
+    assert_eq!(
+        first[0].keyframe,
+        Some(true),
+        "the first packet is the cached keyframe, not whatever came next: {:?}",
+        first
+            .iter()
+            .map(|r| (r.payload.counter, r.keyframe))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        first[0].payload.counter % 15,
+        0,
+        "a keyframe the publisher made before"
+    );
+    for w in first.windows(2) {
+        assert_eq!(
+            w[1].payload.counter,
+            w[0].payload.counter + 1,
+            "then every packet since, in order"
+        );
+    }
+    // Started from the cache: the publisher was not asked for another one.
+    assert_eq!(publisher.state(|s| s.keyframe_requests), requests);
+    node.shutdown().await;
+}

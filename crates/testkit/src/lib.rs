@@ -31,6 +31,10 @@ use tokio_tungstenite::tungstenite::Message;
 
 pub use payload::{Payload, decode_payload, encode_payload};
 
+/// VP8 payload descriptor byte of a packet that starts a frame (S = 1,
+/// partition 0); the synthetic payload begins with `S` (0x53), never this.
+const VP8_FRAME_START: u8 = 0x10;
+
 #[derive(Debug, thiserror::Error)]
 pub enum KitError {
     #[error("websocket: {0}")]
@@ -90,6 +94,9 @@ impl Transport {
 #[derive(Debug, Clone)]
 pub struct Received {
     pub payload: Payload,
+    /// For a track published with [`Client::publish_keyframes`]: whether
+    /// this packet starts a (VP8) keyframe. `None` for other tracks.
+    pub keyframe: Option<bool>,
     pub seq: u64,
     pub at: Instant,
     /// Wall-clock receive time, comparable with `payload.sent_micros`.
@@ -145,6 +152,7 @@ enum Cmd {
         source: Source,
         rate: Duration,
         size: usize,
+        keyframe_every: Option<u64>,
     },
     Unpublish(u32),
     Send(ClientMessage),
@@ -256,6 +264,25 @@ impl Client {
             source,
             rate,
             size,
+            keyframe_every: None,
+        });
+        idx
+    }
+
+    /// VP8 video like an encoder's, as far as an SFU can tell: every packet
+    /// begins a frame, every `every`-th (and the first, and the next one
+    /// after a keyframe request) is a keyframe (VP8 payload descriptor with
+    /// S = 1 and a payload header with P = 0, then the synthetic payload).
+    pub fn publish_keyframes(&mut self, rate: Duration, size: usize, every: u64) -> u32 {
+        let idx = self.next_track;
+        self.next_track += 1;
+        let _ = self.cmd.send(Cmd::Publish {
+            kind: MediaKind::Video,
+            codec: Codec::Vp8,
+            source: Source::Camera,
+            rate,
+            size,
+            keyframe_every: Some(every.max(1)),
         });
         idx
     }
@@ -357,6 +384,10 @@ struct Publication {
     active: bool,
     next_send: Instant,
     counter: u64,
+    /// See [`Client::publish_keyframes`].
+    keyframe_every: Option<u64>,
+    /// A keyframe request came in: the next packet is a keyframe.
+    key_wanted: bool,
     seq: u64,
     ts: u32,
 }
@@ -453,7 +484,12 @@ impl Driver {
     fn event(&mut self, e: Event) {
         match e {
             Event::Connected => self.with_state(|s| s.connected = true),
-            Event::KeyframeRequest(_) => self.with_state(|s| s.keyframe_requests += 1),
+            Event::KeyframeRequest(req) => {
+                if let Some(p) = self.pubs.iter_mut().find(|p| p.mid == Some(req.mid)) {
+                    p.key_wanted = true;
+                }
+                self.with_state(|s| s.keyframe_requests += 1)
+            }
             Event::MediaAdded(m) if m.direction == Direction::RecvOnly => {
                 if let Some(media) = self.rtc.media(m.mid) {
                     let owner = media.stream_id().to_string();
@@ -474,7 +510,13 @@ impl Driver {
                     self.with_state(|s| s.unmapped += 1);
                     return;
                 };
-                let Some(payload) = decode_payload(&pkt.payload) else {
+                // A VP8 descriptor + payload header ahead of the synthetic
+                // payload: see `Client::publish_keyframes`.
+                let (keyframe, body) = match &pkt.payload[..] {
+                    [VP8_FRAME_START, hdr, rest @ ..] => (Some(hdr & 1 == 0), rest),
+                    all => (None, all),
+                };
+                let Some(payload) = decode_payload(body) else {
                     self.with_state(|s| s.corrupt += 1);
                     return;
                 };
@@ -485,6 +527,7 @@ impl Driver {
                     .map(|c| c.spec().codec);
                 let rec = Received {
                     payload,
+                    keyframe,
                     seq: *pkt.seq_no,
                     at: Instant::now(),
                     at_micros: micros_now(),
@@ -556,6 +599,7 @@ impl Driver {
                 source,
                 rate,
                 size,
+                keyframe_every,
             } => {
                 let idx = self.pubs.len() as u32;
                 self.pubs.push(Publication {
@@ -570,6 +614,8 @@ impl Driver {
                     active: true,
                     next_send: Instant::now(),
                     counter: 0,
+                    keyframe_every,
+                    key_wanted: false,
                     seq: 1 + (idx as u64) * 1000,
                     ts: 1000,
                 });
@@ -663,7 +709,7 @@ impl Driver {
                 let Some(stream) = api.stream_tx_by_mid(mid, None) else {
                     break;
                 };
-                let payload = encode_payload(
+                let mut payload = encode_payload(
                     &Payload {
                         track: p.idx,
                         counter: p.counter,
@@ -671,6 +717,10 @@ impl Driver {
                     },
                     p.size,
                 );
+                if let Some(every) = p.keyframe_every {
+                    let key = p.counter % every == 0 || std::mem::take(&mut p.key_wanted);
+                    payload.splice(0..0, [VP8_FRAME_START, if key { 0 } else { 1 }]);
+                }
                 let w = RtpWrite::new(params.pt(), p.seq.into(), p.ts, now, payload)
                     .marker(true)
                     .nackable(p.kind == MediaKind::Video);

@@ -252,9 +252,7 @@ impl RecvRepair {
     /// (reordered at the start); then it is new, and the packets between it
     /// and the oldest seen are under repair like any gap.
     fn before_start(&mut self, seq: u16, now: Time, cfg: &RepairConfig) -> Arrival {
-        let young = self
-            .started
-            .is_some_and(|t| now.since(t) < cfg.late_bound);
+        let young = self.started.is_some_and(|t| now.since(t) < cfg.late_bound);
         let back = self.lowest.wrapping_sub(seq);
         if !young || back == 0 || back > START_SPAN {
             return Arrival::Stale;
@@ -483,10 +481,16 @@ mod tests {
         assert_eq!(r.missing(), 1);
         assert_eq!(r.on_packet(101, ms(3), &cfg), Arrival::Repaired);
         assert_eq!(r.on_packet(100, ms(4), &cfg), Arrival::Stale, "twice");
-        assert_eq!(r.on_packet(103, ms(5), &cfg), Arrival::New { gap: 0, dropped: 0 });
+        assert_eq!(
+            r.on_packet(103, ms(5), &cfg),
+            Arrival::New { gap: 0, dropped: 0 }
+        );
         // Too far back, or once the stream is older than the lateness
         // bound: stale as before.
-        assert_eq!(r.on_packet(100u16.wrapping_sub(START_SPAN + 1), ms(6), &cfg), Arrival::Stale);
+        assert_eq!(
+            r.on_packet(100u16.wrapping_sub(START_SPAN + 1), ms(6), &cfg),
+            Arrival::Stale
+        );
         assert_eq!(r.on_packet(99, ms(250), &cfg), Arrival::Stale);
         assert_eq!(r.missing(), 0);
         // A packet between the oldest and the newest that a long gap left
@@ -495,10 +499,16 @@ mod tests {
         r.on_packet(10, ms(0), &cfg);
         assert_eq!(
             r.on_packet(400, ms(1), &cfg),
-            Arrival::New { gap: 256, dropped: 133 }
+            Arrival::New {
+                gap: 256,
+                dropped: 133
+            }
         );
         assert_eq!(r.on_packet(11, ms(2), &cfg), Arrival::Stale);
-        assert_eq!(r.on_packet(9, ms(3), &cfg), Arrival::New { gap: 0, dropped: 0 });
+        assert_eq!(
+            r.on_packet(9, ms(3), &cfg),
+            Arrival::New { gap: 0, dropped: 0 }
+        );
     }
 
     #[test]
