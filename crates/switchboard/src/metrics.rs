@@ -182,6 +182,16 @@ pub(crate) fn render(
                 g(&m.keyframe_requests_sent),
             ),
             (
+                "switchboard_keyframe_cache_replays",
+                "New subscriptions (here or on another node) started from a track's cached keyframe instead of a keyframe request",
+                g(&m.gop_replays),
+            ),
+            (
+                "switchboard_keyframe_cache_replayed_packets",
+                "Packets those replays took",
+                g(&m.gop_replayed_packets),
+            ),
+            (
                 "switchboard_participants_reaped",
                 "Participants removed because their media died",
                 g(&m.participants_reaped),

@@ -471,5 +471,10 @@ async fn a_new_subscriber_starts_at_the_cached_keyframe() {
     }
     // Started from the cache: the publisher was not asked for another one.
     assert_eq!(publisher.state(|s| s.keyframe_requests), requests);
+    let metrics = common::http_get(&node, "/metrics").await;
+    assert!(
+        metrics.contains("switchboard_keyframe_cache_replays_total 1\n"),
+        "{metrics}"
+    );
     node.shutdown().await;
 }
