@@ -189,6 +189,13 @@ impl Participant {
     pub async fn recv(&mut self) -> Option<ServerMessage> {
         self.events.recv().await
     }
+
+    /// Messages waiting to be taken with [`Participant::recv`]: the media
+    /// plane never waits on a client, so the signaling layer bounds this
+    /// (a client that does not read is cut, see `--max-queued-messages`).
+    pub fn queued(&self) -> usize {
+        self.events.len()
+    }
 }
 
 impl Drop for Participant {

@@ -162,6 +162,9 @@ pub enum ErrorCode {
     Disconnected,
     /// The node is shutting down.
     ShuttingDown,
+    /// The client did not read its messages: more were waiting than the
+    /// server keeps for one client (the socket is closed after this).
+    SlowConsumer,
     Internal,
 }
 
@@ -183,6 +186,7 @@ impl ErrorCode {
             ErrorCode::Full => "full",
             ErrorCode::Disconnected => "disconnected",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::SlowConsumer => "slow_consumer",
             ErrorCode::Internal => "internal",
         }
     }
@@ -395,6 +399,7 @@ mod tests {
             ErrorCode::BadJson,
             ErrorCode::NoPendingOffer,
             ErrorCode::ShuttingDown,
+            ErrorCode::SlowConsumer,
         ] {
             assert_eq!(
                 serde_json::to_value(c).unwrap(),

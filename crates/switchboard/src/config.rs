@@ -21,6 +21,15 @@ const DEFAULT_HTTP_PORT: u16 = 3000;
 /// container port mapping can be written once.
 const DEFAULT_MEDIA_PORT: u16 = 3001;
 const DEFAULT_MAX_PARTICIPANTS_PER_ROOM: usize = 100;
+/// Signaling sockets open at once: each holds a task and, once joined, a
+/// str0m `Rtc`; 2,000 is well above what one worker thread forwards.
+const DEFAULT_MAX_CONNECTIONS: usize = 2000;
+/// A browser offers once per publish change (camera, screen share, mute
+/// does not renegotiate): 60 a minute is far above any real use.
+const DEFAULT_MAX_OFFERS_PER_MINUTE: u32 = 60;
+/// Messages waiting for a client that does not read (rosters, chat): a
+/// slow consumer past this is cut rather than queued for without bound.
+const DEFAULT_MAX_QUEUED_MESSAGES: usize = 1000;
 /// The web client sends `join` as soon as its socket opens; 10 s is ample.
 const DEFAULT_JOIN_TIMEOUT_SECS: u64 = 10;
 /// UDP port of the trunk (QUIC) when clustering.
@@ -105,6 +114,33 @@ pub struct Config {
         default_value_t = DEFAULT_MAX_PARTICIPANTS_PER_ROOM
     )]
     pub max_participants_per_room: usize,
+    /// Most signaling connections open at once; one more gets `error
+    /// server_busy` and is closed.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_CONNECTIONS",
+        default_value_t = DEFAULT_MAX_CONNECTIONS,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
+    pub max_connections: usize,
+    /// Most SDP offers one participant may send per minute (a burst of a
+    /// quarter of it at once); more get `error rate_limited` and are ignored.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_OFFERS_PER_MINUTE",
+        default_value_t = DEFAULT_MAX_OFFERS_PER_MINUTE,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_offers_per_minute: u32,
+    /// Most messages queued for a client that does not read them; past it
+    /// the client gets `error slow_consumer` and is disconnected.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_QUEUED_MESSAGES",
+        default_value_t = DEFAULT_MAX_QUEUED_MESSAGES,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
+    pub max_queued_messages: usize,
     /// Seconds a signaling socket may stay open without joining a room
     /// (then `error not_joined` and close): idle sockets cost a task each.
     #[arg(
@@ -193,6 +229,9 @@ impl Default for Config {
             media_port: DEFAULT_MEDIA_PORT,
             public_ip: None,
             max_participants_per_room: DEFAULT_MAX_PARTICIPANTS_PER_ROOM,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_offers_per_minute: DEFAULT_MAX_OFFERS_PER_MINUTE,
+            max_queued_messages: DEFAULT_MAX_QUEUED_MESSAGES,
             join_timeout_secs: DEFAULT_JOIN_TIMEOUT_SECS,
             log_format: LogFormat::Human,
             cluster_secret: None,
@@ -217,6 +256,9 @@ pub struct FileConfig {
     pub media_port: Option<u16>,
     pub public_ip: Option<IpAddr>,
     pub max_participants_per_room: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub max_offers_per_minute: Option<u32>,
+    pub max_queued_messages: Option<usize>,
     pub join_timeout_secs: Option<u64>,
     pub log_format: Option<LogFormat>,
     pub cluster_secret: Option<Secret>,
@@ -293,6 +335,21 @@ impl Config {
             .filter(|_| unset("max_participants_per_room"))
         {
             self.max_participants_per_room = v;
+        }
+        if let Some(v) = file.max_connections.filter(|_| unset("max_connections")) {
+            self.max_connections = v.max(1);
+        }
+        if let Some(v) = file
+            .max_offers_per_minute
+            .filter(|_| unset("max_offers_per_minute"))
+        {
+            self.max_offers_per_minute = v.max(1);
+        }
+        if let Some(v) = file
+            .max_queued_messages
+            .filter(|_| unset("max_queued_messages"))
+        {
+            self.max_queued_messages = v.max(1);
         }
         if let Some(v) = file
             .join_timeout_secs

@@ -36,6 +36,14 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// that stops reading would otherwise park its session forever while the
 /// media plane keeps queueing rosters and chat for it.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client whose SDP the media plane refused (`invalid_sdp`, or an answer
+/// with no offer pending) this many times within [`INVALID_SDP_WINDOW`] is
+/// disconnected: a correct client errs once in a while (a stale answer, an
+/// answer crossing a new offer), a broken one loops.
+pub const INVALID_SDP_CLOSE_AFTER: usize = 10;
+const INVALID_SDP_WINDOW: Duration = Duration::from_secs(60);
+/// How often the backlog is checked while a send waits on the client.
+const BACKLOG_CHECK: Duration = Duration::from_millis(100);
 
 pub(crate) fn upgrade(state: Arc<AppState>, upgrade: WebSocketUpgrade) -> Response {
     // The WebSocket layer refuses anything over twice our limit without
@@ -44,13 +52,52 @@ pub(crate) fn upgrade(state: Arc<AppState>, upgrade: WebSocketUpgrade) -> Respon
         .max_message_size(2 * MAX_MESSAGE_BYTES)
         .max_frame_size(2 * MAX_MESSAGE_BYTES)
         .on_upgrade(move |socket| async move {
-            state.ws_connections.send_modify(|n| *n += 1);
+            // Checked and counted in one step: concurrent upgrades cannot
+            // both take the last place.
+            let max = state.config.max_connections as u64;
+            let mut admitted = false;
+            state.ws_connections.send_modify(|n| {
+                if *n < max {
+                    *n += 1;
+                    admitted = true;
+                }
+            });
             state.ws_total.fetch_add(1, Ordering::Relaxed);
+            if !admitted {
+                state.signaling.error(ErrorCode::Full);
+                let e = SignalError::new(
+                    ErrorCode::Full,
+                    format!(
+                        "this node has its maximum of {max} signaling connections; try again later"
+                    ),
+                );
+                turn_away(socket, &e.to_message()).await;
+                return;
+            }
             Session::new(state.clone()).run(socket).await;
             state
                 .ws_connections
                 .send_modify(|n| *n = n.saturating_sub(1));
         })
+}
+
+/// Send one error and close (1013, try again later) without a session.
+async fn turn_away(socket: WebSocket, msg: &ServerMessage) {
+    let (mut tx, mut rx) = socket.split();
+    let _ = send(&mut tx, msg).await;
+    let close = tx.send(Message::Close(Some(CloseFrame {
+        code: close_code::AGAIN,
+        reason: "node full".into(),
+    })));
+    let _ = tokio::time::timeout(SEND_TIMEOUT, close).await;
+    let drain = async {
+        while let Some(Ok(f)) = rx.next().await {
+            if matches!(f, Message::Close(_)) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_GRACE, drain).await;
 }
 
 /// Token bucket: `rate` tokens per second up to `burst`.
@@ -94,6 +141,11 @@ struct Session {
     state: Arc<AppState>,
     participant: Option<Participant>,
     bucket: TokenBucket,
+    /// `--max-offers-per-minute`, a quarter of it as the burst.
+    offers: TokenBucket,
+    /// When the media plane refused this client's SDP lately (see
+    /// [`INVALID_SDP_CLOSE_AFTER`]).
+    invalid_sdp: std::collections::VecDeque<Instant>,
     dropped_in_a_row: u32,
     last_rate_error: Option<Instant>,
 }
@@ -101,9 +153,14 @@ struct Session {
 impl Session {
     fn new(state: Arc<AppState>) -> Self {
         Session {
-            state,
+            state: state.clone(),
             participant: None,
             bucket: TokenBucket::new(RATE_PER_SEC, RATE_BURST, Instant::now()),
+            offers: {
+                let per_min = f64::from(state.config.max_offers_per_minute);
+                TokenBucket::new(per_min / 60.0, (per_min / 4.0).max(1.0), Instant::now())
+            },
+            invalid_sdp: std::collections::VecDeque::new(),
             dropped_in_a_row: 0,
             last_rate_error: None,
         }
@@ -121,7 +178,26 @@ impl Session {
         let mut outbox: Vec<ServerMessage> = Vec::new();
         let close: Option<(u16, &'static str)> = loop {
             for msg in outbox.drain(..) {
-                if send(&mut tx, &msg).await.is_err() {
+                // While a send waits on a client that does not read, the
+                // media plane goes on queueing for it: cut it once the
+                // backlog passes the limit, not only when the send times out.
+                let sending = send(&mut tx, &msg);
+                tokio::pin!(sending);
+                let mut check = tokio::time::interval(BACKLOG_CHECK);
+                let sent = loop {
+                    tokio::select! {
+                        r = &mut sending => break r.is_ok(),
+                        _ = check.tick() => {
+                            if let Some(e) = self.backlog() {
+                                // It reads nothing: the reason cannot reach it.
+                                self.state.signaling.error(e.code);
+                                info!(reason = %e.message, "slow signaling client cut");
+                                return;
+                            }
+                        }
+                    }
+                };
+                if !sent {
                     debug!("signaling peer not reading; dropping the session");
                     return;
                 }
@@ -146,7 +222,14 @@ impl Session {
                 }
                 event = next_event(&mut self.participant) => {
                     match event {
-                        Some(msg) => outbox.push(msg),
+                        Some(msg) => {
+                            let next = self.event(&msg);
+                            outbox.push(msg);
+                            if let Some((e, code, why)) = next {
+                                self.refuse(&mut outbox, e);
+                                break Some((code, why));
+                            }
+                        }
                         // The media plane ended the session (its reason, if
                         // any, was the last message).
                         None if !self.state.ready.load(Ordering::SeqCst) => {
@@ -205,6 +288,57 @@ impl Session {
             };
             let _ = tokio::time::timeout(CLOSE_GRACE, drain).await;
         }
+    }
+
+    /// A message from the media plane on its way to the client: is the
+    /// client keeping up, and is it still speaking sense? `Some`: close
+    /// the session with this error.
+    fn event(&mut self, msg: &ServerMessage) -> Option<(SignalError, u16, &'static str)> {
+        if let Some(e) = self.backlog() {
+            return Some((e, close_code::POLICY, "slow consumer"));
+        }
+        if let ServerMessage::Error {
+            code: ErrorCode::InvalidSdp | ErrorCode::NoPendingOffer,
+            ..
+        } = msg
+        {
+            let now = Instant::now();
+            self.invalid_sdp.push_back(now);
+            while self
+                .invalid_sdp
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > INVALID_SDP_WINDOW)
+            {
+                self.invalid_sdp.pop_front();
+            }
+            if self.invalid_sdp.len() >= INVALID_SDP_CLOSE_AFTER {
+                return Some((
+                    SignalError::new(
+                        ErrorCode::InvalidSdp,
+                        format!(
+                            "{INVALID_SDP_CLOSE_AFTER} SDPs refused within {} s; closing",
+                            INVALID_SDP_WINDOW.as_secs()
+                        ),
+                    ),
+                    close_code::POLICY,
+                    "invalid sdp",
+                ));
+            }
+        }
+        None
+    }
+
+    /// `Some` when more messages wait for this client than
+    /// `--max-queued-messages`.
+    fn backlog(&self) -> Option<SignalError> {
+        let queued = self.participant.as_ref().map_or(0, |p| p.queued());
+        let max = self.state.config.max_queued_messages;
+        (queued > max).then(|| {
+            SignalError::new(
+                ErrorCode::SlowConsumer,
+                format!("{queued} messages were waiting for this client (limit {max}); closing"),
+            )
+        })
     }
 
     fn refuse(&self, out: &mut Vec<ServerMessage>, e: SignalError) {
@@ -347,7 +481,18 @@ impl Session {
                 );
             }
             (ClientMessage::Offer { sdp, tracks }, Some(p)) => {
-                p.send(ParticipantCommand::Offer { sdp, tracks })
+                if self.offers.take(Instant::now()) {
+                    p.send(ParticipantCommand::Offer { sdp, tracks })
+                } else {
+                    let max = self.state.config.max_offers_per_minute;
+                    self.refuse(
+                        out,
+                        SignalError::new(
+                            ErrorCode::RateLimited,
+                            format!("more than {max} offers per minute; this offer is ignored"),
+                        ),
+                    );
+                }
             }
             (ClientMessage::Answer { sdp }, Some(p)) => p.send(ParticipantCommand::Answer { sdp }),
             (ClientMessage::Chat { text }, Some(p)) => p.send(ParticipantCommand::Chat { text }),

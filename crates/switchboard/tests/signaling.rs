@@ -569,3 +569,160 @@ async fn shutdown_tells_participants_and_stops_serving() {
         "HTTP stops accepting after shutdown"
     );
 }
+
+#[tokio::test]
+async fn connections_beyond_the_limit_get_full_and_the_node_keeps_serving() {
+    let node = Node::start(Config {
+        http_port: 0,
+        media_port: 0,
+        max_connections: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut one = joined(&node, "limits", "One").await;
+    let two = ws(&node).await;
+    metrics_eventually(&node, |m| m.contains("switchboard_ws_connections 2\n")).await;
+    let mut three = ws(&node).await;
+    let e = expect_error(&mut three, "full").await;
+    assert!(
+        e["message"].as_str().unwrap().contains("maximum of 2"),
+        "{e}"
+    );
+    assert_eq!(close_code(&mut three).await, Some(1013), "try again later");
+    metrics_eventually(&node, |m| {
+        m.contains(r#"switchboard_signaling_errors_total{code="full"} 1"#)
+    })
+    .await;
+    still_served(&mut one).await;
+    // A place frees up: the next one gets in.
+    drop(two);
+    metrics_eventually(&node, |m| m.contains("switchboard_ws_connections 1\n")).await;
+    let _four = joined(&node, "limits", "Four").await;
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn offers_beyond_the_per_minute_limit_are_refused() {
+    let node = Node::start(Config {
+        http_port: 0,
+        media_port: 0,
+        max_offers_per_minute: 4, // a burst of 1
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut w = joined(&node, "offers", "Olly").await;
+    let offer = json!({"type":"offer","sdp":"v=0\r\nnot really","tracks":[]});
+    send(&mut w, offer.clone()).await;
+    send(&mut w, offer).await;
+    // The first reaches the media plane (and is refused there as SDP); the
+    // second never gets that far.
+    loop {
+        let e = recv_type(&mut w, "error").await;
+        if e["code"] == "rate_limited" {
+            assert!(
+                e["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("4 offers per minute"),
+                "{e}"
+            );
+            break;
+        }
+        assert_eq!(e["code"], "invalid_sdp", "{e}");
+    }
+    still_served(&mut w).await;
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_whose_sdp_keeps_being_refused_is_disconnected() {
+    let node = node().await;
+    let mut bystander = joined(&node, "elsewhere", "Bea").await;
+    let mut w = joined(&node, "bad-sdp", "Bob").await;
+    // Answers with nothing pending and offers that are not SDP, alternately.
+    for i in 0..10 {
+        let m = if i % 2 == 0 {
+            json!({"type":"answer","sdp":"v=0\r\nstale"})
+        } else {
+            json!({"type":"offer","sdp":"v=0\r\ngarbage","tracks":[]})
+        };
+        send(&mut w, m).await;
+    }
+    let mut refused = 0;
+    let last = loop {
+        let e = recv_type(&mut w, "error").await;
+        if e["message"].as_str().unwrap().contains("closing") {
+            break e;
+        }
+        assert!(
+            e["code"] == "invalid_sdp" || e["code"] == "no_pending_offer",
+            "{e}"
+        );
+        refused += 1;
+    };
+    assert_eq!(refused, 10, "each refusal is answered, then the verdict");
+    assert_eq!(last["code"], "invalid_sdp", "{last}");
+    assert_eq!(close_code(&mut w).await, Some(1008));
+    still_served(&mut bystander).await;
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_is_cut_not_queued_for() {
+    let node = Node::start(Config {
+        http_port: 0,
+        media_port: 0,
+        max_queued_messages: 20,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // A reader with a tiny receive window that then reads nothing.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let stream = sock.connect(node.http_addr()).await.unwrap();
+    let url = format!("ws://{}/ws", node.http_addr());
+    let (mut stuck, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+        .await
+        .unwrap();
+    send(
+        &mut stuck,
+        json!({"type":"join","room":"chatty","name":"Stuck"}),
+    )
+    .await;
+    recv_type(&mut stuck, "joined").await;
+    let mut talkers = Vec::new();
+    for i in 0..6 {
+        talkers.push(joined(&node, "chatty", &format!("Talker {i}")).await);
+    }
+    // Each talker chats within its rate limit (20 frames/s) with long
+    // messages; every chat goes to everyone, Stuck included.
+    let long = "😀".repeat(2000); // 8 KB
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    'outer: loop {
+        for t in talkers.iter_mut() {
+            send(t, json!({"type":"chat","text": long})).await;
+        }
+        let (_, _, m) = get(&node, "/metrics").await;
+        if m.contains(r#"switchboard_signaling_errors_total{code="slow_consumer"} 1"#) {
+            break 'outer;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stuck client was never cut"
+        );
+        // Drain the talkers' own sockets so only Stuck falls behind.
+        for t in talkers.iter_mut() {
+            while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(1), t.next()).await {
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    // Stuck left the room; the talkers are still served.
+    metrics_eventually(&node, |m| m.contains("switchboard_participants 6\n")).await;
+    still_served(&mut talkers[0]).await;
+    drop(stuck);
+    node.shutdown().await;
+}
