@@ -131,6 +131,24 @@ impl Node {
         &self.state.sfu
     }
 
+    /// Resolves if the media worker stops without a shutdown (a panic
+    /// outside the guarded str0m calls): the node can no longer carry
+    /// media. `/readyz` already answers 503 then; the binary logs it, stops
+    /// gracefully and exits non-zero so a supervisor restarts it, rather
+    /// than staying up half-dead. Never resolves while the worker runs.
+    pub async fn media_failed(&self) {
+        // The worker is a plain thread with nothing to await on; a check
+        // every 250 ms costs nothing and bounds the reaction time.
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            if !self.state.sfu.is_running() && self.state.ready.load(Ordering::SeqCst) {
+                self.state.ready.store(false, Ordering::SeqCst);
+                return;
+            }
+        }
+    }
+
     /// Graceful stop: `/readyz` turns 503, every participant gets
     /// `error shutting_down` and its socket is closed, the media plane stops,
     /// and HTTP stops once the sockets are gone (or after [`DRAIN_LIMIT`]).

@@ -43,6 +43,11 @@ async fn main() -> anyhow::Result<()> {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+        _ = node.media_failed() => {
+            tracing::error!("the media worker stopped unexpectedly; shutting down to be restarted");
+            node.shutdown().await;
+            anyhow::bail!("the media worker stopped unexpectedly (see the log above)");
+        }
     }
     tracing::info!("signal received; shutting down");
     node.shutdown().await;
