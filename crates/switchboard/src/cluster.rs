@@ -54,6 +54,7 @@ pub(crate) struct Cluster {
     /// Local media for the trunk dropped between the rooms' links and the
     /// adapter (`LINK_MEDIA_QUEUE` full).
     drops: Arc<std::sync::atomic::AtomicU64>,
+    refused: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Local media packets waiting between the rooms' link tasks and the
@@ -97,6 +98,7 @@ impl Cluster {
         let trunk = Arc::new(trunk);
         let rooms = sfu.watch_rooms().context("watching rooms")?;
         let drops = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (media_tx, media_rx) = mpsc::channel(LINK_MEDIA_QUEUE);
         let adapter = Adapter {
             sfu,
@@ -106,6 +108,8 @@ impl Cluster {
             links: mpsc::unbounded_channel(),
             link_media: (media_tx, media_rx),
             drops: drops.clone(),
+            refused: refused.clone(),
+            max_participants: config.max_participants_per_room,
         };
         let task = tokio::spawn(adapter.run(events, rooms));
         Ok(Some(Cluster {
@@ -113,6 +117,7 @@ impl Cluster {
             task,
             node_id,
             drops,
+            refused,
         }))
     }
 
@@ -131,6 +136,13 @@ impl Cluster {
     /// Local media dropped on its way to the trunk adapter.
     pub(crate) fn adapter_drops(&self) -> u64 {
         self.drops.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Announcements from peers refused: a participant id another node (or
+    /// this one) owns, a removal, track or message for a participant the
+    /// sender does not own, or more participants or tracks than allowed.
+    pub(crate) fn claims_refused(&self) -> u64 {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Goodbye to every peer (call after the media plane has stopped).
@@ -155,6 +167,26 @@ struct RoomState {
     wanted: HashMap<TrackId, BTreeSet<(NodeId, Layer)>>,
     /// Remote tracks by sfu id.
     remote_by_name: HashMap<String, (NodeId, WireId)>,
+    /// Who may speak for each participant: the node that announced it, or
+    /// this node for its own (`local`). The media plane sees the trunk as
+    /// one link for all peers, so this is where node C is kept from
+    /// renaming, removing or speaking for node B's participants (or ours).
+    owners: HashMap<ParticipantId, NodeId>,
+    local: std::collections::HashSet<ParticipantId>,
+    /// Remote tracks announced per participant (capped like a browser's).
+    remote_tracks_of: HashMap<ParticipantId, usize>,
+}
+
+impl RoomState {
+    /// Whether `node` may act for `participant` here.
+    fn owned_by(&self, participant: ParticipantId, node: NodeId) -> bool {
+        self.owners.get(&participant) == Some(&node)
+    }
+
+    /// Participants `node` has announced in this room.
+    fn announced_by(&self, node: NodeId) -> usize {
+        self.owners.values().filter(|n| **n == node).count()
+    }
 }
 
 impl Drop for RoomState {
@@ -167,6 +199,7 @@ impl Drop for RoomState {
 struct RemoteTrack {
     room: RoomName,
     name: String,
+    participant: ParticipantId,
     seq: SeqExtender,
 }
 
@@ -184,6 +217,10 @@ struct Adapter {
     /// Media of every room's link (bounded, drops counted in `drops`).
     link_media: (mpsc::Sender<LinkEvent>, mpsc::Receiver<LinkEvent>),
     drops: Arc<std::sync::atomic::AtomicU64>,
+    /// Peer announcements refused (see `RoomState::owners`).
+    refused: Arc<std::sync::atomic::AtomicU64>,
+    /// Most participants one peer may announce in one room.
+    max_participants: usize,
 }
 
 type LinkEvent = (RoomName, RemoteEvent);
@@ -200,6 +237,12 @@ fn pid(id: &str) -> ParticipantId {
             ParticipantId(h.finish())
         }
     }
+}
+
+/// Count and log a refused peer announcement.
+fn refuse(counter: &std::sync::atomic::AtomicU64, node: NodeId, what: &str) {
+    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    warn!(peer = node.0, "refused from a peer: {what}");
 }
 
 fn pid_name(p: ParticipantId) -> String {
@@ -292,6 +335,9 @@ impl Adapter {
                 local_by_id: HashMap::new(),
                 wanted: HashMap::new(),
                 remote_by_name: HashMap::new(),
+                owners: HashMap::new(),
+                local: Default::default(),
+                remote_tracks_of: HashMap::new(),
             },
         );
     }
@@ -325,6 +371,7 @@ impl Adapter {
                 return;
             }
             RemoteEvent::ParticipantJoined { id, name } => {
+                state.local.insert(pid(&id));
                 let info = ParticipantInfo {
                     id: pid(&id),
                     display_name: name,
@@ -335,6 +382,7 @@ impl Adapter {
             }
             RemoteEvent::ParticipantLeft { id } => {
                 let p = pid(&id);
+                state.local.remove(&p);
                 self.trunk
                     .call(move |n, _| n.participant_left(&r, p).map(|_| ()))
                     .await
@@ -445,27 +493,54 @@ impl Adapter {
         let room_of = |r: &proto::RoomName| RoomName::parse(r.as_str()).ok();
         match e {
             Event::RemoteParticipantAdded {
-                room, participant, ..
+                room,
+                node,
+                participant,
             } => {
+                let Some(state) = room_of(&room).and_then(|r| self.rooms.get_mut(&r)) else {
+                    return;
+                };
+                let id = participant.id;
+                let ok = !state.local.contains(&id)
+                    && match state.owners.get(&id) {
+                        Some(owner) => *owner == node, // its own, again (a rename)
+                        None => state.announced_by(node) < self.max_participants,
+                    };
+                if !ok {
+                    refuse(&self.refused, node, "a participant it may not announce");
+                    return;
+                }
+                state.owners.insert(id, node);
                 let name = DisplayName::parse(&participant.display_name)
                     .or_else(|_| DisplayName::parse("guest"));
-                if let (Some(state), Ok(name)) =
-                    (room_of(&room).and_then(|r| self.rooms.get(&r)), name)
-                {
+                if let Ok(name) = name {
                     state.link.send(RemoteCommand::ParticipantJoined {
-                        id: pid_name(participant.id),
+                        id: pid_name(id),
                         name,
                     });
                 }
             }
             Event::RemoteParticipantRemoved {
-                room, participant, ..
+                room,
+                node,
+                participant,
             } => {
-                if let Some(state) = room_of(&room).and_then(|r| self.rooms.get(&r)) {
-                    state.link.send(RemoteCommand::ParticipantLeft {
-                        id: pid_name(participant),
-                    });
+                let Some(state) = room_of(&room).and_then(|r| self.rooms.get_mut(&r)) else {
+                    return;
+                };
+                if !state.owned_by(participant, node) {
+                    refuse(
+                        &self.refused,
+                        node,
+                        "removal of a participant it does not own",
+                    );
+                    return;
                 }
+                state.owners.remove(&participant);
+                state.remote_tracks_of.remove(&participant);
+                state.link.send(RemoteCommand::ParticipantLeft {
+                    id: pid_name(participant),
+                });
             }
             Event::RemoteTrackAdded {
                 room,
@@ -477,6 +552,24 @@ impl Adapter {
                 let Some(state) = self.rooms.get_mut(&r) else {
                     return;
                 };
+                if !state.owned_by(track.participant, node) {
+                    refuse(
+                        &self.refused,
+                        node,
+                        "a track for a participant it does not own",
+                    );
+                    return;
+                }
+                let count = state.remote_tracks_of.entry(track.participant).or_default();
+                if *count >= sfu::MAX_PUBLISHED_TRACKS {
+                    refuse(
+                        &self.refused,
+                        node,
+                        "more tracks for one participant than allowed",
+                    );
+                    return;
+                }
+                *count += 1;
                 let name = remote_name(node, wire_id);
                 state.remote_by_name.insert(name.clone(), (node, wire_id));
                 self.remote_tracks.insert(
@@ -484,6 +577,7 @@ impl Adapter {
                     RemoteTrack {
                         room: r,
                         name: name.clone(),
+                        participant: track.participant,
                         seq: SeqExtender::default(),
                     },
                 );
@@ -509,10 +603,15 @@ impl Adapter {
                 node,
                 wire_id,
             } => {
-                self.remote_tracks.remove(&(node, wire_id));
+                let gone = self.remote_tracks.remove(&(node, wire_id));
                 let Some(state) = room_of(&room).and_then(|r| self.rooms.get_mut(&r)) else {
                     return;
                 };
+                if let Some(t) = gone
+                    && let Some(n) = state.remote_tracks_of.get_mut(&t.participant)
+                {
+                    *n = n.saturating_sub(1);
+                }
                 let name = remote_name(node, wire_id);
                 state.remote_by_name.remove(&name);
                 state.link.send(RemoteCommand::TrackRemoved { id: name });
@@ -541,13 +640,21 @@ impl Adapter {
             }
             Event::DataReceived {
                 room,
+                node,
                 from,
                 payload,
-                ..
             } => {
                 let Some(state) = room_of(&room).and_then(|r| self.rooms.get(&r)) else {
                     return;
                 };
+                if !state.owned_by(from, node) {
+                    refuse(
+                        &self.refused,
+                        node,
+                        "a message from a participant it does not own",
+                    );
+                    return;
+                }
                 let id = pid_name(from);
                 match serde_json::from_slice::<DataMsg>(&payload) {
                     // Another node is held to the same limits as a browser.
@@ -564,7 +671,14 @@ impl Adapter {
                     Err(e) => debug!(error = %e, "unreadable data from a peer"),
                 }
             }
-            Event::LinkUp { .. } | Event::LinkDown { .. } | Event::Redial { .. } => {}
+            Event::LinkDown { node, .. } => {
+                // The core removes the node's participants first; nothing
+                // of it may outlive the link either way.
+                for state in self.rooms.values_mut() {
+                    state.owners.retain(|_, n| *n != node);
+                }
+            }
+            Event::LinkUp { .. } | Event::Redial { .. } => {}
         }
     }
 

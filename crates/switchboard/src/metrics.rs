@@ -154,6 +154,12 @@ pub(crate) fn render(
                 "1 while the media worker thread runs",
                 i64::from(state.sfu.is_running()),
             ),
+            (
+                "switchboard_tokio_tasks",
+                "Tasks alive in the node's tokio runtime (a leak shows as growth after everyone left)",
+                tokio::runtime::Handle::try_current()
+                    .map_or(0, |h| h.metrics().num_alive_tasks() as i64),
+            ),
         ],
         counters: vec![
             (
@@ -220,6 +226,11 @@ pub(crate) fn render(
                 "switchboard_trunk_adapter_media_dropped",
                 "Local media for other nodes dropped on its way to the trunk adapter",
                 state.cluster.as_ref().map_or(0, |c| c.adapter_drops()),
+            ),
+            (
+                "switchboard_trunk_claims_refused",
+                "Peer announcements refused: a participant another node (or this one) owns, or a removal, track or message for one the peer does not own, or over the per-room caps",
+                state.cluster.as_ref().map_or(0, |c| c.claims_refused()),
             ),
             (
                 "switchboard_ws_accepted",

@@ -265,3 +265,125 @@ async fn a_subscriber_on_another_node_starts_at_a_keyframe() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// Node C (here a bare trunk with the cluster's secret, driven by hand)
+/// claims to be Ben, who is on node B: announcing his participant id under
+/// another name, chatting as him, removing him. Node A refuses each claim,
+/// counts it, and Ann keeps seeing the real Ben.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cannot_speak_for_another_nodes_participants() {
+    use trunk::proto::{self, NodeId, ParticipantId, ParticipantInfo};
+    use trunk::quic::{Identity, Trunk, TrunkConfig, TrunkEvent};
+
+    let a = node(1, SECRET, &[]).await;
+    let b = node(2, SECRET, &[&a]).await;
+    let ann = join(&a, "iso", "Ann").await;
+    let ben = join(&b, "iso", "Ben").await;
+    let ben_id = ben.id.clone();
+    ann.wait_until("Ben in Ann's roster", T, |s| {
+        s.roster.iter().any(|p| p.id == ben_id && p.name == "Ben")
+    })
+    .await
+    .unwrap();
+
+    let (c, mut events) = Trunk::start(TrunkConfig {
+        proto: proto::Config::new(NodeId(3), "switchboard"),
+        identity: Identity::from_secret(SECRET).unwrap(),
+        bind: "127.0.0.1:0".parse().unwrap(),
+        peers: vec![(NodeId(1), a.trunk_addr().unwrap())],
+        congestion: Default::default(),
+        tuning: Default::default(),
+    })
+    .unwrap();
+    tokio::time::timeout(T, async {
+        while let Some(e) = events.recv().await {
+            if let TrunkEvent::Proto(proto::Event::LinkUp { node, .. }) = e
+                && node == NodeId(1)
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("C links up with A");
+    // Keep C's events drained (its core must not wait on us).
+    tokio::spawn(async move { while events.recv().await.is_some() {} });
+    let room = proto::RoomName::new("iso").unwrap();
+    let ben_pid = ParticipantId(u64::from_str_radix(&ben_id, 16).unwrap());
+    let ann_pid = ParticipantId(u64::from_str_radix(&ann.id, 16).unwrap());
+    let r = room.clone();
+    c.call(move |n, now| {
+        n.open_room(r.clone(), now).unwrap();
+        // Ben's id under another name, and Ann's (A's own participant).
+        for (id, name) in [(ben_pid, "Mallory"), (ann_pid, "Mallory too")] {
+            n.participant_joined(
+                &r,
+                ParticipantInfo {
+                    id,
+                    display_name: name.into(),
+                },
+            )
+            .unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    let refused = |want: u64| {
+        let a = &a;
+        async move {
+            let deadline = tokio::time::Instant::now() + T;
+            loop {
+                let m = http_get(a, "/metrics").await;
+                let n = m
+                    .lines()
+                    .find_map(|l| l.strip_prefix("switchboard_trunk_claims_refused_total "))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(0);
+                if n >= want {
+                    return n;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "refusals: {n} < {want}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    };
+    refused(2).await;
+    // Chat as Ben, then remove "him".
+    let r = room.clone();
+    c.call(move |n, _| {
+        n.send_data(&r, ben_pid, br#"{"t":"chat","text":"I am Ben, trust me"}"#)
+            .unwrap();
+        n.participant_left(&r, ben_pid).unwrap();
+    })
+    .await
+    .unwrap();
+    refused(4).await;
+    // The real Ben still chats and is still Ben, once, in Ann's roster.
+    ben.chat("the real Ben");
+    ann.wait_until("the real Ben's chat", T, |s| {
+        s.chat.iter().any(|(_, t)| t == "the real Ben")
+    })
+    .await
+    .unwrap();
+    ann.state(|s| {
+        assert!(
+            !s.chat.iter().any(|(_, t)| t.contains("trust me")),
+            "{:?}",
+            s.chat
+        );
+        let bens: Vec<_> = s.roster.iter().filter(|p| p.id == ben_id).collect();
+        assert_eq!(bens.len(), 1, "{:?}", s.roster);
+        assert_eq!(bens[0].name, "Ben");
+        assert!(
+            s.roster.iter().all(|p| !p.name.starts_with("Mallory")),
+            "{:?}",
+            s.roster
+        );
+    });
+    c.close().await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
