@@ -1,0 +1,221 @@
+//! The worker's loop: wait on the socket, the waker and the earliest
+//! deadline; read every datagram into its participant's `Rtc`; apply the
+//! commands other threads sent; feed timeouts (str0m's, liveness, deferred
+//! keyframe requests); reap; and shut down.
+
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, TryRecvError};
+use mio::{Events, Poll};
+use signal::{ErrorCode, ServerMessage};
+use str0m::Input;
+use str0m::net::{Protocol, Receive};
+use tracing::{debug, info, warn};
+
+use super::handle::Cmd;
+use super::participant::guarded;
+use super::{End, Pid, Worker};
+use crate::remote::RemoteCommand;
+
+/// A participant that has not completed ICE this long after joining is
+/// removed (its browser never sent an offer, or could not reach us).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A connected participant we have heard nothing from (no STUN consent
+/// check, RTP or RTCP) for this long is gone. Browsers send consent checks
+/// every ~5 s and RTCP every second or so; str0m's own ICE-lite timeout
+/// took ~15 s (measured), too slow to free a vanished participant's tiles.
+const MEDIA_SILENCE_TIMEOUT: Duration = Duration::from_secs(8);
+
+impl Worker {
+    /// The worker thread: runs until `Cmd::Shutdown`, every handle gone, or
+    /// a failed poll.
+    pub(super) fn run(mut self, mut poll: Poll, rx: Receiver<Cmd>) {
+        let mut events = Events::with_capacity(64);
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let timeout = self
+                .next_deadline()
+                .map(|t| t.saturating_duration_since(Instant::now()));
+            if let Err(e) = poll.poll(&mut events, timeout)
+                && e.kind() != ErrorKind::Interrupted
+            {
+                warn!(error = %e, "media poll failed; worker stops");
+                break;
+            }
+            self.read_socket(&mut buf);
+            loop {
+                match rx.try_recv() {
+                    Ok(Cmd::Shutdown) | Err(TryRecvError::Disconnected) => {
+                        self.shutdown();
+                        return;
+                    }
+                    Ok(cmd) => self.command(cmd),
+                    Err(TryRecvError::Empty) => break,
+                }
+            }
+            self.drive_dirty();
+            self.timeouts(Instant::now());
+            self.drive_dirty();
+            self.reap();
+        }
+        self.shutdown();
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let peers = self.peers.values().flat_map(|p| {
+            let liveness = if p.connected {
+                p.last_heard + MEDIA_SILENCE_TIMEOUT
+            } else {
+                p.joined_at + CONNECT_TIMEOUT
+            };
+            [p.next_timeout, liveness]
+        });
+        let keyframes = self
+            .rooms
+            .values()
+            .flat_map(|r| r.tracks.values().map(|t| t.keyframes.deadline()));
+        peers.chain(keyframes.flatten()).min()
+    }
+
+    fn read_socket(&mut self, buf: &mut [u8]) {
+        loop {
+            match self.socket.recv_from(buf) {
+                Ok((n, source)) => self.datagram(source, &buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // ICMP errors from a vanished peer surface here on Linux; not fatal.
+                    debug!(error = %e, "media socket recv error");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// One datagram: routed to its participant (`demux.rs`), fed to its
+    /// `Rtc`, which is drained at once.
+    fn datagram(&mut self, source: SocketAddr, data: &[u8]) {
+        let Some(pid) = self.demux.route(source, data) else {
+            self.metrics
+                .udp_packets_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let Ok(receive) = Receive::new(Protocol::Udp, source, self.advertised, data) else {
+            self.metrics
+                .udp_packets_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let Some(peer) = self.peers.get_mut(&pid) else {
+            return;
+        };
+        let now = Instant::now();
+        peer.last_heard = now;
+        if let Some(Err(e)) = guarded(peer, |rtc| rtc.handle_input(Input::Receive(now, receive))) {
+            debug!(participant = %peer.id, error = %e, "input refused");
+        }
+        // str0m wants its output drained after every input: a second input
+        // first could overwrite what the first produced (measured: RTP
+        // packets lost when two arrived in one socket read batch).
+        self.drive_now(pid);
+    }
+
+    /// Whatever is due at `now`: liveness (connect and media-silence
+    /// deadlines), str0m timeouts, deferred keyframe requests.
+    fn timeouts(&mut self, now: Instant) {
+        let mut due = Vec::new();
+        for (pid, peer) in self.peers.iter_mut() {
+            if peer.ended.is_some() {
+                continue;
+            }
+            if !peer.connected && now >= peer.joined_at + CONNECT_TIMEOUT {
+                info!(participant = %peer.id, "ICE never connected; removing");
+                peer.ended = Some(End::Disconnected);
+                continue;
+            }
+            if peer.connected && now >= peer.last_heard + MEDIA_SILENCE_TIMEOUT {
+                info!(participant = %peer.id, "media silent; removing");
+                peer.ended = Some(End::Disconnected);
+                continue;
+            }
+            if now >= peer.next_timeout {
+                let _ = guarded(peer, |rtc| rtc.handle_input(Input::Timeout(now)));
+                due.push(*pid);
+            }
+        }
+        for pid in due {
+            self.drive_now(pid);
+        }
+        let mut requests = Vec::new();
+        for (name, room) in self.rooms.iter_mut() {
+            for t in room.tracks.values_mut() {
+                if t.keyframes.poll(now) {
+                    requests.push((name.clone(), t.id.clone(), t.origin));
+                }
+            }
+        }
+        for (room, track, origin) in requests {
+            self.send_keyframe_request(&room, &track, origin);
+        }
+    }
+
+    /// Apply one command from another thread.
+    fn command(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Join {
+                id,
+                room,
+                name,
+                events,
+            } => self.join(id, room, name, events),
+            Cmd::Participant(id, cmd) => {
+                if let Some(pid) = self.ids.get(&id).copied() {
+                    self.participant_command(pid, cmd);
+                }
+            }
+            Cmd::Leave(id) => {
+                if let Some(p) = self.ids.get(&id).and_then(|pid| self.peers.get_mut(pid)) {
+                    p.ended.get_or_insert(End::Left);
+                }
+            }
+            Cmd::Attach {
+                key,
+                room,
+                node,
+                control,
+                media,
+            } => self.attach(key, room, node, control, media),
+            Cmd::Remote(key, cmd) => {
+                if matches!(cmd, RemoteCommand::Media { .. }) {
+                    self.media_queued.fetch_sub(1, Ordering::Relaxed);
+                }
+                self.remote_command(key, cmd)
+            }
+            Cmd::Detach(key) => self.detach(key),
+            Cmd::WatchRooms(tx) => self.watch_rooms(tx),
+            Cmd::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Cmd::Shutdown => {}
+        }
+    }
+
+    fn shutdown(&mut self) {
+        let pids: Vec<Pid> = self.peers.keys().copied().collect();
+        for pid in pids {
+            if let Some(p) = self.peers.get(&pid) {
+                let _ = p.events.send(ServerMessage::Error {
+                    code: ErrorCode::ShuttingDown,
+                    message: "the server is shutting down".into(),
+                });
+            }
+            self.remove(pid, End::Left);
+        }
+        info!("media worker stopped");
+    }
+}

@@ -1,0 +1,277 @@
+//! The media worker: one thread that owns a UDP socket and whole rooms.
+//!
+//! mediasoup's model: everything about a room lives on one thread, so
+//! forwarding a packet from a publisher to its subscribers is a function call
+//! over plain data, never a channel hop. Handles on other threads
+//! ([`crate::Participant`], [`crate::Sfu`]) talk to the worker through a
+//! command channel and a [`mio::Waker`]. A second worker per core later means
+//! a second instance of [`Worker`] with its own socket and rooms.
+//!
+//! Each participant is one str0m `Rtc` in RTP mode (ICE-lite, DTLS-SRTP).
+//! The loop: wait on the socket, the waker, or the earliest str0m timeout;
+//! feed datagrams and timeouts in; drive the `Rtc`s that were touched until
+//! they report their next timeout; act on their events (forward RTP, relay
+//! keyframe requests, publish/unpublish, renegotiate).
+//!
+//! This file holds the worker's state (rooms, tracks, participants, remote
+//! links) and its construction. `impl Worker` is split by job:
+//!
+//! - [`handle`]: what other threads hold: the command channel, starting and
+//!   stopping the thread.
+//! - [`io`]: the loop: poll, socket reads, timeouts, applying commands,
+//!   shutdown.
+//! - [`participant`]: joining, driving each `Rtc` and acting on its events,
+//!   [`participant::guarded`] (the one guarded str0m call), reaping.
+//! - [`negotiation`]: browser offers and answers, server offers
+//!   (`renegotiate`), publishing and unpublishing (`media_direction`).
+//! - [`forward`]: where a packet is forwarded: `forward` (local publisher),
+//!   `remote_media` (remote track), `fan_out`, `write_to`.
+//! - [`keyframes`]: new subscriptions starting at a keyframe, keyframe
+//!   requests towards publishers.
+//! - [`rooms`]: rosters, chat, mute, status, closing a room.
+//! - [`links`]: remote links (the trunk seam): attach, detach, `RemoteCommand`s.
+
+mod forward;
+mod handle;
+mod io;
+mod keyframes;
+mod links;
+mod negotiation;
+mod participant;
+mod rooms;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use mio::net::UdpSocket;
+use signal::{DisplayName, Kind, RoomName, ServerMessage, Source};
+use str0m::Rtc;
+use str0m::change::SdpPendingOffer;
+use str0m::format::PayloadParams;
+use str0m::media::{MediaKind, Mid};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::demux::Demux;
+use crate::gop::GopCache;
+use crate::keyframe::KeyframeLimiter;
+use crate::remote::{RemoteEvent, RoomEvent};
+use crate::rewrite::Rewriter;
+use crate::{SfuConfig, SfuMetrics};
+
+pub(crate) use handle::{Commands, Handle};
+
+/// Most tracks one participant may publish (camera, microphone, screen and
+/// its audio, with room to spare). An SDP may declare far more m-lines, and
+/// each would become a track every other member is offered.
+pub const MAX_PUBLISHED_TRACKS: usize = 8;
+
+/// Worker-local participant key (cheap to copy and hash; the public id is a string).
+type Pid = u64;
+
+/// Worker-local key of an attached [`crate::RemoteLink`].
+type LinkKey = u64;
+
+/// Where a track's packets come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// A participant here, on the m-line `mid` of its PeerConnection.
+    Local { pid: Pid, mid: Mid },
+    /// Another node, through a remote link.
+    Remote { link: LinkKey },
+}
+
+/// A published track, as the room knows it. The room forwards by track;
+/// the publisher is a local participant or a remote node (the trunk seam).
+#[derive(Debug)]
+struct Track {
+    id: String,
+    /// Public id of the publishing participant.
+    participant: String,
+    origin: Origin,
+    kind: MediaKind,
+    source: Source,
+    keyframes: KeyframeLimiter,
+    /// Video: the last keyframe and what followed, replayed to a new
+    /// subscription (created with the codec, at the first packet).
+    gop: Option<GopCache>,
+    /// The codec its packets carry: given for remote tracks, learned from
+    /// the first packet for local ones (which are announced to remote
+    /// links only then).
+    codec: Option<PayloadParams>,
+}
+
+/// A participant on another node, known through a remote link.
+#[derive(Debug)]
+struct RemoteParticipant {
+    link: LinkKey,
+    name: String,
+    audio_muted: bool,
+    video_muted: bool,
+}
+
+/// A remote node's membership of a room.
+struct Link {
+    node: String,
+    control: UnboundedSender<RemoteEvent>,
+    media: tokio::sync::mpsc::Sender<RemoteEvent>,
+    /// Local track ids the remote node subscribed to.
+    subs: HashSet<String>,
+}
+
+impl Link {
+    fn tell(&self, e: RemoteEvent) {
+        let _ = self.control.send(e);
+    }
+}
+
+#[derive(Default)]
+struct Room {
+    /// Local participants. A room exists while it has at least one.
+    members: Vec<Pid>,
+    /// Track id -> track, in publication order.
+    tracks: BTreeMap<String, Track>,
+    links: BTreeMap<LinkKey, Link>,
+    /// Public id -> participant on another node.
+    remote_participants: BTreeMap<String, RemoteParticipant>,
+}
+
+impl Room {
+    fn tell_links(&self, e: RemoteEvent) {
+        for l in self.links.values() {
+            l.tell(e.clone());
+        }
+    }
+}
+
+/// One forwarded track on a subscriber's PeerConnection.
+struct Subscription {
+    mid: Mid,
+    rewriter: Rewriter,
+    /// Publisher payload type -> subscriber payload type (None: no common codec).
+    pt_map: Vec<(u8, Option<u8>)>,
+    /// Whether the subscriber has accepted the m-line (answer applied).
+    active: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Joined; waiting for the browser's first offer.
+    AwaitingOffer,
+    /// First offer/answer done; the server may renegotiate.
+    Negotiated,
+}
+
+struct Peer {
+    id: String,
+    room: RoomName,
+    name: DisplayName,
+    /// Only touched through [`participant::guarded`].
+    rtc: Rtc,
+    events: UnboundedSender<ServerMessage>,
+    phase: Phase,
+    /// The server's outstanding offer, if any (at most one).
+    pending: Option<SdpPendingOffer>,
+    /// The m-lines (mid of each, in order) of the outstanding offer: an
+    /// answer must have exactly these.
+    pending_mids: Vec<String>,
+    /// A change happened while an offer was outstanding: offer again after.
+    renegotiate: bool,
+    /// Sources the browser declared for its sending mids.
+    declared: HashMap<String, Source>,
+    /// Our mids on which the browser publishes -> room track id.
+    published: HashMap<Mid, String>,
+    /// Room track id -> how it is forwarded to this participant.
+    subs: HashMap<String, Subscription>,
+    /// Subscriber mid -> track id (for keyframe requests).
+    sub_by_mid: HashMap<Mid, String>,
+    audio_muted: bool,
+    video_muted: bool,
+    joined_at: Instant,
+    connected: bool,
+    /// When the last datagram from this participant arrived.
+    last_heard: Instant,
+    next_timeout: Instant,
+    /// Set when the session must end; the reason goes to the browser.
+    ended: Option<End>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The browser left (socket closed / `leave`): nothing to tell.
+    Left,
+    /// ICE died or never came up.
+    Disconnected,
+    /// str0m failed on this participant.
+    Failed,
+    /// A str0m call panicked on this participant (an internal bug of
+    /// str0m's, by its design): it is removed with `error internal` and
+    /// counted; the worker and everyone else go on.
+    Panicked,
+}
+
+struct Worker {
+    config: SfuConfig,
+    socket: UdpSocket,
+    advertised: SocketAddr,
+    metrics: Arc<SfuMetrics>,
+    peers: HashMap<Pid, Peer>,
+    rooms: BTreeMap<RoomName, Room>,
+    demux: Demux<Pid>,
+    /// Public id -> worker key.
+    ids: HashMap<String, Pid>,
+    next_pid: Pid,
+    next_track: u64,
+    /// Peers whose `Rtc` got input and must be polled until their next timeout.
+    dirty: HashSet<Pid>,
+    /// Attached remote link -> its room.
+    links: HashMap<LinkKey, RoomName>,
+    room_watchers: Vec<UnboundedSender<RoomEvent>>,
+    /// Remote media in the command queue (see `Commands::remote`).
+    media_queued: Arc<AtomicUsize>,
+}
+
+impl Worker {
+    /// A worker with no participants and no rooms on `socket`; browsers are
+    /// told `advertised` as its address.
+    fn new(
+        config: SfuConfig,
+        socket: UdpSocket,
+        advertised: SocketAddr,
+        metrics: Arc<SfuMetrics>,
+        media_queued: Arc<AtomicUsize>,
+    ) -> Worker {
+        Worker {
+            config,
+            socket,
+            advertised,
+            metrics,
+            peers: HashMap::new(),
+            rooms: BTreeMap::new(),
+            demux: Demux::default(),
+            next_pid: 1,
+            next_track: 1,
+            dirty: HashSet::new(),
+            ids: HashMap::new(),
+            links: HashMap::new(),
+            room_watchers: Vec::new(),
+            media_queued,
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn kind_of(k: MediaKind) -> Kind {
+    match k {
+        MediaKind::Audio => Kind::Audio,
+        MediaKind::Video => Kind::Video,
+    }
+}

@@ -1,0 +1,396 @@
+//! Negotiation, server side: the browser's offers (answered here) and
+//! answers (matched to the outstanding server offer by their m-lines,
+//! [`sdp_mids`] / [`answers`]), the server's own offers (`renegotiate`:
+//! one `sendonly` m-line per track the participant should receive), and
+//! publishing: an m-line the browser sends on becomes a room track
+//! (`media_direction`).
+
+use std::fmt::Display;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::Ordering;
+
+use signal::{ErrorCode, RoomName, ServerMessage, Source, TrackSource};
+use str0m::change::{SdpAnswer, SdpOffer};
+use str0m::media::{Direction, MediaKind, Mid};
+use tracing::{debug, info};
+
+use super::participant::guarded;
+use super::rooms::remove_track;
+use super::{MAX_PUBLISHED_TRACKS, Origin, Peer, Phase, Pid, Subscription, Track, Worker};
+use crate::SfuMetrics;
+use crate::keyframe::{KEYFRAME_INTERVAL, KeyframeLimiter};
+use crate::rewrite::Rewriter;
+
+impl Worker {
+    /// The browser's offer: answered, unless a server offer is outstanding
+    /// (glare: we are the impolite side; the browser rolls back). The first
+    /// one also brings the participant what the room already has.
+    pub(super) fn offer(&mut self, pid: Pid, sdp: String, tracks: Vec<TrackSource>) {
+        let Some(peer) = self.peers.get_mut(&pid) else {
+            return;
+        };
+        if peer.pending.is_some() {
+            // Glare: we are the impolite side; the browser rolls back.
+            debug!(participant = %peer.id, "client offer during server offer; ignored");
+            return;
+        }
+        let offer = match parse_sdp(&self.metrics, || SdpOffer::from_sdp_string(&sdp)) {
+            Ok(o) => o,
+            Err(message) => return send_error(peer, ErrorCode::InvalidSdp, message),
+        };
+        for t in tracks {
+            peer.declared.insert(t.mid, t.source);
+        }
+        match guarded(peer, |rtc| rtc.sdp_api().accept_offer(offer)) {
+            Some(Ok(answer)) => {
+                let _ = peer.events.send(ServerMessage::Answer {
+                    sdp: answer.to_sdp_string(),
+                });
+                let first = peer.phase == Phase::AwaitingOffer;
+                peer.phase = Phase::Negotiated;
+                self.dirty.insert(pid);
+                if first {
+                    // Now that we can offer, send what the room already has.
+                    self.drive_dirty();
+                    self.renegotiate(pid);
+                }
+            }
+            Some(Err(e)) => send_error(peer, ErrorCode::InvalidSdp, e.to_string()),
+            None => {} // panicked: `guarded` ended it
+        }
+    }
+
+    /// The browser's answer to the outstanding server offer: its m-lines
+    /// become active subscriptions (started at a keyframe once the
+    /// transport is up).
+    pub(super) fn answer(&mut self, pid: Pid, sdp: String) {
+        let Some(peer) = self.peers.get_mut(&pid) else {
+            return;
+        };
+        let Some(pending) = peer.pending.take() else {
+            return send_error(
+                peer,
+                ErrorCode::NoPendingOffer,
+                "no server offer is outstanding".into(),
+            );
+        };
+        let answer = match parse_sdp(&self.metrics, || SdpAnswer::from_sdp_string(&sdp)) {
+            Ok(a) => a,
+            Err(message) => {
+                peer.pending = Some(pending);
+                return send_error(peer, ErrorCode::InvalidSdp, message);
+            }
+        };
+        // An answer to an earlier offer (a client repeating itself,
+        // or one that missed an offer) must not spend the one
+        // outstanding: that made every later answer one offer
+        // behind, an endless re-offer loop (issue 7).
+        let mids = sdp_mids(&sdp);
+        if !answers(&mids, &peer.pending_mids) {
+            peer.pending = Some(pending);
+            return send_error(
+                peer,
+                ErrorCode::InvalidSdp,
+                format!(
+                    "answer does not match the outstanding offer (m-lines {mids:?}, offered {:?}); ignored",
+                    peer.pending_mids
+                ),
+            );
+        }
+        match guarded(peer, |rtc| rtc.sdp_api().accept_answer(pending, answer)) {
+            Some(Ok(())) => {
+                let mut new_video = Vec::new(); // audio too; only video needs starting
+                for (track, sub) in peer.subs.iter_mut() {
+                    if !sub.active {
+                        sub.active = true;
+                        new_video.push(track.clone());
+                    }
+                }
+                self.dirty.insert(pid);
+                // A new subscriber needs a keyframe to start decoding;
+                // one not connected yet starts at `Event::Connected`.
+                if self.peers[&pid].connected {
+                    self.start_subscriptions(pid, new_video);
+                }
+                let again = self.peers.get(&pid).is_some_and(|p| p.renegotiate);
+                if again {
+                    self.renegotiate(pid);
+                }
+            }
+            Some(Err(e)) => {
+                send_error(peer, ErrorCode::InvalidSdp, e.to_string());
+                // The offer is spent; start over with a fresh one.
+                peer.renegotiate = true;
+                self.rebuild_subscriptions(pid);
+            }
+            None => {} // panicked: `guarded` ended it
+        }
+    }
+
+    // ---- publishing -----------------------------------------------------
+
+    /// The browser's side of `mid` changed direction: it now sends (publish)
+    /// or stopped sending (unpublish).
+    pub(super) fn media_direction(&mut self, pid: Pid, mid: Mid, kind: MediaKind, dir: Direction) {
+        let Some(peer) = self.peers.get_mut(&pid) else {
+            return;
+        };
+        if peer.sub_by_mid.contains_key(&mid) {
+            return; // one of our forwarding m-lines
+        }
+        let receiving = matches!(dir, Direction::RecvOnly | Direction::SendRecv);
+        let room = peer.room.clone();
+        match (receiving, peer.published.get(&mid).cloned()) {
+            (true, None) if peer.published.len() >= MAX_PUBLISHED_TRACKS => {
+                // `invalid_sdp`, not `full`: the session goes on with the
+                // tracks it has (`full` ends a session, see SIGNALING.md).
+                return send_error(
+                    peer,
+                    ErrorCode::InvalidSdp,
+                    format!(
+                        "at most {MAX_PUBLISHED_TRACKS} published tracks per participant; m-line {mid} ignored"
+                    ),
+                );
+            }
+            (true, None) => {
+                let source = peer
+                    .declared
+                    .get(&mid.to_string())
+                    .copied()
+                    .unwrap_or(match kind {
+                        MediaKind::Audio => Source::Microphone,
+                        MediaKind::Video => Source::Camera,
+                    });
+                let track_id = format!("{}-{}", peer.id, self.next_track);
+                self.next_track += 1;
+                peer.published.insert(mid, track_id.clone());
+                info!(participant = %peer.id, track = %track_id, ?kind, ?source, "published");
+                let track = Track {
+                    id: track_id.clone(),
+                    participant: peer.id.clone(),
+                    origin: Origin::Local { pid, mid },
+                    kind,
+                    source,
+                    keyframes: KeyframeLimiter::new(KEYFRAME_INTERVAL),
+                    gop: None,
+                    codec: None,
+                };
+                if let Some(r) = self.rooms.get_mut(&room) {
+                    r.tracks.insert(track_id, track);
+                }
+            }
+            (false, Some(track_id)) => {
+                peer.published.remove(&mid);
+                info!(participant = %peer.id, track = %track_id, "unpublished");
+                if let Some(r) = self.rooms.get_mut(&room) {
+                    remove_track(r, &track_id);
+                }
+            }
+            _ => return,
+        }
+        self.update_gauges();
+        self.broadcast_roster(&room);
+        self.renegotiate_room(&room, Some(pid));
+    }
+
+    // ---- server offers ----------------------------------------------------
+
+    pub(super) fn renegotiate_room(&mut self, room: &RoomName, except: Option<Pid>) {
+        let members = self
+            .rooms
+            .get(room)
+            .map(|r| r.members.clone())
+            .unwrap_or_default();
+        for m in members {
+            if Some(m) != except {
+                self.renegotiate(m);
+            }
+        }
+    }
+
+    /// Bring the set of m-lines we send to `pid` in line with the room's
+    /// tracks: one server offer adding what is new and stopping what is gone.
+    pub(super) fn renegotiate(&mut self, pid: Pid) {
+        let Some(peer) = self.peers.get(&pid) else {
+            return;
+        };
+        if peer.phase != Phase::Negotiated || peer.ended.is_some() {
+            return;
+        }
+        let Some(room) = self.rooms.get(&peer.room) else {
+            return;
+        };
+        let gone: Vec<String> = peer
+            .subs
+            .keys()
+            .filter(|id| !room.tracks.contains_key(*id))
+            .cloned()
+            .collect();
+        let new: Vec<(String, MediaKind, String)> = room
+            .tracks
+            .iter()
+            .filter(|(id, t)| t.participant != peer.id && !peer.subs.contains_key(*id))
+            .map(|(id, t)| (id.clone(), t.kind, t.participant.clone()))
+            .collect();
+        let Some(peer) = self.peers.get_mut(&pid) else {
+            return;
+        };
+        if peer.pending.is_some() {
+            peer.renegotiate = true;
+            return;
+        }
+        peer.renegotiate = false;
+        if gone.is_empty() && new.is_empty() {
+            return;
+        }
+        let stopped: Vec<Mid> = gone
+            .iter()
+            .filter_map(|id| peer.subs.get(id).map(|sub| sub.mid))
+            .collect();
+        // Every str0m call of the change under one guard: a panic ends
+        // this participant (reaped with `error internal`), not the worker.
+        let Some((added, applied)) = guarded(peer, |rtc| {
+            let mut change = rtc.sdp_api();
+            for &mid in &stopped {
+                change.stop_media(mid);
+            }
+            let added: Vec<(String, Mid)> = new
+                .into_iter()
+                .map(|(id, kind, owner)| {
+                    let mid = change.add_media(
+                        kind,
+                        Direction::SendOnly,
+                        Some(owner),
+                        Some(id.clone()),
+                        None,
+                    );
+                    (id, mid)
+                })
+                .collect();
+            (added, change.apply())
+        }) else {
+            return;
+        };
+        for id in &gone {
+            if let Some(sub) = peer.subs.remove(id) {
+                peer.sub_by_mid.remove(&sub.mid);
+            }
+        }
+        for (id, mid) in added {
+            peer.sub_by_mid.insert(mid, id.clone());
+            peer.subs.insert(
+                id,
+                Subscription {
+                    mid,
+                    rewriter: Rewriter::default(),
+                    pt_map: Vec::new(),
+                    active: false,
+                },
+            );
+        }
+        if let Some((offer, pending)) = applied {
+            peer.pending = Some(pending);
+            let sdp = offer.to_sdp_string();
+            peer.pending_mids = sdp_mids(&sdp);
+            let _ = peer.events.send(ServerMessage::Offer { sdp });
+            self.dirty.insert(pid);
+        }
+    }
+
+    /// A server offer was refused: forget its m-lines so the next offer
+    /// adds them again.
+    fn rebuild_subscriptions(&mut self, pid: Pid) {
+        if let Some(peer) = self.peers.get_mut(&pid) {
+            let inactive: Vec<String> = peer
+                .subs
+                .iter()
+                .filter(|(_, s)| !s.active)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in inactive {
+                if let Some(s) = peer.subs.remove(&id) {
+                    peer.sub_by_mid.remove(&s.mid);
+                }
+            }
+        }
+        self.renegotiate(pid);
+    }
+}
+
+/// Parse the browser's SDP. str0m's parser panicking on hostile input is
+/// answered like any parse error (`invalid_sdp`) and counted in
+/// `SfuMetrics::media_panics`; the participant goes on. (Not a call on the
+/// participant's `Rtc`, so not [`guarded`].)
+fn parse_sdp<T, E: Display>(
+    metrics: &SfuMetrics,
+    parse: impl FnOnce() -> Result<T, E>,
+) -> Result<T, String> {
+    match catch_unwind(AssertUnwindSafe(parse)) {
+        Ok(Ok(sdp)) => Ok(sdp),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => {
+            metrics.media_panics.fetch_add(1, Ordering::Relaxed);
+            Err("unparsable SDP".into())
+        }
+    }
+}
+
+fn send_error(peer: &Peer, code: ErrorCode, message: String) {
+    let _ = peer.events.send(ServerMessage::Error { code, message });
+}
+
+/// The mid of every m-line of an SDP, in order (`""` for an m-line without
+/// one). Offer and answer must list the same (RFC 8829 §5.3.1), so this
+/// tells which offer an answer belongs to. A line scan, not a parser: str0m
+/// parses the SDP itself; this only compares.
+fn sdp_mids(sdp: &str) -> Vec<String> {
+    let mut mids: Vec<String> = Vec::new();
+    for line in sdp.lines() {
+        let line = line.trim_end();
+        if line.starts_with("m=") {
+            mids.push(String::new());
+        } else if let (Some(mid), Some(last)) = (line.strip_prefix("a=mid:"), mids.last_mut()) {
+            *last = mid.to_owned();
+        }
+    }
+    mids
+}
+
+/// Could an answer with m-lines `answer` belong to the offer with `offer`?
+/// Same number of m-lines, and each mid the answer names is the offer's
+/// there (an answer that leaves a rejected m-line without its mid is not
+/// held against it).
+fn answers(answer: &[String], offer: &[String]) -> bool {
+    answer.len() == offer.len()
+        && answer
+            .iter()
+            .zip(offer)
+            .all(|(a, o)| a.is_empty() || a == o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OFFER: &str = "v=0\r\no=- 1 2 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n\
+        m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:0\r\n\
+        m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:1\r\n\
+        m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\n";
+
+    #[test]
+    fn answers_are_matched_to_their_offer_by_m_lines() {
+        let offer = sdp_mids(OFFER);
+        assert_eq!(offer, ["0", "1", "2"]);
+        assert!(answers(&offer, &offer));
+        // A rejected m-line without its mid still answers the offer.
+        let lenient = sdp_mids(&OFFER.replace("a=mid:2\r\n", ""));
+        assert_eq!(lenient, ["0", "1", ""]);
+        assert!(answers(&lenient, &offer));
+        // The previous answer (one m-line fewer), or other mids: not this offer.
+        let stale = sdp_mids(OFFER.split("m=video").next().unwrap_or_default());
+        assert!(!answers(&stale, &offer));
+        let other = sdp_mids(&OFFER.replace("a=mid:1", "a=mid:7"));
+        assert!(!answers(&other, &offer));
+        assert!(sdp_mids("garbage\nno m-lines").is_empty());
+    }
+}
