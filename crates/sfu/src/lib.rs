@@ -198,6 +198,21 @@ impl Participant {
     }
 }
 
+#[cfg(feature = "test-hooks")]
+impl Sfu {
+    /// Test hook: the next str0m call of participant `id` panics (inside
+    /// the guard: that participant is removed with `error internal`).
+    pub fn panic_in_participant_for_test(&self, id: &str) {
+        self.inner.panic_in_participant(id);
+    }
+
+    /// Test hook: the worker loop panics outside every guard (the thread
+    /// ends; `is_running` turns false).
+    pub fn panic_worker_for_test(&self) {
+        self.inner.panic_in_worker();
+    }
+}
+
 impl Drop for Participant {
     fn drop(&mut self) {
         self.commands.leave(&self.id);

@@ -478,3 +478,93 @@ async fn a_new_subscriber_starts_at_the_cached_keyframe() {
     );
     node.shutdown().await;
 }
+
+/// A str0m panic inside one participant's call (forced by a test hook)
+/// removes that participant with `error internal`, counted; its room and a
+/// parallel room keep their media.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_str0m_panic_removes_only_that_participant() {
+    let node = node().await;
+    let mut ann = join(&node, "panic", "Ann").await;
+    ann.publish_av();
+    let victim = join(&node, "panic", "Vic").await;
+    let ben = join(&node, "panic", "Ben").await;
+    let mut cat = join(&node, "calm", "Cat").await;
+    cat.publish_av();
+    let dan = join(&node, "calm", "Dan").await;
+    let (ann_id, cat_id) = (ann.id.clone(), cat.id.clone());
+    for c in [&victim, &ben] {
+        c.wait_until("Ann's media", T, |s| has_tracks_from(s, &ann_id, 2, 10))
+            .await
+            .unwrap();
+    }
+    dan.wait_until("Cat's media", T, |s| has_tracks_from(s, &cat_id, 2, 10))
+        .await
+        .unwrap();
+
+    node.sfu().panic_in_participant_for_test(&victim.id);
+    victim
+        .wait_until("error internal, then the end", T, |s| {
+            s.ended
+                && s.errors.iter().any(|e| {
+                    matches!(
+                        e,
+                        signal::ServerMessage::Error {
+                            code: signal::ErrorCode::Internal,
+                            ..
+                        }
+                    )
+                })
+        })
+        .await
+        .unwrap();
+    let vic_id = victim.id.clone();
+    ben.wait_until("Vic gone from Ben's roster", T, |s| {
+        !s.roster.iter().any(|p| p.id == vic_id)
+    })
+    .await
+    .unwrap();
+    // Both rooms still carry media: 50 more packets each.
+    let count =
+        |s: &State, from: &str| -> usize { s.tracks_from(from).iter().map(|t| s.count(t)).sum() };
+    let (b0, d0) = (
+        ben.state(|s| count(s, &ann_id)),
+        dan.state(|s| count(s, &cat_id)),
+    );
+    ben.wait_until("Ann's media goes on", T, |s| count(s, &ann_id) >= b0 + 50)
+        .await
+        .unwrap();
+    dan.wait_until("Cat's media goes on", T, |s| count(s, &cat_id) >= d0 + 50)
+        .await
+        .unwrap();
+    let metrics = common::http_get(&node, "/metrics").await;
+    assert!(
+        metrics.contains("switchboard_media_panics_total 1\n"),
+        "{metrics}"
+    );
+    assert!(node.sfu().is_running());
+    node.shutdown().await;
+}
+
+/// A panic in the worker loop itself (outside every guard) ends the media
+/// plane: the node reports it (`media_failed`, which the binary turns into
+/// a non-zero exit) and `/readyz` answers 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_panic_marks_the_node_failed_and_not_ready() {
+    let node = node().await;
+    let _ann = join(&node, "doomed", "Ann").await;
+    assert!(common::http_get(&node, "/readyz").await.contains("ready"));
+    node.sfu().panic_worker_for_test();
+    tokio::time::timeout(T, node.media_failed())
+        .await
+        .expect("the node notices its media worker is gone");
+    assert!(!node.sfu().is_running());
+    let readyz = common::http_get(&node, "/readyz").await;
+    assert!(!readyz.contains("ready"), "{readyz}");
+    let metrics = common::http_get(&node, "/metrics").await;
+    assert!(
+        metrics.contains("switchboard_media_worker_up 0\n"),
+        "{metrics}"
+    );
+    node.shutdown().await;
+}

@@ -47,6 +47,11 @@ pub(super) enum Cmd {
     WatchRooms(UnboundedSender<RoomEvent>),
     Status(tokio::sync::oneshot::Sender<Vec<RoomStatus>>),
     Shutdown,
+    /// Test hooks (feature `test-hooks`).
+    #[cfg(feature = "test-hooks")]
+    PanicInParticipant(String),
+    #[cfg(feature = "test-hooks")]
+    PanicInWorker,
 }
 
 /// Sends commands to the worker and wakes it.
@@ -67,6 +72,14 @@ impl Commands {
     }
     pub(crate) fn participant(&self, id: &str, cmd: ParticipantCommand) {
         let _ = self.send(Cmd::Participant(id.to_owned(), cmd));
+    }
+    #[cfg(feature = "test-hooks")]
+    pub(crate) fn panic_in_participant(&self, id: &str) {
+        let _ = self.send(Cmd::PanicInParticipant(id.to_owned()));
+    }
+    #[cfg(feature = "test-hooks")]
+    pub(crate) fn panic_in_worker(&self) {
+        let _ = self.send(Cmd::PanicInWorker);
     }
     pub(crate) fn leave(&self, id: &str) {
         let _ = self.send(Cmd::Leave(id.to_owned()));
@@ -206,6 +219,15 @@ impl Handle {
         self.commands.send(Cmd::Status(tx))?;
         rx.await.map_err(|_| SfuError::Stopped)
     }
+    #[cfg(feature = "test-hooks")]
+    pub(crate) fn panic_in_worker(&self) {
+        self.commands.panic_in_worker();
+    }
+    #[cfg(feature = "test-hooks")]
+    pub(crate) fn panic_in_participant(&self, id: &str) {
+        self.commands.panic_in_participant(id);
+    }
+
     /// Stop the worker (every participant is told `shutting_down`) and wait
     /// for its thread. Idempotent.
     pub(crate) fn stop(&self) {

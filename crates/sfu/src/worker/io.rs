@@ -202,6 +202,14 @@ impl Worker {
                 let _ = reply.send(self.status());
             }
             Cmd::Shutdown => {}
+            #[cfg(feature = "test-hooks")]
+            Cmd::PanicInParticipant(id) => {
+                if let Some(p) = self.ids.get(&id).and_then(|pid| self.peers.get_mut(pid)) {
+                    p.panic_next = true;
+                }
+            }
+            #[cfg(feature = "test-hooks")]
+            Cmd::PanicInWorker => panic!("test hook: the worker loop panics"),
         }
     }
 

@@ -196,6 +196,9 @@ struct Peer {
     next_timeout: Instant,
     /// Set when the session must end; the reason goes to the browser.
     ended: Option<End>,
+    /// Test hook: the next guarded str0m call panics.
+    #[cfg(feature = "test-hooks")]
+    panic_next: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

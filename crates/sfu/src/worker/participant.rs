@@ -25,8 +25,17 @@ use crate::remote::{RemoteEvent, RoomEvent};
 /// and counted in `SfuMetrics::media_panics`, see `Worker::remove`) and the
 /// answer is `None`.
 pub(super) fn guarded<R>(peer: &mut Peer, f: impl FnOnce(&mut Rtc) -> R) -> Option<R> {
+    #[cfg(feature = "test-hooks")]
+    let boom = std::mem::take(&mut peer.panic_next);
+    #[cfg(not(feature = "test-hooks"))]
+    let boom = false;
     let rtc = &mut peer.rtc;
-    match catch_unwind(AssertUnwindSafe(|| f(rtc))) {
+    match catch_unwind(AssertUnwindSafe(|| {
+        if boom {
+            panic!("test hook: a str0m call panics");
+        }
+        f(rtc)
+    })) {
         Ok(r) => Some(r),
         Err(_) => {
             warn!(participant = %peer.id, "str0m panicked; dropping participant");
@@ -107,6 +116,8 @@ impl Worker {
                 last_heard: now,
                 next_timeout: now,
                 ended: None,
+                #[cfg(feature = "test-hooks")]
+                panic_next: false,
             },
         );
         if !self.rooms.contains_key(&room) {
