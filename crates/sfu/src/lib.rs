@@ -43,6 +43,9 @@ pub struct SfuConfig {
     pub public_ip: Option<IpAddr>,
     /// Most participants in one room on this node.
     pub max_participants_per_room: usize,
+    /// Most rooms open on this node at once (a join that would open one
+    /// more gets `error full`).
+    pub max_rooms: usize,
 }
 
 impl Default for SfuConfig {
@@ -52,6 +55,7 @@ impl Default for SfuConfig {
             media_port: 0,
             public_ip: None,
             max_participants_per_room: 100,
+            max_rooms: 1000,
         }
     }
 }

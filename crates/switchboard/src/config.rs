@@ -24,6 +24,9 @@ const DEFAULT_MAX_PARTICIPANTS_PER_ROOM: usize = 100;
 /// Signaling sockets open at once: each holds a task and, once joined, a
 /// str0m `Rtc`; 2,000 is well above what one worker thread forwards.
 const DEFAULT_MAX_CONNECTIONS: usize = 2000;
+/// Rooms open on this node at once: each costs a little state here and a
+/// room link per peer on the trunk.
+const DEFAULT_MAX_ROOMS: usize = 1000;
 /// A browser offers once per publish change (camera, screen share, mute
 /// does not renegotiate): 60 a minute is far above any real use.
 const DEFAULT_MAX_OFFERS_PER_MINUTE: u32 = 60;
@@ -123,6 +126,15 @@ pub struct Config {
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
     )]
     pub max_connections: usize,
+    /// Most rooms open on this node at once; a join that would open one more
+    /// gets `error full` and is closed.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_ROOMS",
+        default_value_t = DEFAULT_MAX_ROOMS,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
+    pub max_rooms: usize,
     /// Most SDP offers one participant may send per minute (a burst of a
     /// quarter of it at once); more get `error rate_limited` and are ignored.
     #[arg(
@@ -230,6 +242,7 @@ impl Default for Config {
             public_ip: None,
             max_participants_per_room: DEFAULT_MAX_PARTICIPANTS_PER_ROOM,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_rooms: DEFAULT_MAX_ROOMS,
             max_offers_per_minute: DEFAULT_MAX_OFFERS_PER_MINUTE,
             max_queued_messages: DEFAULT_MAX_QUEUED_MESSAGES,
             join_timeout_secs: DEFAULT_JOIN_TIMEOUT_SECS,
@@ -257,6 +270,7 @@ pub struct FileConfig {
     pub public_ip: Option<IpAddr>,
     pub max_participants_per_room: Option<usize>,
     pub max_connections: Option<usize>,
+    pub max_rooms: Option<usize>,
     pub max_offers_per_minute: Option<u32>,
     pub max_queued_messages: Option<usize>,
     pub join_timeout_secs: Option<u64>,
@@ -338,6 +352,9 @@ impl Config {
         }
         if let Some(v) = file.max_connections.filter(|_| unset("max_connections")) {
             self.max_connections = v.max(1);
+        }
+        if let Some(v) = file.max_rooms.filter(|_| unset("max_rooms")) {
+            self.max_rooms = v.max(1);
         }
         if let Some(v) = file
             .max_offers_per_minute

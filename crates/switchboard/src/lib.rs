@@ -63,6 +63,7 @@ impl Node {
             media_port: config.media_port,
             public_ip: config.public_ip,
             max_participants_per_room: config.max_participants_per_room,
+            max_rooms: config.max_rooms,
         })
         .context("starting the media plane")?;
         let listener = tokio::net::TcpListener::bind((config.bind, config.http_port))

@@ -726,3 +726,36 @@ async fn a_client_that_does_not_read_is_cut_not_queued_for() {
     drop(stuck);
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_join_that_would_open_a_room_beyond_the_limit_gets_full() {
+    let node = Node::start(Config {
+        http_port: 0,
+        media_port: 0,
+        max_rooms: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut one = joined(&node, "room-1", "One").await;
+    let _two = joined(&node, "room-2", "Two").await;
+    let mut three = ws(&node).await;
+    send(
+        &mut three,
+        json!({"type":"join","room":"room-3","name":"Three"}),
+    )
+    .await;
+    let e = expect_error(&mut three, "full").await;
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("maximum of 2 rooms"),
+        "{e}"
+    );
+    assert_eq!(recv(&mut three).await, None, "closed after full");
+    // An open room still takes people; the node keeps serving.
+    let _four = joined(&node, "room-1", "Four").await;
+    still_served(&mut one).await;
+    node.shutdown().await;
+}

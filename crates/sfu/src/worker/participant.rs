@@ -64,6 +64,16 @@ impl Worker {
             });
             return; // dropping `events` ends the session
         }
+        if !self.rooms.contains_key(&room) && self.rooms.len() >= self.config.max_rooms {
+            let _ = events.send(ServerMessage::Error {
+                code: ErrorCode::Full,
+                message: format!(
+                    "this node has its maximum of {} rooms; try another room or later",
+                    self.config.max_rooms
+                ),
+            });
+            return;
+        }
         let now = Instant::now();
         let mut rtc = Rtc::builder()
             .set_ice_lite(true)
