@@ -387,3 +387,42 @@ async fn a_node_cannot_speak_for_another_nodes_participants() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A participant on another node leaving with audio and video costs the
+/// subscribers here one server offer, as on a single node (it was one per
+/// track: two track removals crossing the trunk).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_participant_leaving_costs_one_offer() {
+    let a = node(1, SECRET, &[]).await;
+    let b = node(2, SECRET, &[&a]).await;
+    let mut ann = join(&a, "bye", "Ann").await;
+    ann.publish_av();
+    let ben = join(&b, "bye", "Ben").await;
+    let ann_id = ann.id.clone();
+    ben.wait_until("Ann's media", T, |s| has_tracks_from(s, &ann_id, 2, 10))
+        .await
+        .unwrap();
+    // Settled: no offer outstanding.
+    let before = ben.state(|s| s.offers_received);
+    drop(ann);
+    ben.wait_until("Ann gone", T, |s| !s.roster.iter().any(|p| p.id == ann_id))
+        .await
+        .unwrap();
+    ben.wait_until("an offer removing Ann's tracks", T, |s| {
+        s.offers_received > before
+    })
+    .await
+    .unwrap();
+    // A second offer would follow Ben's answer to the first; his chat goes
+    // after that answer on the same socket, so once his own line is back
+    // any second offer has arrived.
+    ben.chat("still here");
+    ben.wait_until("own chat back", T, |s| {
+        s.chat.iter().any(|(_, t)| t == "still here")
+    })
+    .await
+    .unwrap();
+    assert_eq!(ben.state(|s| s.offers_received), before + 1);
+    a.shutdown().await;
+    b.shutdown().await;
+}

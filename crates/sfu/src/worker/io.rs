@@ -57,10 +57,12 @@ impl Worker {
                     Err(TryRecvError::Empty) => break,
                 }
             }
+            self.flush_renegotiations();
             self.drive_dirty();
             self.timeouts(Instant::now());
-            self.drive_dirty();
             self.reap();
+            self.flush_renegotiations();
+            self.drive_dirty();
         }
         self.shutdown();
     }

@@ -229,6 +229,10 @@ struct Worker {
     next_track: u64,
     /// Peers whose `Rtc` got input and must be polled until their next timeout.
     dirty: HashSet<Pid>,
+    /// Participants whose m-lines must follow their room's tracks: offered
+    /// once per loop turn (`flush_renegotiations`), so a remote participant
+    /// leaving with audio and video (two track removals) costs one offer.
+    renegotiate_soon: std::collections::BTreeSet<Pid>,
     /// Attached remote link -> its room.
     links: HashMap<LinkKey, RoomName>,
     room_watchers: Vec<UnboundedSender<RoomEvent>>,
@@ -257,6 +261,7 @@ impl Worker {
             next_pid: 1,
             next_track: 1,
             dirty: HashSet::new(),
+            renegotiate_soon: Default::default(),
             ids: HashMap::new(),
             links: HashMap::new(),
             room_watchers: Vec::new(),

@@ -196,16 +196,19 @@ impl Worker {
 
     // ---- server offers ----------------------------------------------------
 
+    /// Every member but `except` will get an offer for the room's changed
+    /// tracks, at the end of this loop turn (see `renegotiate_soon`).
     pub(super) fn renegotiate_room(&mut self, room: &RoomName, except: Option<Pid>) {
-        let members = self
-            .rooms
-            .get(room)
-            .map(|r| r.members.clone())
-            .unwrap_or_default();
-        for m in members {
-            if Some(m) != except {
-                self.renegotiate(m);
-            }
+        if let Some(r) = self.rooms.get(room) {
+            self.renegotiate_soon
+                .extend(r.members.iter().filter(|m| Some(**m) != except));
+        }
+    }
+
+    /// The offers `renegotiate_room` put off.
+    pub(super) fn flush_renegotiations(&mut self) {
+        for pid in std::mem::take(&mut self.renegotiate_soon) {
+            self.renegotiate(pid);
         }
     }
 
