@@ -2,7 +2,7 @@
 //!
 //! [`proto`] is the whole protocol as a sans-IO state machine: no sockets, no
 //! async runtime and no clock. The driver feeds it bytes and time and executes
-//! what it asks for; that is what lets `tests/sim.rs` run thousands of
+//! what it asks for; that is what lets `tests/sim/` run thousands of
 //! deterministic multi-node schedules per second.
 
 pub mod proto;
