@@ -568,3 +568,38 @@ async fn a_worker_panic_marks_the_node_failed_and_not_ready() {
     );
     node.shutdown().await;
 }
+
+/// A client that offers its own `recvonly` m-lines (aiortc-style) gets them
+/// answered `inactive`, not `sendonly` with an msid matching nothing, and
+/// receives the room's media on the m-lines the server offers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_recvonly_m_lines_are_answered_inactive() {
+    use testkit::MediaKind;
+    let node = node().await;
+    let mut ann = join(&node, "recv", "Ann").await;
+    ann.publish_av();
+    let ben = join(&node, "recv", "Ben").await;
+    ben.offer_recvonly(MediaKind::Audio);
+    ben.offer_recvonly(MediaKind::Video);
+    let ann_id = ann.id.clone();
+    ben.wait_until("an answer to the recvonly offer, and Ann's media", T, |s| {
+        s.answers.len() >= 2 && has_tracks_from(s, &ann_id, 2, 20)
+    })
+    .await
+    .unwrap();
+    ben.state(|s| {
+        let last = s.answers.last().unwrap();
+        let sections: Vec<&str> = last.split("m=").skip(1).collect();
+        assert!(sections.len() >= 2, "{last}");
+        for m in &sections {
+            assert!(
+                !m.contains("a=sendonly"),
+                "nothing is sent on a client's m-line: {m}"
+            );
+        }
+        let inactive = sections.iter().filter(|m| m.contains("a=inactive")).count();
+        assert!(inactive >= 2, "the two recvonly m-lines: {last}");
+        assert_contiguous("Ben", s);
+    });
+    node.shutdown().await;
+}

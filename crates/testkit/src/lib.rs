@@ -118,6 +118,8 @@ pub struct State {
     pub connected: bool,
     pub ended: bool,
     pub offers_received: usize,
+    /// Every answer the server sent to our offers (SDP text).
+    pub answers: Vec<String>,
     /// RTP packets that could not be attributed to a remote track, or whose
     /// payload was not intact.
     pub unmapped: u64,
@@ -159,6 +161,7 @@ enum Cmd {
     Vanish,
     RequestKeyframe(String),
     StaleAnswerOnce,
+    OfferRecvOnly(MediaKind),
 }
 
 /// Handle to a running test participant.
@@ -221,6 +224,7 @@ impl Client {
             dirty: true,
             last_answer: None,
             stale_answer: false,
+            recvonly: Vec::new(),
         };
         tokio::spawn(driver.run(transport.rx, crx));
         Ok(Client {
@@ -344,6 +348,13 @@ impl Client {
         let _ = self.cmd.send(Cmd::StaleAnswerOnce);
     }
 
+    /// Offer a `recvonly` m-line of `kind` in the next offer, as clients
+    /// that receive through their own transceivers do (aiortc's
+    /// `addTransceiver(kind, direction="recvonly")`).
+    pub fn offer_recvonly(&self, kind: MediaKind) {
+        let _ = self.cmd.send(Cmd::OfferRecvOnly(kind));
+    }
+
     /// Read the recorded state.
     pub fn state<R>(&self, f: impl FnOnce(&State) -> R) -> R {
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -409,6 +420,8 @@ struct Driver {
     /// The last answer sent, and whether to repeat it before the next one.
     last_answer: Option<String>,
     stale_answer: bool,
+    /// `recvonly` m-lines to add to the next offer.
+    recvonly: Vec<MediaKind>,
 }
 
 impl Driver {
@@ -546,6 +559,7 @@ impl Driver {
     fn signal(&mut self, m: ServerMessage) {
         match m {
             ServerMessage::Answer { sdp } => {
+                self.with_state(|s| s.answers.push(sdp.clone()));
                 let (Some(pending), Ok(answer)) =
                     (self.pending.take(), SdpAnswer::from_sdp_string(&sdp))
                 else {
@@ -632,6 +646,10 @@ impl Driver {
             }
             Cmd::Vanish => self.socket = None,
             Cmd::StaleAnswerOnce => self.stale_answer = true,
+            Cmd::OfferRecvOnly(kind) => {
+                self.recvonly.push(kind);
+                self.dirty = true;
+            }
             Cmd::RequestKeyframe(track) => {
                 let mid = self
                     .remote
@@ -657,6 +675,9 @@ impl Driver {
             change.add_channel("sb".into());
         }
         let mut tracks = Vec::new();
+        for kind in self.recvonly.drain(..) {
+            change.add_media(kind, Direction::RecvOnly, None, None, None);
+        }
         for p in self.pubs.iter_mut() {
             match (p.active, p.mid) {
                 (true, None) => {

@@ -35,6 +35,8 @@ impl Worker {
             return;
         }
         let sdp = without_simulcast(&sdp);
+        let ours = |mid: &str| peer.sub_by_mid.keys().any(|m| m.to_string() == mid);
+        let sdp = unknown_recvonly_inactive(&sdp, ours).into_owned();
         let offer = match parse_sdp(&self.metrics, || SdpOffer::from_sdp_string(&sdp)) {
             Ok(o) => o,
             Err(message) => return send_error(peer, ErrorCode::InvalidSdp, message),
@@ -361,6 +363,49 @@ fn without_simulcast(sdp: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// The offer with every `recvonly` m-line that is not one of our
+/// forwarding m-lines (`ours(mid)`) made `inactive`. A client that offers
+/// to receive (aiortc's `addTransceiver("video", direction="recvonly")`)
+/// got those m-lines answered `sendonly` with an msid that matched no
+/// track, and nothing ever came on them: media comes on the m-lines the
+/// server offers, one per track, so those are answered `inactive` instead
+/// (the client sees at once that nothing will arrive there). The browser's
+/// own re-offers list our m-lines as `recvonly` too: those are left alone.
+fn unknown_recvonly_inactive<'a>(
+    sdp: &'a str,
+    ours: impl Fn(&str) -> bool,
+) -> std::borrow::Cow<'a, str> {
+    if !sdp.lines().any(|l| l.trim_end() == "a=recvonly") {
+        return std::borrow::Cow::Borrowed(sdp);
+    }
+    let mut out = String::with_capacity(sdp.len());
+    // One m-section at a time: its mid may come after its direction.
+    let mut section: Vec<&str> = Vec::new();
+    let flush = |section: &mut Vec<&str>, out: &mut String| {
+        let mid = section
+            .iter()
+            .find_map(|l| l.trim_end().strip_prefix("a=mid:"));
+        let foreign =
+            section.first().is_some_and(|l| l.starts_with("m=")) && !mid.is_some_and(&ours);
+        for line in section.drain(..) {
+            if foreign && line.trim_end() == "a=recvonly" {
+                out.push_str("a=inactive");
+                out.push_str(&line[line.trim_end().len()..]);
+            } else {
+                out.push_str(line);
+            }
+        }
+    };
+    for line in sdp.split_inclusive('\n') {
+        if line.starts_with("m=") {
+            flush(&mut section, &mut out);
+        }
+        section.push(line);
+    }
+    flush(&mut section, &mut out);
+    std::borrow::Cow::Owned(out)
+}
+
 fn send_error(peer: &Peer, code: ErrorCode, message: String) {
     let _ = peer.events.send(ServerMessage::Error { code, message });
 }
@@ -433,6 +478,27 @@ mod tests {
         let plain = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\n";
         assert!(matches!(
             without_simulcast(plain),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
+
+    #[test]
+    fn a_clients_own_recvonly_m_lines_become_inactive_ours_stay() {
+        let offer = "v=0\r\n\
+                     m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=recvonly\r\na=mid:0\r\n\
+                     m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:3\r\na=recvonly\r\n\
+                     m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:1\r\na=sendonly\r\n";
+        let out = unknown_recvonly_inactive(offer, |mid| mid == "3");
+        assert_eq!(
+            out,
+            "v=0\r\n\
+             m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=inactive\r\na=mid:0\r\n\
+             m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:3\r\na=recvonly\r\n\
+             m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:1\r\na=sendonly\r\n"
+        );
+        let plain = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=sendrecv\r\n";
+        assert!(matches!(
+            unknown_recvonly_inactive(plain, |_| false),
             std::borrow::Cow::Borrowed(_)
         ));
     }
