@@ -298,6 +298,11 @@ pub(crate) fn render(
                 tm.stale_drops,
             ),
             (
+                "switchboard_trunk_open_floods",
+                "Trunks cut because the peer re-opened rooms too fast or opened too many",
+                tm.open_floods,
+            ),
+            (
                 "switchboard_trunk_unknown_wire_drops",
                 "Trunk datagrams or messages for an unknown wire id",
                 tm.unknown_wire_drops,

@@ -555,3 +555,49 @@ fn data_is_relayed_in_order() {
             .is_err()
     );
 }
+
+#[test]
+fn a_peer_re_opening_rooms_too_fast_or_opening_too_many_is_cut() {
+    use trunk::proto::Generation;
+    let mut net = Net::new(vec![cfg(1), cfg(2)]);
+    net.dial(0, 1, 1);
+    net.run();
+    populate(&mut net, 0);
+    net.run();
+    let open = |room: &str, g: u64| {
+        let f = wire::encode_frame(&Message::Open {
+            room: RoomName::new(room).expect("valid"),
+            generation: Generation(g),
+        })
+        .expect("encodes");
+        f[wire::LEN_PREFIX..].to_vec()
+    };
+    // The peer opens the room, then ten new lifetimes of it at once pass
+    // (a burst); the eleventh within the same second cuts the trunk.
+    for g in 0..=10 {
+        net.nodes[0].handle_frame(ConnId(1), &open("standup", 1000 + g), net.now);
+        net.run();
+        assert!(up(&net, 0, 1), "re-open {g} is within the budget");
+    }
+    net.nodes[0].handle_frame(ConnId(1), &open("standup", 2000), net.now);
+    net.run();
+    assert!(!up(&net, 0, 1));
+    assert!(net.closes[0].contains(&(ConnId(1), CloseCode::ProtocolError)));
+    assert_eq!(net.nodes[0].metrics().open_floods, 1);
+
+    // Too many rooms open towards us: cut likewise.
+    let mut c = cfg(1);
+    c.max_remote_rooms = 3;
+    let mut net = Net::new(vec![c, cfg(2)]);
+    net.dial(0, 1, 1);
+    net.run();
+    for (i, room) in ["a", "b", "c"].into_iter().enumerate() {
+        net.nodes[0].handle_frame(ConnId(1), &open(room, i as u64), net.now);
+        net.run();
+        assert!(up(&net, 0, 1));
+    }
+    net.nodes[0].handle_frame(ConnId(1), &open("d", 9), net.now);
+    net.run();
+    assert!(!up(&net, 0, 1));
+    assert_eq!(net.nodes[0].metrics().open_floods, 1);
+}

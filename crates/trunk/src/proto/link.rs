@@ -61,6 +61,8 @@ pub(crate) struct Peer {
     pub clock: ClockOffset,
     /// Retransmissions it may still ask of us (token bucket).
     pub retransmit_budget: Budget,
+    /// Room re-`Open`s it may still send (`Config::max_reopens_per_sec`).
+    pub reopen_budget: Budget,
     pub stats: PeerMediaStats,
     pub dial: DialState,
     pub attempts: u32,
@@ -78,6 +80,7 @@ impl Peer {
             wires: HashMap::new(),
             clock: ClockOffset::default(),
             retransmit_budget: Budget::default(),
+            reopen_budget: Budget::default(),
             stats: PeerMediaStats::default(),
             dial: DialState::Idle,
             attempts: 0,

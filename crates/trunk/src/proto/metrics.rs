@@ -11,6 +11,9 @@ pub struct Metrics {
     pub datagrams_out: u64,
     /// Room-scoped messages for a generation (or room) that is not current here.
     pub stale_drops: u64,
+    /// Trunks cut because the peer re-opened rooms too fast or opened too
+    /// many (`Config::max_reopens_per_sec`, `max_remote_rooms`).
+    pub open_floods: u64,
     /// Datagrams or messages naming a wire id we do not know.
     pub unknown_wire_drops: u64,
     /// Frames that failed to decode or broke the protocol (trunk closed).

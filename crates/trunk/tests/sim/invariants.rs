@@ -158,6 +158,17 @@ impl Sim {
 
     /// Invariants 1, 2 and 4 on a settled cluster; returns the first violation.
     pub(crate) fn check_settled(&mut self) {
+        // Honest peers, however fast they join and leave, are never cut as
+        // flooders (`max_reopens_per_sec`, `max_remote_rooms`).
+        for (i, n) in self.nodes.iter().enumerate() {
+            let floods = n.node.metrics().open_floods;
+            if floods > 0 {
+                return self.fail(format!(
+                    "convergence: node {} cut an honest peer {floods} time(s) for re-opening rooms",
+                    i + 1
+                ));
+            }
+        }
         let snaps: Vec<_> = self.nodes.iter().map(|n| n.node.snapshot()).collect();
         for (a, sa) in snaps.iter().enumerate() {
             let na = &self.nodes[a];

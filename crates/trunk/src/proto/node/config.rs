@@ -23,6 +23,15 @@ pub struct Config {
     pub keyframe_interval: Duration,
     /// Loss repair and the lateness bound for media (see `repair.rs`).
     pub repair: RepairConfig,
+    /// Most times per second (and at once) a peer may re-`Open` a room
+    /// with a new generation. Each one tears the room link down and up,
+    /// which renegotiates every local browser in the room; a legitimate
+    /// peer does it when its room empties and fills again. A peer over
+    /// this is cut (protocol error) and redials with backoff.
+    pub max_reopens_per_sec: u32,
+    /// Most rooms one peer may have open towards us (its interest set is
+    /// kept per room even where we have none open): past it, cut likewise.
+    pub max_remote_rooms: usize,
     /// Test-only switches that plant known bugs (see `tests/sim/`).
     #[cfg(feature = "planted-bugs")]
     pub bugs: PlantedBugs,
@@ -42,6 +51,8 @@ impl Config {
             // window here delayed a new cross-node subscriber's first frame.
             keyframe_interval: Duration::from_millis(100),
             repair: RepairConfig::default(),
+            max_reopens_per_sec: 10,
+            max_remote_rooms: 10_000,
             #[cfg(feature = "planted-bugs")]
             bugs: PlantedBugs::default(),
         }

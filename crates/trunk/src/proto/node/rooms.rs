@@ -10,7 +10,7 @@ use super::{Event, KfKey, Node, send};
 use crate::proto::directory::{RemoteRoom, RemoteTrack, WireIn};
 use crate::proto::ratelimit::RateLimiter;
 use crate::proto::time::Time;
-use crate::proto::types::{ConnId, Gens, Layer, NodeId, RoomName, WireId};
+use crate::proto::types::{CloseCode, ConnId, Gens, Layer, NodeId, RoomName, WireId};
 use crate::proto::wire::Message;
 use std::collections::BTreeSet;
 
@@ -178,11 +178,27 @@ impl Node {
                 let Some(peer) = self.peers.get_mut(&node) else {
                     return;
                 };
-                if peer
+                let replacing = peer
                     .remote_open
                     .get(&room)
-                    .is_some_and(|g| *g != generation)
-                {
+                    .is_some_and(|g| *g != generation);
+                let new_room = !peer.remote_open.contains_key(&room);
+                let flood = (replacing
+                    && !peer
+                        .reopen_budget
+                        .take(now, self.config.max_reopens_per_sec))
+                    || (new_room && peer.remote_open.len() >= self.config.max_remote_rooms);
+                if flood {
+                    self.metrics.open_floods += 1;
+                    self.drop_conn(
+                        conn,
+                        Some(CloseCode::ProtocolError),
+                        CloseCode::ProtocolError,
+                        now,
+                    );
+                    return;
+                }
+                if replacing {
                     // A new lifetime replaces the old one.
                     self.room_link_down(node, &room);
                 }
