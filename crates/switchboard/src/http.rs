@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{Path, State, WebSocketUpgrade};
@@ -125,8 +126,27 @@ async fn trunks(state: &AppState) -> serde_json::Value {
         .collect()
 }
 
+/// How long `/api/status` reuses the rooms the media worker last listed.
+/// Building them walks every room and roster on the worker thread, the one
+/// that forwards media: without this, a client polling status in a loop
+/// takes worker time from every call on the node.
+const STATUS_REUSE: Duration = Duration::from_millis(250);
+
 async fn status(State(state): State<Arc<AppState>>) -> Response {
-    let rooms = state.sfu.status().await.unwrap_or_default();
+    let rooms = {
+        // Held across the worker call: concurrent requests wait for one
+        // listing and share it.
+        let mut cache = state.status_cache.lock().await;
+        match &*cache {
+            Some((at, rooms)) if at.elapsed() < STATUS_REUSE => rooms.clone(),
+            _ => {
+                let rooms = state.sfu.status().await.unwrap_or_default();
+                state.status_builds.fetch_add(1, Ordering::Relaxed);
+                *cache = Some((Instant::now(), rooms.clone()));
+                rooms
+            }
+        }
+    };
     let body = json!({
         "node": {
             "version": env!("CARGO_PKG_VERSION"),

@@ -42,6 +42,10 @@ pub(crate) struct AppState {
     pub http_addr: SocketAddr,
     /// The trunk side, if this node is in a cluster.
     pub cluster: Option<cluster::Cluster>,
+    /// `/api/status`'s last room listing (see `http::STATUS_REUSE`), and
+    /// how many listings the worker was asked for.
+    pub status_cache: tokio::sync::Mutex<Option<(Instant, Vec<sfu::RoomStatus>)>>,
+    pub status_builds: AtomicU64,
 }
 
 /// A running node.
@@ -87,6 +91,8 @@ impl Node {
             config,
             http_addr,
             cluster,
+            status_cache: tokio::sync::Mutex::new(None),
+            status_builds: AtomicU64::new(0),
         });
         let app = http::router(state.clone());
         let (http_stop, mut stop) = watch::channel(false);

@@ -198,6 +198,11 @@ pub(crate) fn render(
                 g(&m.gop_replayed_packets),
             ),
             (
+                "switchboard_status_builds",
+                "Room listings /api/status asked of the media worker (requests within 250 ms share one)",
+                state.status_builds.load(Ordering::Relaxed),
+            ),
+            (
                 "switchboard_participants_reaped",
                 "Participants removed because their media died",
                 g(&m.participants_reaped),

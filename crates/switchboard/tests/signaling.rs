@@ -759,3 +759,36 @@ async fn a_join_that_would_open_a_room_beyond_the_limit_gets_full() {
     still_served(&mut one).await;
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_storm_costs_the_media_worker_a_few_listings() {
+    let node = node().await;
+    let _w = joined(&node, "watched", "Wanda").await;
+    let started = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let addr = node.http_addr();
+        tasks.push(tokio::spawn(
+            async move { get_addr(addr, "/api/status").await },
+        ));
+    }
+    for t in tasks {
+        let (s, _, body) = t.await.unwrap();
+        assert_eq!(s, 200);
+        assert!(body.contains("Wanda"), "{body}");
+    }
+    let elapsed = started.elapsed();
+    let (_, _, m) = get(&node, "/metrics").await;
+    let builds: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("switchboard_status_builds_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the counter is exported");
+    // One listing per 250 ms at most, however many requests.
+    let bound = 1 + (elapsed.as_millis() / 250) as u64 + 1;
+    assert!(
+        builds <= bound,
+        "{builds} listings for 200 requests in {elapsed:?}"
+    );
+    node.shutdown().await;
+}
