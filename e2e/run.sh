@@ -3,6 +3,7 @@
 # firefox-esr, npm playwright-core and puppeteer-core), builds the node, and
 # runs these suites against real nodes on free ports:
 #   tests/call.test.mjs      two Chromium pages, node on 127.0.0.1
+#   tests/simulcast.test.mjs a simulcast publisher gets one layer, fully decoded
 #   tests/cluster.test.mjs   a page on each of three clustered nodes (trunks)
 #   tests/trunk-loss.test.mjs two clustered nodes whose trunk crosses the UDP
 #                            impairment proxy (switchboard-impair, 3 % loss)
@@ -80,7 +81,7 @@ stop_node() {
 
 start_node artifacts/switchboard.log env --
 echo "== node at $NODE_URL"
-SB_URL="$NODE_URL" node --test --test-concurrency=1 tests/call.test.mjs
+SB_URL="$NODE_URL" node --test --test-concurrency=1 tests/call.test.mjs tests/simulcast.test.mjs
 stop_node "$NODE_PID"
 
 # Three clustered nodes on loopback: B dials A's trunk, C dials A's and B's.
