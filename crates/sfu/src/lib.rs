@@ -29,6 +29,8 @@ pub use remote::{
     RemoteLink, RemoteSender, RoomEvent, TrackDescription,
 };
 pub use worker::MAX_PUBLISHED_TRACKS;
+#[doc(hidden)]
+pub use worker::sdp_round_for_fuzzing;
 
 /// Media-plane configuration.
 #[derive(Debug, Clone)]

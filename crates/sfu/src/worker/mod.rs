@@ -62,6 +62,8 @@ use crate::rewrite::Rewriter;
 use crate::{SfuConfig, SfuMetrics};
 
 pub(crate) use handle::{Commands, Handle};
+#[doc(hidden)]
+pub use negotiation::sdp_round_for_fuzzing;
 
 /// Most tracks one participant may publish (camera, microphone, screen and
 /// its audio, with room to spare). An SDP may declare far more m-lines, and
