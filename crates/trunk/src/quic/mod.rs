@@ -5,6 +5,7 @@
 //! bytes and time in and effects out.
 
 mod driver;
+mod gate;
 pub mod identity;
 
 pub use driver::{
