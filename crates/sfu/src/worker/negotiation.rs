@@ -37,6 +37,9 @@ impl Worker {
         let sdp = without_simulcast(&sdp);
         let ours = |mid: &str| peer.sub_by_mid.keys().any(|m| m.to_string() == mid);
         let sdp = unknown_recvonly_inactive(&sdp, ours).into_owned();
+        if let Some(e) = payload_type_conflict(&sdp) {
+            return send_error(peer, ErrorCode::InvalidSdp, e);
+        }
         let offer = match parse_sdp(&self.metrics, || SdpOffer::from_sdp_string(&sdp)) {
             Ok(o) => o,
             Err(message) => return send_error(peer, ErrorCode::InvalidSdp, message),
@@ -77,7 +80,11 @@ impl Worker {
                 "no server offer is outstanding".into(),
             );
         };
-        let answer = match parse_sdp(&self.metrics, || SdpAnswer::from_sdp_string(&sdp)) {
+        let parsed = match payload_type_conflict(&sdp) {
+            Some(e) => Err(e),
+            None => parse_sdp(&self.metrics, || SdpAnswer::from_sdp_string(&sdp)),
+        };
+        let answer = match parsed {
             Ok(a) => a,
             Err(message) => {
                 peer.pending = Some(pending);
@@ -406,6 +413,42 @@ fn unknown_recvonly_inactive<'a>(
     std::borrow::Cow::Owned(out)
 }
 
+/// A payload type that two m-lines map to different codecs (`a=rtpmap`)
+/// or parameters (`a=fmtp`), if any. Bundled m-lines must agree (RFC 8843
+/// §7.3, one RTP session), and str0m asserts they do: an offer breaking it
+/// made `accept_offer` panic ("Pt locked multiple times"; found by the
+/// `sdp` fuzz target), which cost the participant its session as `error
+/// internal` and counted a media panic. Refused as `invalid_sdp` instead.
+fn payload_type_conflict(sdp: &str) -> Option<String> {
+    use std::collections::HashMap;
+    type Codec<'a> = (Option<&'a str>, Option<&'a str>); // (rtpmap, fmtp)
+    // pt -> its codec in each m-section, in order.
+    let mut sections: Vec<HashMap<&str, Codec>> = vec![HashMap::new()];
+    for line in sdp.lines() {
+        let line = line.trim_end();
+        if line.starts_with("m=") {
+            sections.push(HashMap::new());
+        } else if let Some(rest) = line.strip_prefix("a=rtpmap:") {
+            let (pt, v) = rest.split_once(' ').unwrap_or((rest, ""));
+            sections.last_mut()?.entry(pt).or_default().0 = Some(v);
+        } else if let Some(rest) = line.strip_prefix("a=fmtp:") {
+            let (pt, v) = rest.split_once(' ').unwrap_or((rest, ""));
+            sections.last_mut()?.entry(pt).or_default().1 = Some(v);
+        }
+    }
+    let mut first: HashMap<&str, Codec> = HashMap::new();
+    for section in sections {
+        for (pt, codec) in section {
+            if *first.entry(pt).or_insert(codec) != codec {
+                return Some(format!(
+                    "payload type {pt} means different codecs in two m-lines"
+                ));
+            }
+        }
+    }
+    None
+}
+
 fn send_error(peer: &Peer, code: ErrorCode, message: String) {
     let _ = peer.events.send(ServerMessage::Error { code, message });
 }
@@ -460,6 +503,9 @@ pub fn sdp_round_for_fuzzing(offer: &str, answer: &str) -> usize {
     let offer = without_simulcast(offer);
     let offer = unknown_recvonly_inactive(&offer, |mid| mid == "7");
     let _ = sdp_mids(&offer);
+    if payload_type_conflict(&offer).is_some() {
+        return 0;
+    }
     let Ok(offer) = SdpOffer::from_sdp_string(&offer) else {
         return 0;
     };
@@ -478,7 +524,7 @@ pub fn sdp_round_for_fuzzing(offer: &str, answer: &str) -> usize {
         return 2;
     };
     let offered = sdp_mids(&server_offer.to_sdp_string());
-    if !answers(&sdp_mids(answer), &offered) {
+    if !answers(&sdp_mids(answer), &offered) || payload_type_conflict(answer).is_some() {
         return 3;
     }
     let Ok(answer) = SdpAnswer::from_sdp_string(answer) else {
@@ -565,5 +611,21 @@ mod tests {
             unknown_recvonly_inactive(plain, |_| false),
             std::borrow::Cow::Borrowed(_)
         ));
+    }
+
+    #[test]
+    fn a_payload_type_meaning_two_codecs_is_found() {
+        let ok = "m=video 9 X 96\r\na=rtpmap:96 VP8/90000\r\na=fmtp:96 x=1\r\n\
+                  m=video 9 X 96\r\na=rtpmap:96 VP8/90000\r\na=fmtp:96 x=1\r\n\
+                  m=audio 9 X 111\r\na=rtpmap:111 opus/48000/2\r\n";
+        assert_eq!(payload_type_conflict(ok), None);
+        let fmtp = ok.replacen("a=fmtp:96 x=1", "a=fmtp:96 x=2", 1);
+        assert!(payload_type_conflict(&fmtp).is_some_and(|e| e.contains("96")));
+        let codec = ok.replacen(
+            "a=rtpmap:96 VP8/90000\r\na=fmtp:96 x=1\r\nm=audio",
+            "a=rtpmap:96 VP9/90000\r\na=fmtp:96 x=1\r\nm=audio",
+            1,
+        );
+        assert!(payload_type_conflict(&codec).is_some());
     }
 }
