@@ -85,9 +85,20 @@ pub(crate) fn upgrade(state: Arc<AppState>, upgrade: WebSocketUpgrade) -> Respon
 async fn turn_away(socket: WebSocket, msg: &ServerMessage) {
     let (mut tx, mut rx) = socket.split();
     let _ = send(&mut tx, msg).await;
+    close_handshake(&mut tx, &mut rx, close_code::AGAIN, "node full").await;
+}
+
+/// Send our Close, then read (and discard) until the peer's. Closing the
+/// TCP socket with unread input would reset it and the peer could lose our
+/// last messages (the error saying why).
+async fn close_handshake<T, R>(tx: &mut T, rx: &mut R, code: u16, reason: &'static str)
+where
+    T: SinkExt<Message, Error = axum::Error> + Unpin,
+    R: futures_util::Stream<Item = Result<Message, axum::Error>> + Unpin,
+{
     let close = tx.send(Message::Close(Some(CloseFrame {
-        code: close_code::AGAIN,
-        reason: "node full".into(),
+        code,
+        reason: reason.into(),
     })));
     let _ = tokio::time::timeout(SEND_TIMEOUT, close).await;
     let drain = async {
@@ -271,22 +282,7 @@ impl Session {
             let _ = send(&mut tx, &msg).await;
         }
         if let Some((code, reason)) = close {
-            let close = tx.send(Message::Close(Some(CloseFrame {
-                code,
-                reason: reason.into(),
-            })));
-            let _ = tokio::time::timeout(SEND_TIMEOUT, close).await;
-            // Closing handshake: read (and discard) until the peer's Close.
-            // Closing the TCP socket with unread input would reset it and
-            // the peer could lose our last messages (the error saying why).
-            let drain = async {
-                while let Some(Ok(f)) = rx.next().await {
-                    if matches!(f, Message::Close(_)) {
-                        break;
-                    }
-                }
-            };
-            let _ = tokio::time::timeout(CLOSE_GRACE, drain).await;
+            close_handshake(&mut tx, &mut rx, code, reason).await;
         }
     }
 
