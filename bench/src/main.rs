@@ -11,14 +11,12 @@
 //! A, the subscribers node B, so every packet crosses the trunk once; CPU is
 //! both processes together.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Parser;
 use signal::Source;
+use switchboard_bench::{Server, cpu_of};
 use testkit::{Client, MediaKind};
 
 #[derive(Parser)]
@@ -40,90 +38,6 @@ struct Args {
     /// Publisher on one node, subscribers on a second node joined by a trunk.
     #[arg(long)]
     cluster: bool,
-}
-
-const BENCH_SECRET: &str = "switchboard bench cluster secret";
-
-struct Server {
-    child: Child,
-    http: String,
-}
-
-impl Server {
-    fn start(bin: &str, cluster: &[&str]) -> anyhow::Result<Server> {
-        let mut cmd = Command::new(bin);
-        cmd.args(["--http-port", "0", "--media-port", "0"])
-            .args(["--max-participants-per-room", "10000"])
-            .args(cluster)
-            .env("SWITCHBOARD_LOG", "warn");
-        if !cluster.is_empty() {
-            cmd.env("SWITCHBOARD_CLUSTER_SECRET", BENCH_SECRET);
-        }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {bin}"))?;
-        let stdout = child.stdout.take().context("stdout")?;
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        let http = line
-            .split("http://")
-            .nth(1)
-            .map(|s| s.trim().trim_end_matches('/').to_string())
-            .context("server did not print its URL")?;
-        Ok(Server { child, http })
-    }
-
-    /// utime + stime of the server process, in seconds.
-    fn cpu_seconds(&self) -> anyhow::Result<f64> {
-        cpu_of(&format!("/proc/{}/stat", self.child.id()))
-    }
-
-    fn get(&self, path: &str) -> anyhow::Result<String> {
-        let mut s = TcpStream::connect(&self.http)?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut body = String::new();
-        s.read_to_string(&mut body)?;
-        Ok(body)
-    }
-
-    /// The trunk address this node reports in `/api/status`.
-    fn trunk_addr(&self) -> anyhow::Result<String> {
-        let body = self.get("/api/status")?;
-        let at = body.find("\"trunk\":\"").context("no trunk in status")? + 9;
-        let end = body[at..].find('"').context("status format")?;
-        Ok(body[at..at + end].to_string())
-    }
-
-    fn metric(&self, name: &str) -> anyhow::Result<u64> {
-        let body = self.get("/metrics")?;
-        body.lines()
-            .find_map(|l| {
-                let mut it = l.split_whitespace();
-                (it.next() == Some(name)).then(|| it.next()?.parse().ok())?
-            })
-            .with_context(|| format!("metric {name} missing"))
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn cpu_of(stat: &str) -> anyhow::Result<f64> {
-    let text = std::fs::read_to_string(stat)?;
-    // Fields after the ")" of the command name; utime, stime are 14 and 15.
-    let rest = text.rsplit_once(')').context("stat format")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
-    Ok(ticks / 100.0) // USER_HZ is 100 on Linux
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
