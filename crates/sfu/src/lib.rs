@@ -48,6 +48,9 @@ pub struct SfuConfig {
     /// Most rooms open on this node at once (a join that would open one
     /// more gets `error full`).
     pub max_rooms: usize,
+    /// Most tracks one participant may publish; more m-lines are ignored
+    /// with `invalid_sdp` (default [`MAX_PUBLISHED_TRACKS`]).
+    pub max_tracks_per_participant: usize,
 }
 
 impl Default for SfuConfig {
@@ -58,6 +61,7 @@ impl Default for SfuConfig {
             public_ip: None,
             max_participants_per_room: 100,
             max_rooms: 1000,
+            max_tracks_per_participant: MAX_PUBLISHED_TRACKS,
         }
     }
 }

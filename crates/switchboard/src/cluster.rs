@@ -110,6 +110,7 @@ impl Cluster {
             drops: drops.clone(),
             refused: refused.clone(),
             max_participants: config.max_participants_per_room,
+            max_tracks: config.max_tracks_per_participant,
         };
         let task = tokio::spawn(adapter.run(events, rooms));
         Ok(Some(Cluster {
@@ -221,6 +222,8 @@ struct Adapter {
     refused: Arc<std::sync::atomic::AtomicU64>,
     /// Most participants one peer may announce in one room.
     max_participants: usize,
+    /// Most tracks a peer may announce for one of its participants.
+    max_tracks: usize,
 }
 
 type LinkEvent = (RoomName, RemoteEvent);
@@ -561,7 +564,7 @@ impl Adapter {
                     return;
                 }
                 let count = state.remote_tracks_of.entry(track.participant).or_default();
-                if *count >= sfu::MAX_PUBLISHED_TRACKS {
+                if *count >= self.max_tracks {
                     refuse(
                         &self.refused,
                         node,

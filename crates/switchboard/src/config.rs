@@ -135,6 +135,16 @@ pub struct Config {
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
     )]
     pub max_rooms: usize,
+    /// Most tracks one participant may publish (here, and announced by a
+    /// peer node for one of its participants); more m-lines are ignored
+    /// with `error invalid_sdp`.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_TRACKS_PER_PARTICIPANT",
+        default_value_t = sfu::MAX_PUBLISHED_TRACKS,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
+    pub max_tracks_per_participant: usize,
     /// Most SDP offers one participant may send per minute (a burst of a
     /// quarter of it at once); more get `error rate_limited` and are ignored.
     #[arg(
@@ -243,6 +253,7 @@ impl Default for Config {
             max_participants_per_room: DEFAULT_MAX_PARTICIPANTS_PER_ROOM,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_rooms: DEFAULT_MAX_ROOMS,
+            max_tracks_per_participant: sfu::MAX_PUBLISHED_TRACKS,
             max_offers_per_minute: DEFAULT_MAX_OFFERS_PER_MINUTE,
             max_queued_messages: DEFAULT_MAX_QUEUED_MESSAGES,
             join_timeout_secs: DEFAULT_JOIN_TIMEOUT_SECS,
@@ -271,6 +282,7 @@ pub struct FileConfig {
     pub max_participants_per_room: Option<usize>,
     pub max_connections: Option<usize>,
     pub max_rooms: Option<usize>,
+    pub max_tracks_per_participant: Option<usize>,
     pub max_offers_per_minute: Option<u32>,
     pub max_queued_messages: Option<usize>,
     pub join_timeout_secs: Option<u64>,
@@ -355,6 +367,12 @@ impl Config {
         }
         if let Some(v) = file.max_rooms.filter(|_| unset("max_rooms")) {
             self.max_rooms = v.max(1);
+        }
+        if let Some(v) = file
+            .max_tracks_per_participant
+            .filter(|_| unset("max_tracks_per_participant"))
+        {
+            self.max_tracks_per_participant = v.max(1);
         }
         if let Some(v) = file
             .max_offers_per_minute

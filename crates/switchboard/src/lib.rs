@@ -68,6 +68,7 @@ impl Node {
             public_ip: config.public_ip,
             max_participants_per_room: config.max_participants_per_room,
             max_rooms: config.max_rooms,
+            max_tracks_per_participant: config.max_tracks_per_participant,
         })
         .context("starting the media plane")?;
         let listener = tokio::net::TcpListener::bind((config.bind, config.http_port))

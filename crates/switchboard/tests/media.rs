@@ -373,9 +373,19 @@ async fn a_stale_answer_does_not_start_a_re_offer_loop() {
 /// the allowed ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn published_tracks_per_participant_are_limited() {
-    let node = node().await;
+    // The default (8) is a flag; a node set lower holds to it.
+    assert_eq!(
+        switchboard::Config::default().max_tracks_per_participant,
+        sfu::MAX_PUBLISHED_TRACKS
+    );
+    const MAX: usize = 3;
+    let node = common::start(switchboard::Config {
+        max_tracks_per_participant: MAX,
+        ..Default::default()
+    })
+    .await;
     let mut ann = join(&node, "many", "Ann").await;
-    for _ in 0..sfu::MAX_PUBLISHED_TRACKS + 3 {
+    for _ in 0..MAX + 3 {
         ann.publish(
             testkit::MediaKind::Audio,
             signal::Source::Microphone,
@@ -386,7 +396,7 @@ async fn published_tracks_per_participant_are_limited() {
     let ann_id = ann.id.clone();
     let ben = join(&node, "many", "Ben").await;
     ben.wait_until("the allowed tracks", T, |s| {
-        has_tracks_from(s, &ann_id, sfu::MAX_PUBLISHED_TRACKS, 5)
+        has_tracks_from(s, &ann_id, MAX, 5)
     })
     .await
     .unwrap_or_else(|e| panic!("{e}: {:?}", ben.state(|s| s.tracks.len())));
@@ -409,7 +419,7 @@ async fn published_tracks_per_participant_are_limited() {
             .iter()
             .find(|p| p.id == ann_id)
             .map(|p| p.tracks.len());
-        assert_eq!(owners, Some(sfu::MAX_PUBLISHED_TRACKS), "{:?}", s.roster);
+        assert_eq!(owners, Some(MAX), "{:?}", s.roster);
     });
 }
 

@@ -65,9 +65,9 @@ pub(crate) use handle::{Commands, Handle};
 #[doc(hidden)]
 pub use negotiation::sdp_round_for_fuzzing;
 
-/// Most tracks one participant may publish (camera, microphone, screen and
-/// its audio, with room to spare). An SDP may declare far more m-lines, and
-/// each would become a track every other member is offered.
+/// Default of `SfuConfig::max_tracks_per_participant`: camera, microphone,
+/// screen and its audio, with room to spare. An SDP may declare far more
+/// m-lines, and each would become a track every other member is offered.
 pub const MAX_PUBLISHED_TRACKS: usize = 8;
 
 /// Worker-local participant key (cheap to copy and hash; the public id is a string).

@@ -16,7 +16,7 @@ use tracing::{debug, info};
 
 use super::participant::guarded;
 use super::rooms::remove_track;
-use super::{MAX_PUBLISHED_TRACKS, Origin, Peer, Phase, Pid, Subscription, Track, Worker};
+use super::{Origin, Peer, Phase, Pid, Subscription, Track, Worker};
 use crate::SfuMetrics;
 use crate::keyframe::{KEYFRAME_INTERVAL, KeyframeLimiter};
 use crate::rewrite::Rewriter;
@@ -150,15 +150,16 @@ impl Worker {
         }
         let receiving = matches!(dir, Direction::RecvOnly | Direction::SendRecv);
         let room = peer.room.clone();
+        let max_tracks = self.config.max_tracks_per_participant;
         match (receiving, peer.published.get(&mid).cloned()) {
-            (true, None) if peer.published.len() >= MAX_PUBLISHED_TRACKS => {
+            (true, None) if peer.published.len() >= max_tracks => {
                 // `invalid_sdp`, not `full`: the session goes on with the
                 // tracks it has (`full` ends a session, see SIGNALING.md).
                 return send_error(
                     peer,
                     ErrorCode::InvalidSdp,
                     format!(
-                        "at most {MAX_PUBLISHED_TRACKS} published tracks per participant; m-line {mid} ignored"
+                        "at most {max_tracks} published tracks per participant; m-line {mid} ignored"
                     ),
                 );
             }
