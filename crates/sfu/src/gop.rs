@@ -120,8 +120,9 @@ impl GopCache {
             } else {
                 std::mem::take(&mut self.pending)
             };
-            let restart = self.started.is_none() || self.frame_start > 0;
-            if restart {
+            // Otherwise the group already begins at this frame (a keyframe
+            // recognisable in several of its packets): it goes on.
+            if self.started.is_none() || self.frame_start > 0 {
                 tracing::debug!(
                     seq = packet.seq,
                     ts = packet.rtp_ts,
@@ -129,13 +130,9 @@ impl GopCache {
                 );
                 self.clear();
                 self.started = Some(now);
-                for p in frame {
-                    self.add(p);
-                }
-            } else {
-                for p in frame {
-                    self.add(p);
-                }
+            }
+            for p in frame {
+                self.add(p);
             }
         }
         if self.started.is_some() {

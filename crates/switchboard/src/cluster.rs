@@ -174,8 +174,6 @@ struct RoomState {
     /// renaming, removing or speaking for node B's participants (or ours).
     owners: HashMap<ParticipantId, NodeId>,
     local: std::collections::HashSet<ParticipantId>,
-    /// Remote tracks announced per participant (capped like a browser's).
-    remote_tracks_of: HashMap<ParticipantId, usize>,
 }
 
 impl RoomState {
@@ -340,7 +338,6 @@ impl Adapter {
                 remote_by_name: HashMap::new(),
                 owners: HashMap::new(),
                 local: Default::default(),
-                remote_tracks_of: HashMap::new(),
             },
         );
     }
@@ -540,7 +537,6 @@ impl Adapter {
                     return;
                 }
                 state.owners.remove(&participant);
-                state.remote_tracks_of.remove(&participant);
                 state.link.send(RemoteCommand::ParticipantLeft {
                     id: pid_name(participant),
                 });
@@ -563,8 +559,14 @@ impl Adapter {
                     );
                     return;
                 }
-                let count = state.remote_tracks_of.entry(track.participant).or_default();
-                if *count >= self.max_tracks {
+                // Capped like a browser's tracks (counted from the routes:
+                // remote tracks are few per room).
+                let count = self
+                    .remote_tracks
+                    .values()
+                    .filter(|t| t.room == r && t.participant == track.participant)
+                    .count();
+                if count >= self.max_tracks {
                     refuse(
                         &self.refused,
                         node,
@@ -572,7 +574,6 @@ impl Adapter {
                     );
                     return;
                 }
-                *count += 1;
                 let name = remote_name(node, wire_id);
                 state.remote_by_name.insert(name.clone(), (node, wire_id));
                 self.remote_tracks.insert(
@@ -606,15 +607,10 @@ impl Adapter {
                 node,
                 wire_id,
             } => {
-                let gone = self.remote_tracks.remove(&(node, wire_id));
+                self.remote_tracks.remove(&(node, wire_id));
                 let Some(state) = room_of(&room).and_then(|r| self.rooms.get_mut(&r)) else {
                     return;
                 };
-                if let Some(t) = gone
-                    && let Some(n) = state.remote_tracks_of.get_mut(&t.participant)
-                {
-                    *n = n.saturating_sub(1);
-                }
                 let name = remote_name(node, wire_id);
                 state.remote_by_name.remove(&name);
                 state.link.send(RemoteCommand::TrackRemoved { id: name });

@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{T, assert_contiguous, has_tracks_from, http_get, join, reqwest_status, start};
+use common::{
+    T, assert_contiguous, has_tracks_from, http_get, join, metric_reaches, reqwest_status, start,
+};
 use signal::Kind;
 use switchboard::config::{Peer, Secret};
 use switchboard::{Config, Node};
@@ -328,29 +330,8 @@ async fn a_node_cannot_speak_for_another_nodes_participants() {
     })
     .await
     .unwrap();
-    let refused = |want: u64| {
-        let a = &a;
-        async move {
-            let deadline = tokio::time::Instant::now() + T;
-            loop {
-                let m = http_get(a, "/metrics").await;
-                let n = m
-                    .lines()
-                    .find_map(|l| l.strip_prefix("switchboard_trunk_claims_refused_total "))
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .unwrap_or(0);
-                if n >= want {
-                    return n;
-                }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "refusals: {n} < {want}"
-                );
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    };
-    refused(2).await;
+    let refused = "switchboard_trunk_claims_refused_total";
+    metric_reaches(&a, refused, 2).await;
     // Chat as Ben, then remove "him".
     let r = room.clone();
     c.call(move |n, _| {
@@ -360,7 +341,7 @@ async fn a_node_cannot_speak_for_another_nodes_participants() {
     })
     .await
     .unwrap();
-    refused(4).await;
+    metric_reaches(&a, refused, 4).await;
     // The real Ben still chats and is still Ben, once, in Ann's roster.
     ben.chat("the real Ben");
     ann.wait_until("the real Ben's chat", T, |s| {

@@ -12,7 +12,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{T, http_get, join, reqwest_status, start};
+use common::{T, http_get, join, metric, reqwest_status, start};
 use impair::{Direction, Impairment, Proxy, ProxyConfig};
 use signal::Kind;
 use signal::Source;
@@ -52,15 +52,6 @@ async fn cluster(seed: u64) -> (Node, Proxy, Node) {
 fn impair_both(proxy: &Proxy, imp: Impairment) {
     proxy.set(Direction::ToUpstream, imp.clone());
     proxy.set(Direction::ToClient, imp);
-}
-
-/// A counter of B's or A's `/metrics` (summed over label sets).
-async fn metric(node: &Node, name: &str) -> u64 {
-    let text = http_get(node, "/metrics").await;
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
 }
 
 /// Ann's track of `kind` as Ben knows it.

@@ -173,12 +173,8 @@ impl Worker {
             if sub_peer.ended.is_some() || !sub_peer.connected {
                 continue;
             }
-            let Some(sub) = sub_peer.subs.get(track_id) else {
-                continue; // its own track, or not negotiated yet
-            };
-            if !sub.active {
-                continue;
-            }
+            // One lookup of the subscription, in `write_to` (none for its
+            // own track, inactive until the answer is in).
             match write_to(sub_peer, track_id, params, packet, &ext, arrival, nackable) {
                 Written::Yes => {}
                 Written::No | Written::Panicked => continue,
@@ -197,7 +193,7 @@ impl Worker {
 /// What [`write_to`] did with a packet.
 pub(super) enum Written {
     Yes,
-    /// Not forwarded (no subscription, no common codec, older than its
+    /// Not forwarded (no active subscription, no common codec, older than its
     /// source, no send stream yet); logged at debug.
     No,
     /// str0m panicked: the subscriber has ended (see [`guarded`]).
@@ -216,7 +212,7 @@ pub(super) fn write_to(
     arrival: Instant,
     nackable: bool,
 ) -> Written {
-    let Some(mut sub) = peer.subs.get_mut(track_id) else {
+    let Some(mut sub) = peer.subs.get_mut(track_id).filter(|s| s.active) else {
         return Written::No;
     };
     let in_pt = packet.payload_type;

@@ -53,7 +53,8 @@ impl Worker {
         let (Some(gop), Some(params)) = (&track.gop, track.codec) else {
             return false;
         };
-        let Some(packets) = gop.replay(Instant::now()) else {
+        let now = Instant::now();
+        let Some(packets) = gop.replay(now) else {
             return false;
         };
         let Some(peer) = peers.get_mut(&pid) else {
@@ -62,16 +63,16 @@ impl Worker {
         if !peer.subs.contains_key(track_id) {
             return false;
         }
+        let ext = ExtensionValues::default();
         let mut sent = 0u64;
         for packet in packets {
-            let ext = ExtensionValues::default();
             match write_to(
                 peer,
                 track_id,
                 params,
                 packet,
                 &ext,
-                packet.arrival.min(Instant::now()),
+                packet.arrival.min(now),
                 true,
             ) {
                 Written::Yes => sent += 1,

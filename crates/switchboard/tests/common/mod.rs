@@ -93,3 +93,30 @@ pub async fn reqwest_status(node: &Node) -> serde_json::Value {
     let body = http_get(node, "/api/status").await;
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
+
+/// A counter of a node's `/metrics` (summed over label sets; 0 if absent).
+pub async fn metric(node: &Node, name: &str) -> u64 {
+    let text = http_get(node, "/metrics").await;
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Wait until a counter of `node`'s `/metrics` reaches `want`; its value.
+pub async fn metric_reaches(node: &Node, name: &str, want: u64) -> u64 {
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let n = metric(node, name).await;
+        if n >= want {
+            return n;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name}: {n} < {want}"
+        );
+        // Polling interval of a condition wait (the counter moves when the
+        // node handles the message; nothing to await on from outside).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

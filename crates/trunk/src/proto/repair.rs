@@ -208,29 +208,7 @@ impl RecvRepair {
         let d = seq.wrapping_sub(max) as i16;
         if d > 0 {
             self.max = Some(seq);
-            let gap = (d - 1) as u16;
-            let room = cfg.max_missing.saturating_sub(self.missing.len());
-            let keep = usize::from(gap).min(room) as u16;
-            // Keep the newest of a long gap: they are the ones still worth
-            // repairing before the lateness bound.
-            let first = seq.wrapping_sub(keep);
-            let wait = if keep > 0 {
-                self.nack_wait(cfg)
-            } else {
-                cfg.nack_delay
-            };
-            for i in 0..keep {
-                self.missing.push_back(Missing {
-                    seq: first.wrapping_add(i),
-                    since: now,
-                    next_nack: now + wait,
-                    tries: 0,
-                });
-            }
-            return Arrival::New {
-                gap: keep,
-                dropped: gap - keep,
-            };
+            return self.gap_before(seq, (d - 1) as u16, false, now, cfg);
         }
         match self.missing.iter().position(|m| m.seq == seq) {
             Some(i) => {
@@ -257,24 +235,46 @@ impl RecvRepair {
         if !young || back == 0 || back > START_SPAN {
             return Arrival::Stale;
         }
-        let gap = back - 1;
+        let arrival = self.gap_before(self.lowest, back - 1, true, now, cfg);
+        self.lowest = seq;
+        arrival
+    }
+
+    /// Put the `gap` sequence numbers just before `end` under repair (the
+    /// newest of them if there is no room for all), oldest first in the
+    /// queue: at its back for a gap after the newest packet, at its front
+    /// for one before the oldest (`front`).
+    fn gap_before(
+        &mut self,
+        end: u16,
+        gap: u16,
+        front: bool,
+        now: Time,
+        cfg: &RepairConfig,
+    ) -> Arrival {
         let room = cfg.max_missing.saturating_sub(self.missing.len());
+        // Keep the newest of a long gap: they are the ones still worth
+        // repairing before the lateness bound.
         let keep = usize::from(gap).min(room) as u16;
-        // The oldest first, like every gap; the newest of a long one kept.
         let wait = if keep > 0 {
             self.nack_wait(cfg)
         } else {
             cfg.nack_delay
         };
-        for i in 0..keep {
-            self.missing.push_front(Missing {
-                seq: self.lowest.wrapping_sub(1 + i),
-                since: now,
-                next_nack: now + wait,
-                tries: 0,
-            });
+        let missing = |seq| Missing {
+            seq,
+            since: now,
+            next_nack: now + wait,
+            tries: 0,
+        };
+        for i in 1..=keep {
+            if front {
+                self.missing.push_front(missing(end.wrapping_sub(i)));
+            } else {
+                self.missing
+                    .push_back(missing(end.wrapping_sub(keep + 1 - i)));
+            }
         }
-        self.lowest = seq;
         Arrival::New {
             gap: keep,
             dropped: gap - keep,
