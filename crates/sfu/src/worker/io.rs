@@ -80,7 +80,8 @@ impl Worker {
             .rooms
             .values()
             .flat_map(|r| r.tracks.values().map(|t| t.keyframes.deadline()));
-        peers.chain(keyframes.flatten()).min()
+        let offers = self.renegotiate_soon.values().copied();
+        peers.chain(keyframes.flatten()).chain(offers).min()
     }
 
     fn read_socket(&mut self, buf: &mut [u8]) {

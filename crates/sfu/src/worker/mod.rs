@@ -44,7 +44,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mio::net::UdpSocket;
 use signal::{DisplayName, Kind, RoomName, ServerMessage, Source};
@@ -69,6 +69,11 @@ pub use negotiation::sdp_round_for_fuzzing;
 /// screen and its audio, with room to spare. An SDP may declare far more
 /// m-lines, and each would become a track every other member is offered.
 pub const MAX_PUBLISHED_TRACKS: usize = 8;
+
+/// How long a room change waits for more before its offers go out (see
+/// `Worker::renegotiate_soon`): well under what a person notices, well over
+/// the gap between commands sent back to back by another thread.
+const RENEGOTIATE_WINDOW: Duration = Duration::from_millis(30);
 
 /// Worker-local participant key (cheap to copy and hash; the public id is a string).
 type Pid = u64;
@@ -231,10 +236,13 @@ struct Worker {
     next_track: u64,
     /// Peers whose `Rtc` got input and must be polled until their next timeout.
     dirty: HashSet<Pid>,
-    /// Participants whose m-lines must follow their room's tracks: offered
-    /// once per loop turn (`flush_renegotiations`), so a remote participant
-    /// leaving with audio and video (two track removals) costs one offer.
-    renegotiate_soon: std::collections::BTreeSet<Pid>,
+    /// Participants whose m-lines must follow their room's tracks, and
+    /// when their offer goes out (`flush_renegotiations`): a short window
+    /// after the first change, so changes that arrive separately but
+    /// together (a remote participant leaving removes its audio and its
+    /// video in two commands, which the worker may take in two loop turns)
+    /// cost one offer, not one each.
+    renegotiate_soon: std::collections::BTreeMap<Pid, Instant>,
     /// Attached remote link -> its room.
     links: HashMap<LinkKey, RoomName>,
     room_watchers: Vec<UnboundedSender<RoomEvent>>,

@@ -16,10 +16,11 @@ use tracing::{debug, info};
 
 use super::participant::guarded;
 use super::rooms::remove_track;
-use super::{Origin, Peer, Phase, Pid, Subscription, Track, Worker};
+use super::{Origin, Peer, Phase, Pid, RENEGOTIATE_WINDOW, Subscription, Track, Worker};
 use crate::SfuMetrics;
 use crate::keyframe::{KEYFRAME_INTERVAL, KeyframeLimiter};
 use crate::rewrite::Rewriter;
+use std::time::Instant;
 
 impl Worker {
     /// The browser's offer: answered, unless a server offer is outstanding
@@ -207,17 +208,28 @@ impl Worker {
     // ---- server offers ----------------------------------------------------
 
     /// Every member but `except` will get an offer for the room's changed
-    /// tracks, at the end of this loop turn (see `renegotiate_soon`).
+    /// tracks, once the change window has passed (see `renegotiate_soon`).
     pub(super) fn renegotiate_room(&mut self, room: &RoomName, except: Option<Pid>) {
-        if let Some(r) = self.rooms.get(room) {
-            self.renegotiate_soon
-                .extend(r.members.iter().filter(|m| Some(**m) != except));
+        let Some(r) = self.rooms.get(room) else {
+            return;
+        };
+        let due = Instant::now() + RENEGOTIATE_WINDOW;
+        for &m in r.members.iter().filter(|m| Some(**m) != except) {
+            self.renegotiate_soon.entry(m).or_insert(due);
         }
     }
 
-    /// The offers `renegotiate_room` put off.
+    /// The offers `renegotiate_room` put off whose window has passed.
     pub(super) fn flush_renegotiations(&mut self) {
-        for pid in std::mem::take(&mut self.renegotiate_soon) {
+        let now = Instant::now();
+        let due: Vec<Pid> = self
+            .renegotiate_soon
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in due {
+            self.renegotiate_soon.remove(&pid);
             self.renegotiate(pid);
         }
     }
