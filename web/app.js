@@ -16,6 +16,7 @@ const state = {
   screen: null,        // MediaStream of the screen share
   screenTx: null,      // transceiver used for the screen
   sources: new Map(),  // our transceiver mid -> source
+  offered: new Map(),  // server m-line mid -> { participant, track }, from its last offer
   remote: new Map(),   // track id -> MediaStreamTrack
   micMuted: false,
   camOff: false,
@@ -180,7 +181,7 @@ async function onMessage(msg) {
       state.roster = msg.participants;
       render();
       break;
-    case 'offer': await onServerOffer(msg.sdp); break;
+    case 'offer': await onServerOffer(msg.sdp, msg.tracks || []); break;
     case 'answer': await onServerAnswer(msg.sdp); break;
     case 'chat': addChat(msg); break;
     case 'pong': break;
@@ -265,11 +266,15 @@ async function offer() {
   }
 }
 
-async function onServerOffer(sdp) {
+async function onServerOffer(sdp, tracks) {
   const pc = state.pc;
   if (!pc) return;
   // Polite: a colliding offer of ours is rolled back by setRemoteDescription.
   await pc.setRemoteDescription({ type: 'offer', sdp });
+  // What each of the server's m-lines carries is its offer's `tracks`, not
+  // the SDP's a=msid: the m-line of a departed track is reused for the
+  // next track of its kind and keeps the msid it was made with.
+  state.offered = new Map(tracks.map((t) => [t.mid, { participant: t.participant, track: t.track }]));
   await pc.setLocalDescription();
   send({ type: 'answer', sdp: pc.localDescription.sdp });
   placeTracks();
@@ -281,22 +286,6 @@ async function onServerAnswer(sdp) {
   await pc.setRemoteDescription({ type: 'answer', sdp });
 }
 
-// The remote SDP's a=msid per mid names the owner and the roster track id.
-function msidByMid(pc) {
-  const out = new Map();
-  const sdp = pc.remoteDescription ? pc.remoteDescription.sdp : '';
-  let mid = null;
-  for (const line of sdp.split(/\r?\n/)) {
-    if (line.startsWith('m=')) mid = null;
-    else if (line.startsWith('a=mid:')) mid = line.slice(6).trim();
-    else if (line.startsWith('a=msid:') && mid !== null) {
-      const [stream, track] = line.slice(7).trim().split(' ');
-      out.set(mid, { participant: stream, track });
-    }
-  }
-  return out;
-}
-
 function onTrack(ev) {
   ev.track.sb_mid = ev.transceiver.mid;
   placeTracks(ev);
@@ -305,7 +294,7 @@ function onTrack(ev) {
 function placeTracks() {
   const pc = state.pc;
   if (!pc) return;
-  const ids = msidByMid(pc);
+  const ids = state.offered;
   state.remote.clear();
   for (const tx of pc.getTransceivers()) {
     if (!tx.mid || tx.sb_source) continue;

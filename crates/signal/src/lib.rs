@@ -86,8 +86,14 @@ pub enum ServerMessage {
         name: String,
     },
     /// The server's offer (tracks to receive appeared or disappeared).
+    /// `tracks` names what every forwarding m-line of the offer carries
+    /// now. It, not the SDP's `a=msid`, is authoritative: an m-line whose
+    /// track went away is made `inactive` and later given to the next track
+    /// of its kind, keeping the msid it was created with (see SIGNALING.md).
     Offer {
         sdp: String,
+        #[serde(default)]
+        tracks: Vec<OfferedTrack>,
     },
     /// The server's answer to the browser's offer.
     Answer {
@@ -113,6 +119,16 @@ pub enum ServerMessage {
     },
 }
 
+/// What one forwarding m-line of a server offer carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OfferedTrack {
+    pub mid: String,
+    /// The roster's track id (`TrackView::id`).
+    pub track: String,
+    /// The publishing participant's id.
+    pub participant: String,
+}
+
 /// One participant as everyone sees it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ParticipantView {
@@ -123,8 +139,8 @@ pub struct ParticipantView {
     pub tracks: Vec<TrackView>,
 }
 
-/// One published track. `id` is the MediaStreamTrack id the subscriber sees
-/// (SDP `msid` track id); the msid stream id is the participant id.
+/// One published track. `id` names it in a server offer's `tracks` (and is
+/// the `msid` track id of the m-line first made for it).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrackView {
     pub id: String,

@@ -613,3 +613,90 @@ async fn a_clients_recvonly_m_lines_are_answered_inactive() {
     });
     node.shutdown().await;
 }
+
+/// A subscriber that outlives many publishers keeps a bounded offer: the
+/// m-lines of departed tracks are reused for the next track of their kind
+/// instead of piling up (each stopped one stayed in every later offer and
+/// answer, ~2.2 KB each from a browser, until an answer passed
+/// `MAX_SDP_BYTES` and the session was cut with `too_large`). The media of
+/// each new publisher arrives on a reused m-line, told by `Offer::tracks`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_outliving_thirty_publishers_keeps_its_m_lines() {
+    let node = node().await;
+    let stayer = join(&node, "marathon", "Stay").await;
+    for i in 0..30 {
+        let mut p = join(&node, "marathon", &format!("P{i}")).await;
+        p.publish_av();
+        let pid = p.id.clone();
+        stayer
+            .wait_until(&format!("P{i}'s audio and video"), T, |s| {
+                has_tracks_from(s, &pid, 2, 5)
+            })
+            .await
+            .unwrap();
+        p.leave();
+        stayer
+            .wait_until(&format!("P{i} gone"), T, |s| s.roster.len() == 1)
+            .await
+            .unwrap();
+    }
+    let (errors, ended, most) =
+        stayer.state(|s| (s.errors.clone(), s.ended, s.offers_received_mlines));
+    assert!(errors.is_empty() && !ended, "{errors:?}");
+    // The data channel's m-line, one audio and one video.
+    assert_eq!(most, 3, "m-lines of the largest server offer");
+    node.shutdown().await;
+}
+
+/// Glare in a busy room: a slow browser (1 s to answer) publishing while
+/// the room keeps changing. Its offer collides with a server offer and is
+/// ignored; it answers ours and offers again. The server used to send its
+/// next offer (a change was always queued by then) right after the answer,
+/// so the re-offer collided again, forever: the track was never
+/// negotiated. Now the server yields to the browser's re-offer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_browser_gets_its_offer_in_while_the_room_keeps_changing() {
+    use testkit::MediaKind;
+    let node = node().await;
+    let mut ben = join(&node, "busy", "Ben").await;
+    ben.answer_delay(Duration::from_secs(1));
+    let watcher = join(&node, "busy", "Wat").await;
+    let ben_id = ben.id.clone();
+    let audio = |c: &mut testkit::Client| {
+        c.publish(
+            MediaKind::Audio,
+            signal::Source::Microphone,
+            Duration::from_millis(20),
+            100,
+        )
+    };
+    // The room changes every ~50 ms: a participant joins with a track, the
+    // oldest of three leaves (new participants: one participant's offers
+    // are rate-limited). Ben publishes once he sits on an answer.
+    let mut live = std::collections::VecDeque::new();
+    let until = std::time::Instant::now() + T;
+    let mut published = false;
+    let mut changes = 0;
+    while !watcher.state(|s| has_tracks_from(s, &ben_id, 1, 10)) {
+        assert!(
+            std::time::Instant::now() < until,
+            "Ben's track not negotiated after {changes} room changes; Ben: {:?}",
+            ben.state(|s| (s.offers_received, s.errors.clone()))
+        );
+        if !published && ben.state(|s| s.offers_received) > 0 {
+            audio(&mut ben);
+            published = true;
+        }
+        let mut p = join(&node, "busy", &format!("C{changes}")).await;
+        audio(&mut p);
+        live.push_back(p);
+        if live.len() > 3
+            && let Some(old) = live.pop_front()
+        {
+            old.leave();
+        }
+        changes += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    node.shutdown().await;
+}

@@ -111,13 +111,15 @@ pub struct State {
     pub roster: Vec<ParticipantView>,
     pub chat: Vec<(String, String)>,
     pub errors: Vec<ServerMessage>,
-    /// Received packets by roster track id (the m-line's msid track id).
+    /// Received packets by roster track id (as the server offer's `tracks` names them).
     pub tracks: BTreeMap<String, Vec<Received>>,
-    /// Track id -> publisher participant id (msid stream id).
+    /// Track id -> publisher participant id (from the server offer's `tracks`).
     pub track_owner: HashMap<String, String>,
     pub connected: bool,
     pub ended: bool,
     pub offers_received: usize,
+    /// The most m-lines any server offer had.
+    pub offers_received_mlines: usize,
     /// Every answer the server sent to our offers (SDP text).
     pub answers: Vec<String>,
     /// RTP packets that could not be attributed to a remote track, or whose
@@ -162,6 +164,7 @@ enum Cmd {
     RequestKeyframe(String),
     StaleAnswerOnce,
     OfferRecvOnly(MediaKind),
+    AnswerDelay(Duration),
 }
 
 /// Handle to a running test participant.
@@ -225,6 +228,8 @@ impl Client {
             last_answer: None,
             stale_answer: false,
             recvonly: Vec::new(),
+            answer_delay: Duration::ZERO,
+            held_answer: None,
         };
         tokio::spawn(driver.run(transport.rx, crx));
         Ok(Client {
@@ -348,6 +353,13 @@ impl Client {
         let _ = self.cmd.send(Cmd::StaleAnswerOnce);
     }
 
+    /// Answer every server offer `delay` late, as a slow device does
+    /// (the answer is made at once, sent later; nothing is offered
+    /// meanwhile).
+    pub fn answer_delay(&self, delay: Duration) {
+        let _ = self.cmd.send(Cmd::AnswerDelay(delay));
+    }
+
     /// Offer a `recvonly` m-line of `kind` in the next offer, as clients
     /// that receive through their own transceivers do (aiortc's
     /// `addTransceiver(kind, direction="recvonly")`).
@@ -422,6 +434,9 @@ struct Driver {
     stale_answer: bool,
     /// `recvonly` m-lines to add to the next offer.
     recvonly: Vec<MediaKind>,
+    /// See [`Client::answer_delay`]; an answer waiting to be sent.
+    answer_delay: Duration,
+    held_answer: Option<(Instant, String)>,
 }
 
 impl Driver {
@@ -439,11 +454,20 @@ impl Driver {
     ) {
         let mut buf = vec![0u8; 2048];
         loop {
-            if self.dirty && self.pending.is_none() {
+            if let Some((at, _)) = &self.held_answer
+                && *at <= Instant::now()
+                && let Some((_, sdp)) = self.held_answer.take()
+            {
+                let _ = self.signal_tx.send(ClientMessage::Answer { sdp });
+            }
+            if self.dirty && self.pending.is_none() && self.held_answer.is_none() {
                 self.offer();
             }
             let next = self.poll();
-            let next = self.send_media(next);
+            let mut next = self.send_media(next);
+            if let Some((at, _)) = &self.held_answer {
+                next = next.min(*at);
+            }
             let sleep = tokio::time::sleep_until(next.into());
             tokio::select! {
                 r = recv(&self.socket, &mut buf) => {
@@ -502,16 +526,6 @@ impl Driver {
                     p.key_wanted = true;
                 }
                 self.with_state(|s| s.keyframe_requests += 1)
-            }
-            Event::MediaAdded(m) if m.direction == Direction::RecvOnly => {
-                if let Some(media) = self.rtc.media(m.mid) {
-                    let owner = media.stream_id().to_string();
-                    let track = media.track_id().to_string();
-                    self.remote.insert(m.mid, (owner.clone(), track.clone()));
-                    self.with_state(|s| {
-                        s.track_owner.insert(track, owner);
-                    });
-                }
             }
             Event::RtpPacket(pkt) => {
                 let mid = self
@@ -572,10 +586,27 @@ impl Driver {
                     }
                 }
             }
-            ServerMessage::Offer { sdp } => {
+            ServerMessage::Offer { sdp, tracks } => {
                 let Ok(offer) = SdpOffer::from_sdp_string(&sdp) else {
                     return;
                 };
+                // What each forwarding m-line carries comes from `tracks`,
+                // not the SDP's msid: the server reuses m-lines.
+                self.remote = tracks
+                    .iter()
+                    .map(|t| {
+                        let mid = Mid::from(t.mid.as_str());
+                        (mid, (t.participant.clone(), t.track.clone()))
+                    })
+                    .collect();
+                self.with_state(|s| {
+                    for t in tracks {
+                        s.track_owner.insert(t.track, t.participant);
+                    }
+                    s.offers_received_mlines = s
+                        .offers_received_mlines
+                        .max(sdp.lines().filter(|l| l.starts_with("m=")).count());
+                });
                 // Polite side of glare: our outstanding offer is rolled back
                 // (str0m invalidates it) and made again after answering.
                 if self.pending.take().is_some() {
@@ -592,7 +623,11 @@ impl Driver {
                     }
                     let sdp = answer.to_sdp_string();
                     self.last_answer = Some(sdp.clone());
-                    let _ = self.signal_tx.send(ClientMessage::Answer { sdp });
+                    if self.answer_delay.is_zero() {
+                        let _ = self.signal_tx.send(ClientMessage::Answer { sdp });
+                    } else {
+                        self.held_answer = Some((Instant::now() + self.answer_delay, sdp));
+                    }
                 }
                 self.with_state(|s| s.offers_received += 1);
             }
@@ -646,6 +681,7 @@ impl Driver {
             }
             Cmd::Vanish => self.socket = None,
             Cmd::StaleAnswerOnce => self.stale_answer = true,
+            Cmd::AnswerDelay(d) => self.answer_delay = d,
             Cmd::OfferRecvOnly(kind) => {
                 self.recvonly.push(kind);
                 self.dirty = true;

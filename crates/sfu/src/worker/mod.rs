@@ -75,6 +75,15 @@ pub const MAX_PUBLISHED_TRACKS: usize = 8;
 /// the gap between commands sent back to back by another thread.
 const RENEGOTIATE_WINDOW: Duration = Duration::from_millis(30);
 
+/// How long the server holds its next offer for a browser whose own offer
+/// it ignored (glare): the browser answers ours, rolls its offer back and
+/// offers again at once, and that offer must find no server offer in the
+/// way. Without the wait a busy room always had the next server offer out
+/// again right after the answer, and such a browser's tracks were never
+/// negotiated (the churn soak: 6–10 clients a minute). A bound, not a
+/// delay: the browser's offer ends the wait.
+const GLARE_YIELD: Duration = Duration::from_secs(1);
+
 /// Worker-local participant key (cheap to copy and hash; the public id is a string).
 type Pid = u64;
 
@@ -156,11 +165,29 @@ impl Room {
 /// One forwarded track on a subscriber's PeerConnection.
 struct Subscription {
     mid: Mid,
+    kind: MediaKind,
+    /// The publishing participant (told to the client in `Offer::tracks`).
+    participant: String,
     rewriter: Rewriter,
     /// Publisher payload type -> subscriber payload type (None: no common codec).
     pt_map: Vec<(u8, Option<u8>)>,
     /// Whether the subscriber has accepted the m-line (answer applied).
     active: bool,
+}
+
+/// A forwarding m-line whose track went away: made `inactive`, and given
+/// to the next track of its kind instead of a new m-line. str0m 0.25's
+/// own offers never recycle a stopped m-line (RFC 8829 §5.2.2 allows it,
+/// str0m only accepts it from the remote), so stopping one per departed
+/// track grew every offer and answer by ~2.2 KB for good: a subscriber
+/// that saw ~22 publishers come and go sent an answer over
+/// `MAX_SDP_BYTES` and was cut (`too_large`, found by the churn soak).
+/// Reusing keeps the m-lines at the most tracks received at once.
+struct Spare {
+    mid: Mid,
+    kind: MediaKind,
+    /// Kept so the m-line's RTP stream goes on where it stopped.
+    rewriter: Rewriter,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,6 +213,11 @@ struct Peer {
     pending_mids: Vec<String>,
     /// A change happened while an offer was outstanding: offer again after.
     renegotiate: bool,
+    /// Glare: the browser's offer was ignored while ours was out.
+    glared: bool,
+    /// Our next offer waits until then for the browser's own (see
+    /// [`GLARE_YIELD`]).
+    yield_until: Option<Instant>,
     /// Sources the browser declared for its sending mids.
     declared: HashMap<String, Source>,
     /// Our mids on which the browser publishes -> room track id.
@@ -194,6 +226,8 @@ struct Peer {
     subs: HashMap<String, Subscription>,
     /// Subscriber mid -> track id (for keyframe requests).
     sub_by_mid: HashMap<Mid, String>,
+    /// Forwarding m-lines free for the next track of their kind.
+    spare: Vec<Spare>,
     audio_muted: bool,
     video_muted: bool,
     joined_at: Instant,
@@ -206,6 +240,14 @@ struct Peer {
     /// Test hook: the next guarded str0m call panics.
     #[cfg(feature = "test-hooks")]
     panic_next: bool,
+}
+
+impl Peer {
+    /// Our forwarding m-lines: in use, and spare.
+    fn forwards_on(&self) -> impl Iterator<Item = Mid> + '_ {
+        let spare = self.spare.iter().map(|s| s.mid);
+        self.sub_by_mid.keys().copied().chain(spare)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

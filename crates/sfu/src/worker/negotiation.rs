@@ -9,14 +9,16 @@ use std::fmt::Display;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::Ordering;
 
-use signal::{ErrorCode, RoomName, ServerMessage, Source, TrackSource};
+use signal::{ErrorCode, OfferedTrack, RoomName, ServerMessage, Source, TrackSource};
 use str0m::change::{SdpAnswer, SdpOffer};
 use str0m::media::{Direction, MediaKind, Mid};
 use tracing::{debug, info};
 
 use super::participant::guarded;
 use super::rooms::remove_track;
-use super::{Origin, Peer, Phase, Pid, RENEGOTIATE_WINDOW, Subscription, Track, Worker};
+use super::{
+    GLARE_YIELD, Origin, Peer, Phase, Pid, RENEGOTIATE_WINDOW, Spare, Subscription, Track, Worker,
+};
 use crate::SfuMetrics;
 use crate::keyframe::{KEYFRAME_INTERVAL, KeyframeLimiter};
 use crate::rewrite::Rewriter;
@@ -31,12 +33,14 @@ impl Worker {
             return;
         };
         if peer.pending.is_some() {
-            // Glare: we are the impolite side; the browser rolls back.
+            // Glare: we are the impolite side; the browser rolls back,
+            // answers ours and offers again (we then yield to it).
             debug!(participant = %peer.id, "client offer during server offer; ignored");
+            peer.glared = true;
             return;
         }
         let sdp = without_simulcast(&sdp);
-        let ours = |mid: &str| peer.sub_by_mid.keys().any(|m| m.to_string() == mid);
+        let ours = |mid: &str| peer.forwards_on().any(|m| m.to_string() == mid);
         let sdp = unknown_recvonly_inactive(&sdp, ours).into_owned();
         if let Some(e) = payload_type_conflict(&sdp) {
             return send_error(peer, ErrorCode::InvalidSdp, e);
@@ -55,10 +59,14 @@ impl Worker {
                 });
                 let first = peer.phase == Phase::AwaitingOffer;
                 peer.phase = Phase::Negotiated;
+                let yielded = peer.yield_until.take().is_some();
                 self.dirty.insert(pid);
                 if first {
                     // Now that we can offer, send what the room already has.
                     self.drive_dirty();
+                    self.renegotiate(pid);
+                } else if yielded && self.renegotiate_soon.remove(&pid).is_some() {
+                    // What we held back for this offer goes out now.
                     self.renegotiate(pid);
                 }
             }
@@ -123,8 +131,14 @@ impl Worker {
                 if self.peers[&pid].connected {
                     self.start_subscriptions(pid, new_video);
                 }
-                let again = self.peers.get(&pid).is_some_and(|p| p.renegotiate);
-                if again {
+                let Some(peer) = self.peers.get_mut(&pid) else {
+                    return;
+                };
+                if std::mem::take(&mut peer.glared) {
+                    // The browser offers again now: let its offer in first.
+                    peer.yield_until = Some(Instant::now() + GLARE_YIELD);
+                }
+                if peer.renegotiate {
                     self.renegotiate(pid);
                 }
             }
@@ -146,7 +160,7 @@ impl Worker {
         let Some(peer) = self.peers.get_mut(&pid) else {
             return;
         };
-        if peer.sub_by_mid.contains_key(&mid) {
+        if peer.forwards_on().any(|m| m == mid) {
             return; // one of our forwarding m-lines
         }
         let receiving = matches!(dir, Direction::RecvOnly | Direction::SendRecv);
@@ -235,7 +249,9 @@ impl Worker {
     }
 
     /// Bring the set of m-lines we send to `pid` in line with the room's
-    /// tracks: one server offer adding what is new and stopping what is gone.
+    /// tracks: one server offer giving each new track a spare m-line of its
+    /// kind (or a new one) and making the m-lines of gone tracks spare
+    /// (`inactive`; see [`Spare`](super::Spare)).
     pub(super) fn renegotiate(&mut self, pid: Pid) {
         let Some(peer) = self.peers.get(&pid) else {
             return;
@@ -265,6 +281,15 @@ impl Worker {
             peer.renegotiate = true;
             return;
         }
+        if let Some(until) = peer.yield_until {
+            if Instant::now() < until {
+                // Held for the browser's offer; goes out with or after it.
+                peer.renegotiate = false;
+                self.renegotiate_soon.insert(pid, until);
+                return;
+            }
+            peer.yield_until = None;
+        }
         peer.renegotiate = false;
         if gone.is_empty() && new.is_empty() {
             return;
@@ -273,24 +298,38 @@ impl Worker {
             .iter()
             .filter_map(|id| peer.subs.get(id).map(|sub| sub.mid))
             .collect();
+        // Spares freed before this offer first (their `inactive` is known
+        // to the browser); those freed by it wait for the next one.
+        let mut reused = Vec::new();
+        let mut fresh = Vec::new();
+        for (id, kind, owner) in new {
+            match peer.spare.iter().position(|s| s.kind == kind) {
+                Some(i) => reused.push((id, owner, peer.spare.swap_remove(i))),
+                None => fresh.push((id, kind, owner)),
+            }
+        }
+        let reused_mids: Vec<Mid> = reused.iter().map(|(_, _, s)| s.mid).collect();
         // Every str0m call of the change under one guard: a panic ends
         // this participant (reaped with `error internal`), not the worker.
         let Some((added, applied)) = guarded(peer, |rtc| {
             let mut change = rtc.sdp_api();
             for &mid in &stopped {
-                change.stop_media(mid);
+                change.set_direction(mid, Direction::Inactive);
             }
-            let added: Vec<(String, Mid)> = new
+            for &mid in &reused_mids {
+                change.set_direction(mid, Direction::SendOnly);
+            }
+            let added: Vec<(String, MediaKind, String, Mid)> = fresh
                 .into_iter()
                 .map(|(id, kind, owner)| {
                     let mid = change.add_media(
                         kind,
                         Direction::SendOnly,
-                        Some(owner),
+                        Some(owner.clone()),
                         Some(id.clone()),
                         None,
                     );
-                    (id, mid)
+                    (id, kind, owner, mid)
                 })
                 .collect();
             (added, change.apply())
@@ -300,15 +339,30 @@ impl Worker {
         for id in &gone {
             if let Some(sub) = peer.subs.remove(id) {
                 peer.sub_by_mid.remove(&sub.mid);
+                peer.spare.push(Spare {
+                    mid: sub.mid,
+                    kind: sub.kind,
+                    rewriter: sub.rewriter,
+                });
             }
         }
-        for (id, mid) in added {
+        let subscribed = reused
+            .into_iter()
+            .map(|(id, owner, s)| (id, s.kind, owner, s.mid, s.rewriter))
+            .chain(
+                added
+                    .into_iter()
+                    .map(|(id, kind, owner, mid)| (id, kind, owner, mid, Rewriter::default())),
+            );
+        for (id, kind, participant, mid, rewriter) in subscribed {
             peer.sub_by_mid.insert(mid, id.clone());
             peer.subs.insert(
                 id,
                 Subscription {
                     mid,
-                    rewriter: Rewriter::default(),
+                    kind,
+                    participant,
+                    rewriter,
                     pt_map: Vec::new(),
                     active: false,
                 },
@@ -318,24 +372,55 @@ impl Worker {
             peer.pending = Some(pending);
             let sdp = offer.to_sdp_string();
             peer.pending_mids = sdp_mids(&sdp);
-            let _ = peer.events.send(ServerMessage::Offer { sdp });
+            let mut tracks: Vec<OfferedTrack> = peer
+                .subs
+                .iter()
+                .map(|(id, sub)| OfferedTrack {
+                    mid: sub.mid.to_string(),
+                    track: id.clone(),
+                    participant: sub.participant.clone(),
+                })
+                .collect();
+            tracks.sort_by(|a, b| a.mid.cmp(&b.mid));
+            let _ = peer.events.send(ServerMessage::Offer { sdp, tracks });
             self.dirty.insert(pid);
         }
     }
 
     /// A server offer was refused: forget its m-lines so the next offer
-    /// adds them again.
+    /// adds them again. A new m-line was never made; a reused one is spare
+    /// again, and `inactive` again (str0m changed its direction at once,
+    /// and the refused offer never reached the browser's state).
     fn rebuild_subscriptions(&mut self, pid: Pid) {
         if let Some(peer) = self.peers.get_mut(&pid) {
-            let inactive: Vec<String> = peer
+            let unanswered: Vec<String> = peer
                 .subs
                 .iter()
                 .filter(|(_, s)| !s.active)
                 .map(|(id, _)| id.clone())
                 .collect();
-            for id in inactive {
-                if let Some(s) = peer.subs.remove(&id) {
-                    peer.sub_by_mid.remove(&s.mid);
+            for id in unanswered {
+                let Some(sub) = peer.subs.remove(&id) else {
+                    continue;
+                };
+                peer.sub_by_mid.remove(&sub.mid);
+                let mid = sub.mid;
+                let existed = guarded(peer, |rtc| {
+                    let exists = rtc.media(mid).is_some();
+                    if exists {
+                        // Not applied: only the direction is to change.
+                        rtc.sdp_api().set_direction(mid, Direction::Inactive);
+                    }
+                    exists
+                });
+                match existed {
+                    Some(true) => peer.spare.push(Spare {
+                        mid,
+                        kind: sub.kind,
+                        rewriter: sub.rewriter,
+                    }),
+                    Some(false) => {}
+                    None => return, // panicked: `guarded` ended it
                 }
             }
         }
