@@ -646,6 +646,10 @@ impl Adapter {
                 let Some(state) = room_of(&room).and_then(|r| self.rooms.get(&r)) else {
                     return;
                 };
+                // The trunk core already drops data naming a participant the
+                // peer did not announce in the room (`foreign_data_drops`);
+                // this refuses one it announced although another node (or
+                // this one) owns that id, a claim the core cannot judge.
                 if !state.owned_by(from, node) {
                     refuse(
                         &self.refused,

@@ -313,6 +313,11 @@ pub(crate) fn render(
                 tm.unknown_wire_drops,
             ),
             (
+                "switchboard_trunk_foreign_data_drops",
+                "Trunk chat/mute data naming a sender the peer did not announce in that room",
+                tm.foreign_data_drops,
+            ),
+            (
                 "switchboard_trunk_protocol_errors",
                 "Trunk frames that broke the protocol (trunk closed)",
                 tm.protocol_errors,

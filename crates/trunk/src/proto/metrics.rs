@@ -16,6 +16,10 @@ pub struct Metrics {
     pub open_floods: u64,
     /// Datagrams or messages naming a wire id we do not know.
     pub unknown_wire_drops: u64,
+    /// `Data` naming as its sender a participant the peer has not announced
+    /// in that room (another node's, or nobody's): dropped, so a node
+    /// cannot speak for another's participants.
+    pub foreign_data_drops: u64,
     /// Frames that failed to decode or broke the protocol (trunk closed).
     pub protocol_errors: u64,
     pub link_ups: u64,

@@ -20,6 +20,10 @@ use trunk::proto::{
 
 /// How a violation of invariant 6 by a stale room-scoped message starts.
 pub(crate) const STALE_INVARIANT: &str = "no creation from data: stale message";
+/// How a violation by `Data` speaking for a participant its sender did
+/// not announce in that room starts (invariant 6's sibling: no node speaks
+/// for another's participants).
+pub(crate) const FOREIGN_DATA_INVARIANT: &str = "no speaking for others: data from";
 /// How a violation of invariant 6 by a datagram naming a wire id that
 /// existed once (a removed track's) starts.
 pub(crate) const ONCE_VALID_INVARIANT: &str = "no creation from data: once-valid wire id";

@@ -88,7 +88,7 @@ mod network;
 mod strays;
 
 use events::Ev;
-use invariants::{ONCE_VALID_INVARIANT, STALE_INVARIANT};
+use invariants::{FOREIGN_DATA_INVARIANT, ONCE_VALID_INVARIANT, STALE_INVARIANT};
 use media::MEDIA_TICK_MS;
 use media::{NetRec, QuietPkt};
 use media_invariants::{REPAIR_MIN_TOTAL_PERMILLE, REPAIR_REPORT_MIN_LOST, RETRANSMIT_INVARIANT};
@@ -110,8 +110,8 @@ const MISSES: u32 = 3;
 const SETTLE: Duration = Duration::from_secs(16);
 
 /// Totals over a run, printed so a reader can see the schedules did work.
-static STATS: [AtomicU64; 19] = [const { AtomicU64::new(0) }; 19];
-const STAT_NAMES: [&str; 19] = [
+static STATS: [AtomicU64; 20] = [const { AtomicU64::new(0) }; 20];
+const STAT_NAMES: [&str; 20] = [
     "remote tracks checked at settle",
     "stale drops",
     "link ups",
@@ -131,6 +131,7 @@ const STAT_NAMES: [&str; 19] = [
     "frames judged stale (each checked: one stale drop, nothing else)",
     "stale frames replayed",
     "datagrams for once-valid remote wire ids injected",
+    "data frames forged (a sender not announced there)",
 ];
 /// Lowest repaired share (‰) of a quiet phase with enough losses.
 static WORST_REPAIR: AtomicU64 = AtomicU64::new(u64::MAX);
@@ -560,6 +561,20 @@ fn catches_media_of_removed_track() {
         },
         "delivering media of a removed track",
         &[ONCE_VALID_INVARIANT],
+    );
+}
+
+/// No node speaks for another's participants: `Data` naming a sender its
+/// peer did not announce in that room (a forged stray) must be dropped.
+#[test]
+fn catches_foreign_data() {
+    caught(
+        PlantedBugs {
+            accept_foreign_data: true,
+            ..Default::default()
+        },
+        "delivering data from a participant the sender did not announce",
+        &[FOREIGN_DATA_INVARIANT],
     );
 }
 

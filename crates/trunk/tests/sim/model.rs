@@ -5,6 +5,7 @@
 //! The invariants compare this model with the nodes' snapshots.
 
 use crate::events::Ev;
+use crate::invariants::FOREIGN_DATA_INVARIANT;
 use crate::network::SimConn;
 use crate::{Sim, ms};
 use rand::Rng;
@@ -279,6 +280,15 @@ impl Sim {
             } => {
                 if !open(self, &room) {
                     self.fail(format!("node {}: data for room {room} not open", i + 1));
+                }
+                if !self.nodes[i]
+                    .remote_participants
+                    .contains_key(&(room.clone(), node, from))
+                {
+                    return self.fail(format!(
+                        "{FOREIGN_DATA_INVARIANT}: node {} got data from {from:?} via {node:?} in {room}, not announced there",
+                        i + 1
+                    ));
                 }
                 let seq = payload
                     .get(..8)

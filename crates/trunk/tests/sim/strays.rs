@@ -10,13 +10,13 @@
 
 use crate::actions::weighted;
 use crate::events::Ev;
-use crate::invariants::{stale_verdict, strip};
+use crate::invariants::{FOREIGN_DATA_INVARIANT, stale_verdict, strip};
 use crate::media::Payload;
 use crate::network::pair;
 use crate::{Sim, ms, stat};
 use rand::Rng;
 use std::collections::BTreeSet;
-use trunk::proto::wire::{self, DatagramMessage};
+use trunk::proto::wire::{self, DatagramMessage, Message};
 use trunk::proto::{ConnId, NodeId, ParticipantId, Time, TrackId, WireId};
 
 /// One kind of stray.
@@ -30,6 +30,9 @@ pub(crate) enum Stray {
     MediaUnknown,
     /// A room-scoped frame the node accepted earlier, now stale.
     StaleFrame,
+    /// A current `Data` frame the node accepted, sent again on the same
+    /// trunk naming a participant the sender did not announce in that room.
+    ForgedData,
 }
 
 /// How often each kind of stray is injected, relative to the others.
@@ -38,6 +41,7 @@ pub(crate) const STRAYS: &[(Stray, u32)] = &[
     (Stray::NackUnknown, 3),
     (Stray::MediaUnknown, 4),
     (Stray::StaleFrame, 3),
+    (Stray::ForgedData, 3),
 ];
 
 impl Sim {
@@ -60,6 +64,9 @@ impl Sim {
         if kind == Stray::StaleFrame {
             self.replay_stale_frames(i, 1);
             return;
+        }
+        if kind == Stray::ForgedData {
+            return self.forge_data(i);
         }
         let me = (i, self.nodes[i].epoch);
         // Mostly a peer's active trunk; sometimes any connection of the
@@ -217,7 +224,7 @@ impl Sim {
                 let once_valid = self.nodes[j].old_wires.contains(&wire);
                 self.stray_unknown(i, conn, &bytes, wire, once_valid);
             }
-            Stray::StaleFrame => unreachable!("handled above"),
+            Stray::StaleFrame | Stray::ForgedData => unreachable!("handled above"),
         }
     }
 
@@ -261,6 +268,70 @@ impl Sim {
     /// Replay up to `n` room-scoped frames node `i` accepted earlier, each
     /// on its sender's current trunk and only if the generation gate must
     /// now refuse it (`deliver_frame` checks that it does, and counts it).
+    /// A `Data` frame node `i` accepted from a peer, still current, sent
+    /// again naming as its sender someone that peer has not announced in
+    /// that room: a participant of another node there, one of node `i`'s
+    /// own, or nobody. It must be dropped and counted (the model fails the
+    /// run if it is delivered).
+    pub(crate) fn forge_data(&mut self, i: usize) {
+        let node = &self.nodes[i].node;
+        let current: Vec<(NodeId, Message)> = self.nodes[i]
+            .heard
+            .iter()
+            .filter(|(from, _)| self.live_trunk(i, *from).is_some())
+            .filter_map(|(from, body)| Some((*from, wire::decode_body(body).ok()?)))
+            .filter(|(from, msg)| {
+                matches!(msg, Message::Data { .. })
+                    && stale_verdict(node, *from, msg) == Some(false)
+            })
+            .collect();
+        if current.is_empty() {
+            return;
+        }
+        let (from, mut msg) = current[self.mrng.random_range(0..current.len())].clone();
+        let Message::Data {
+            room, from: sender, ..
+        } = &mut msg
+        else {
+            return;
+        };
+        let announced = |p: ParticipantId| {
+            self.nodes[i]
+                .remote_participants
+                .contains_key(&(room.clone(), from, p))
+        };
+        let mut others: Vec<ParticipantId> = self.nodes[i]
+            .remote_participants
+            .keys()
+            .filter(|(r, n, _)| r == room && *n != from)
+            .map(|k| k.2)
+            .chain(self.nodes[i].participants.keys().copied())
+            .filter(|p| !announced(*p))
+            .collect();
+        others.push(ParticipantId(self.mrng.random_range(1 << 40..u64::MAX)));
+        *sender = others[self.mrng.random_range(0..others.len())];
+        let Some(conn) = self.live_trunk(i, from) else {
+            return;
+        };
+        let Ok(frame) = wire::encode_frame(&msg) else {
+            return self.fail(format!("forged data does not encode: {msg:?}"));
+        };
+        let Ok(Some((body, _))) = wire::split_frame(&frame) else {
+            return self.fail("forged data does not split".into());
+        };
+        let body = body.to_vec();
+        stat(19, 1);
+        let drops = self.nodes[i].node.metrics().foreign_data_drops;
+        self.deliver_frame(i, from, conn, &body);
+        self.pump(i);
+        if self.nodes[i].node.metrics().foreign_data_drops != drops + 1 {
+            self.fail(format!(
+                "{FOREIGN_DATA_INVARIANT}: node {} did not count forged {msg:?} from {from:?}",
+                i + 1
+            ));
+        }
+    }
+
     pub(crate) fn replay_stale_frames(&mut self, i: usize, n: usize) {
         let node = &self.nodes[i].node;
         let stale: Vec<usize> = (0..self.nodes[i].heard.len())

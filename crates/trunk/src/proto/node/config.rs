@@ -78,4 +78,8 @@ pub struct PlantedBugs {
     /// "grace period" for packets in flight) instead of dropping it as an
     /// unknown wire id: a once-valid wire id stays valid.
     pub deliver_removed_tracks: bool,
+    /// Deliver `Data` whatever participant it names as its sender (the
+    /// check the SFU adapter alone used to make): a node can speak for
+    /// another node's participants.
+    pub accept_foreign_data: bool,
 }

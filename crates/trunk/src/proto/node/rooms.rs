@@ -380,14 +380,29 @@ impl Node {
                 from,
                 payload,
             } => {
-                if self.accept(node, &room, gens) {
-                    self.events.push_back(Event::DataReceived {
-                        room,
-                        node,
-                        from,
-                        payload,
-                    });
+                if !self.accept(node, &room, gens) {
+                    return;
                 }
+                // Only a participant this peer announced in this room may
+                // speak through it (ParticipantJoined comes first on the
+                // same ordered stream, so an honest peer never fails this).
+                let announced = self
+                    .peers
+                    .get(&node)
+                    .and_then(|p| p.rooms.get(&room))
+                    .is_some_and(|r| r.participants.contains_key(&from));
+                #[cfg(feature = "planted-bugs")]
+                let announced = announced || self.config.bugs.accept_foreign_data;
+                if !announced {
+                    self.metrics.foreign_data_drops += 1;
+                    return;
+                }
+                self.events.push_back(Event::DataReceived {
+                    room,
+                    node,
+                    from,
+                    payload,
+                });
             }
         }
     }
