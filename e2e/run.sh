@@ -4,6 +4,7 @@
 # runs these suites against real nodes on free ports:
 #   tests/call.test.mjs      two Chromium pages, node on 127.0.0.1
 #   tests/simulcast.test.mjs a simulcast publisher gets one layer, fully decoded
+#   tests/phone.test.mjs     a phone (390×844, touch) in a call of three: video first
 #   tests/reuse.test.mjs     publishers come and go: reused m-lines carry the next one
 #   tests/cluster.test.mjs   a page on each of three clustered nodes (trunks)
 #   tests/trunk-loss.test.mjs two clustered nodes whose trunk crosses the UDP
@@ -83,6 +84,7 @@ stop_node() {
 start_node artifacts/switchboard.log env --
 echo "== node at $NODE_URL"
 SB_URL="$NODE_URL" node --test --test-concurrency=1 tests/call.test.mjs tests/simulcast.test.mjs tests/reuse.test.mjs
+SB_URL="$NODE_URL" node --test --test-concurrency=1 tests/phone.test.mjs
 stop_node "$NODE_PID"
 
 # Three clustered nodes on loopback: B dials A's trunk, C dials A's and B's.

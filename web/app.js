@@ -5,6 +5,15 @@
 const $ = (id) => document.getElementById(id);
 const ROOM_RE = /^[A-Za-z0-9._-]{1,64}$/;
 
+// Phones and other small screens (also held sideways): the call shows video
+// first, chat is an overlay that starts closed. Same query as style.css.
+const NARROW = matchMedia('(max-width: 600px), (max-height: 500px)');
+
+// An invitation link carries a join token (`/r/<room>?token=<jwt>`). It is
+// sent with `join`; the server checks it and decides from it the room, the
+// display name and what this participant may do (publish, subscribe, chat).
+const TOKEN = (new URLSearchParams(location.search).get('token') || '').trim() || null;
+
 const state = {
   room: null,
   name: null,
@@ -26,6 +35,10 @@ const state = {
   retryTimer: null,
   chatUnread: 0,
   errors: [],
+  fatal: false,
+  canPublish: true,    // false once the server refused publishing (token without the right)
+  canChat: true,       // false once the server refused chat
+  lastAsk: { publish: 0, chat: 0 }, // when we last asked to publish / chat (to tell what a `forbidden` refers to)
 };
 window.__sb = state; // for tests and debugging
 
@@ -34,6 +47,34 @@ window.__sb = state; // for tests and debugging
 function roomFromPath() {
   const m = location.pathname.match(/^\/r\/([^/]+)$/);
   return m ? decodeURIComponent(m[1]) : '';
+}
+
+// The token's claims, decoded WITHOUT checking the signature (only the
+// server can): used only to prefill the lobby and to explain a refusal.
+function tokenClaims() {
+  if (!TOKEN) return {};
+  try {
+    let b64 = TOKEN.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+    b64 += '='.repeat((4 - (b64.length % 4)) % 4);
+    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    const c = JSON.parse(new TextDecoder().decode(bytes));
+    return c && typeof c === 'object' ? c : {};
+  } catch {
+    return {};
+  }
+}
+
+function claim(key) {
+  const v = tokenClaims()[key];
+  return typeof v === 'string' ? v.trim() : '';
+}
+
+// What the token grants when it says (`grants: {publish, subscribe, chat}`;
+// a grant it leaves out is not given), else null. Spares a request the
+// server would refuse; the server enforces either way.
+function tokenGrants() {
+  const g = tokenClaims().grants;
+  return g && typeof g === 'object' ? { publish: g.publish === true, chat: g.chat === true } : null;
 }
 
 function setConn(s, text) {
@@ -90,8 +131,13 @@ async function preview() {
 
 function initLobby() {
   const room = roomFromPath();
-  $('room').value = room || localStorage.getItem('sb.room') || '';
-  $('name').value = localStorage.getItem('sb.name') || '';
+  const tokenRoom = ROOM_RE.test(claim('room')) ? claim('room') : '';
+  $('room').value = room || tokenRoom || localStorage.getItem('sb.room') || '';
+  $('name').value = claim('name') || localStorage.getItem('sb.name') || '';
+  $('invite-note').hidden = !TOKEN;
+  const grants = tokenGrants();
+  if (grants && !grants.chat) disableChat();
+  if (grants && !grants.publish) receiveOnly();
   $('room-label').textContent = room ? `Room ${room}` : '';
   $('cam-select').onchange = startPreview;
   $('mic-select').onchange = startPreview;
@@ -103,7 +149,8 @@ function initLobby() {
     if (!n || [...n].length > 64) return showJoinError('Your name must be 1–64 characters.');
     localStorage.setItem('sb.room', r);
     localStorage.setItem('sb.name', n);
-    if (roomFromPath() !== r) history.pushState({}, '', `/r/${encodeURIComponent(r)}`);
+    // Keep the query: the token must survive a reload of the call page.
+    if (roomFromPath() !== r) history.pushState({}, '', `/r/${encodeURIComponent(r)}${location.search}`);
     state.room = r;
     state.name = n;
     $('join-btn').disabled = true;
@@ -112,20 +159,25 @@ function initLobby() {
       enterCall();
     });
   };
-  startPreview();
+  if (state.canPublish) startPreview(); // no camera to open for a watch-only link
 }
 
 function showJoinError(msg) { $('join-error').textContent = msg; }
 
 // ---------- session ----------
 
+function showRoom() {
+  $('room-label').textContent = `Room ${state.room}`;
+  document.title = `${state.room} · Switchboard`;
+}
+
 function enterCall() {
   $('lobby').hidden = true;
   $('left').hidden = true;
   $('call').hidden = false;
   $('controls').hidden = false;
-  $('room-label').textContent = `Room ${state.room}`;
-  document.title = `${state.room} · Switchboard`;
+  showRoom();
+  if (NARROW.matches) setChatOpen(false); // video first on a phone
   state.retries = 0;
   connect();
 }
@@ -137,7 +189,13 @@ function connect() {
   const proto = location.protocol === 'https:' ? 'wss' : 'ws';
   const ws = new WebSocket(`${proto}://${location.host}/ws`);
   state.ws = ws;
-  ws.onopen = () => send({ type: 'join', room: state.room, name: state.name });
+  ws.onopen = () => {
+    // Room and name as typed even with a token: when the token names them,
+    // the server uses the token's (and says so in `joined`).
+    const join = { type: 'join', room: state.room, name: state.name };
+    if (TOKEN) join.token = TOKEN;
+    send(join);
+  };
   ws.onmessage = (ev) => {
     let msg;
     try { msg = JSON.parse(ev.data); } catch { return; }
@@ -167,13 +225,25 @@ const ERROR_TEXT = {
   disconnected: 'Your media connection was lost.',
   rate_limited: 'Slow down: too many messages.',
   chat_too_long: 'That message is too long.',
+  token_required: 'This room needs an invitation link. Ask whoever runs the call for one.',
+  token_invalid: 'This link is not valid. Check that you copied all of it, or ask for a new one.',
+  token_expired: 'This link has expired — ask for a new one.',
+  token_wrong_room: 'This link is not valid for this room.',
+  forbidden: 'Your link does not allow that.',
+  forbidden_publish: 'Your link lets you watch and listen, but not send your camera, microphone or screen.',
+  forbidden_chat: 'Your link does not allow chat in this room.',
 };
+
+// Refusals of the join itself: retrying cannot help, so no reconnect and no
+// "Rejoin" button (the link has to change).
+const TOKEN_ERRORS = new Set(['token_required', 'token_invalid', 'token_expired', 'token_wrong_room']);
 
 async function onMessage(msg) {
   switch (msg.type) {
     case 'joined':
       state.me = msg.participant_id;
       state.retries = 0;
+      adoptJoined(msg);
       banner(null);
       startPc();
       break;
@@ -189,16 +259,149 @@ async function onMessage(msg) {
   }
 }
 
+// The server may have set room and name from the token: show its choice.
+function adoptJoined(msg) {
+  if (typeof msg.name === 'string' && msg.name) state.name = msg.name;
+  if (typeof msg.room === 'string' && msg.room && msg.room !== state.room) {
+    state.room = msg.room;
+    history.replaceState({}, '', `/r/${encodeURIComponent(msg.room)}${location.search}`);
+    showRoom();
+  }
+}
+
 function onError(msg) {
   state.errors.push(msg);
   console.warn('server error', msg.code, msg.message);
   const text = ERROR_TEXT[msg.code] || msg.message;
-  if (msg.code === 'full' || msg.code === 'invalid_room' || msg.code === 'invalid_name') {
+  if (msg.code === 'forbidden') {
+    onForbidden(msg);
+  } else if (TOKEN_ERRORS.has(msg.code)) {
+    state.fatal = true;
+    let detail = text;
+    let link = null;
+    const other = claim('room');
+    if (msg.code === 'token_wrong_room' && ROOM_RE.test(other) && other !== state.room) {
+      detail = `${text} It is for the room “${other}”.`;
+      link = { href: `/r/${encodeURIComponent(other)}${location.search}`, text: `Go to room ${other}` };
+    }
+    leaveUi('Could not join', detail, { rejoin: false, link });
+  } else if (msg.code === 'full' || msg.code === 'invalid_room' || msg.code === 'invalid_name') {
     state.fatal = true;
     leaveUi('Could not join', text);
   } else {
     banner(text, true);
   }
+}
+
+// No camera, microphone or screen from this page: the controls that send
+// are disabled and the camera (if open) is released.
+function receiveOnly() {
+  state.canPublish = false;
+  for (const id of ['mic-btn', 'cam-btn', 'screen-btn']) {
+    $(id).disabled = true;
+    $(id).title = 'Your link does not allow sending';
+  }
+  if (state.local) state.local.getTracks().forEach((t) => t.stop());
+  state.local = new MediaStream();
+  $('preview').srcObject = null;
+  $('preview-empty').hidden = false;
+  $('preview-empty').textContent = 'Your link lets you watch and listen only';
+  $('cam-select').closest('.row').hidden = true;
+}
+
+function disableChat() {
+  state.canChat = false;
+  $('chat-input').disabled = true;
+  $('chat-input').placeholder = 'Your link does not allow chat';
+  $('chat-form').querySelector('button').disabled = true;
+}
+
+// `forbidden` names no action: it answers our latest request that needs a
+// right. An offer of ours still waiting with tracks in it is a publish;
+// otherwise the more recent of publish (offer, mute) and chat, if recent.
+function onForbidden(msg) {
+  const pc = state.pc;
+  const now = performance.now();
+  const recent = (t) => t > 0 && now - t < 10000;
+  let what = 'other';
+  if (pc && pc.signalingState === 'have-local-offer' && sdpSendsMedia(pc.localDescription && pc.localDescription.sdp)) what = 'publish';
+  else if (recent(state.lastAsk.chat) && state.lastAsk.chat >= state.lastAsk.publish) what = 'chat';
+  else if (recent(state.lastAsk.publish)) what = 'publish';
+  if (what === 'publish') {
+    if (stopPublishing()) banner(ERROR_TEXT.forbidden_publish, true); // said once
+  } else if (what === 'chat') {
+    disableChat();
+    banner(ERROR_TEXT.forbidden_chat, true);
+  } else {
+    banner(ERROR_TEXT.forbidden || msg.message, true);
+  }
+}
+
+// The token does not allow publishing: become receive-only for good (this
+// page), so nothing offers our tracks again — not this connection, not a
+// reconnect. The sending transceivers go inactive; if the refused offer is
+// still pending (the server ignores it: no answer will come) a new offer
+// replaces it. Not a rollback: after rolling back its first offer Chromium
+// forgets the data channel, and an offer without any m-line fails.
+// True the first time.
+function stopPublishing() {
+  const first = state.canPublish;
+  if (first) {
+    stopScreen();
+    receiveOnly();
+  }
+  const pc = state.pc;
+  if (pc) {
+    for (const tx of pc.getTransceivers()) {
+      if (tx.sb_source && !tx.stopped && tx.direction !== 'inactive') {
+        tx.direction = 'inactive';
+        tx.sender.replaceTrack(null).catch(() => { /* pc closed */ });
+      }
+    }
+    if (pc.signalingState === 'have-local-offer' && !state.makingOffer
+        && sdpSendsMedia(pc.localDescription && pc.localDescription.sdp)) {
+      reoffer(pc).catch((e) => console.warn('offer without media', e));
+    }
+  }
+  render();
+  return first;
+}
+
+// A new offer in place of our pending one (setLocalDescription from have-local-offer).
+async function reoffer(pc) {
+  state.makingOffer = true;
+  try {
+    await pc.setLocalDescription();
+    if (pc !== state.pc || pc.signalingState !== 'have-local-offer') return;
+    send({ type: 'offer', sdp: pc.localDescription.sdp, tracks: trackList(pc) });
+  } finally {
+    state.makingOffer = false;
+  }
+}
+
+// Does this SDP send audio or video (an m-line not rejected whose direction
+// is sendrecv or sendonly)? The server's test for needing the publish right.
+function sdpSendsMedia(sdp) {
+  let sends = false;
+  let media = false;
+  let live = false;
+  let dir = null;
+  const flush = () => { if (media && live && (!dir || dir === 'sendrecv' || dir === 'sendonly')) sends = true; };
+  for (const line of (sdp || '').split(/\r?\n/)) {
+    if (line.startsWith('m=')) {
+      flush();
+      const [kind, port] = line.slice(2).split(' ');
+      media = kind === 'audio' || kind === 'video';
+      live = port !== '0';
+      dir = null;
+    } else if (line === 'a=bundle-only') {
+      live = true;
+    } else if (/^a=(sendrecv|sendonly|recvonly|inactive)$/.test(line)) {
+      dir = line.slice(2);
+    }
+  }
+  flush();
+  return sends;
 }
 
 // ---------- WebRTC ----------
@@ -211,11 +414,11 @@ function startPc() {
   state.remote.clear();
   state.screenTx = null;
   pc.createDataChannel('sb'); // always at least one m-line, even receive-only
-  for (const t of state.local ? state.local.getTracks() : []) {
+  for (const t of state.canPublish && state.local ? state.local.getTracks() : []) {
     const tx = pc.addTransceiver(t, { direction: 'sendonly', streams: [state.local] });
     tx.sb_source = t.kind === 'audio' ? 'microphone' : 'camera';
   }
-  if (state.screen) addScreenTransceiver();
+  if (state.screen && state.canPublish) addScreenTransceiver();
   pc.onnegotiationneeded = () => offer().catch((e) => console.error('offer', e));
   pc.ontrack = (ev) => onTrack(ev);
   pc.onconnectionstatechange = () => {
@@ -255,12 +458,16 @@ function trackList(pc) {
 
 async function offer() {
   const pc = state.pc;
-  if (!pc || !state.me) return;
+  // One offer at a time, from stable (browsers fire negotiationneeded again
+  // once a negotiation ends if more is needed).
+  if (!pc || !state.me || pc.signalingState !== 'stable' || state.makingOffer) return;
   state.makingOffer = true;
   try {
     await pc.setLocalDescription();
     if (pc !== state.pc || pc.signalingState !== 'have-local-offer') return;
-    send({ type: 'offer', sdp: pc.localDescription.sdp, tracks: trackList(pc) });
+    const tracks = trackList(pc);
+    if (tracks.length) state.lastAsk.publish = performance.now();
+    send({ type: 'offer', sdp: pc.localDescription.sdp, tracks });
   } finally {
     state.makingOffer = false;
   }
@@ -313,7 +520,10 @@ function applyMute() {
     state.local.getAudioTracks().forEach((t) => { t.enabled = !state.micMuted; });
     state.local.getVideoTracks().forEach((t) => { t.enabled = !state.camOff; });
   }
-  send({ type: 'mute', audio: state.micMuted, video: state.camOff });
+  if (state.canPublish) {
+    state.lastAsk.publish = performance.now();
+    send({ type: 'mute', audio: state.micMuted, video: state.camOff });
+  }
   setToggle($('mic-btn'), state.micMuted, 'Unmute', 'Mute');
   setToggle($('cam-btn'), state.camOff, 'Camera on', 'Camera off');
 }
@@ -336,6 +546,7 @@ function addScreenTransceiver() {
 
 async function toggleScreen() {
   if (state.screen) return stopScreen();
+  if (!state.canPublish) return banner(ERROR_TEXT.forbidden_publish, true);
   try {
     state.screen = await navigator.mediaDevices.getDisplayMedia({ video: true, audio: false });
   } catch {
@@ -368,9 +579,12 @@ function leave() {
   leaveUi('You left the call', `Room ${state.room}`);
 }
 
-function leaveUi(title, text) {
+function leaveUi(title, text, { rejoin = true, link = null } = {}) {
   state.phase = 'left';
   clearTimeout(state.retryTimer);
+  $('rejoin').hidden = !rejoin;
+  $('left-link').href = link ? link.href : '/';
+  $('left-link').textContent = link ? link.text : 'Pick another room';
   $('call').hidden = true;
   $('controls').hidden = true;
   $('lobby').hidden = true;
@@ -473,12 +687,31 @@ function addChat(msg) {
   li.querySelector('.who').textContent = msg.from === state.me ? 'You' : msg.name;
   li.querySelector('.when').textContent = when;
   li.querySelector('.text').textContent = msg.text;
-  $('chat-log').append(li);
-  li.scrollIntoView({ block: 'end' });
-  if ($('chat').classList.contains('closed')) {
+  const log = $('chat-log');
+  const atEnd = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
+  log.append(li);
+  if (atEnd || msg.from === state.me) log.scrollTop = log.scrollHeight;
+  if ($('chat').classList.contains('closed') && msg.from !== state.me) {
     state.chatUnread++;
-    $('chat-badge').hidden = false;
-    $('chat-badge').textContent = String(state.chatUnread);
+    showUnread();
+  }
+}
+
+function showUnread() {
+  const n = state.chatUnread;
+  $('chat-badge').hidden = n === 0;
+  $('chat-badge').textContent = n > 99 ? '99+' : String(n);
+  $('chat-btn').setAttribute('aria-label', n ? `Chat, ${n} unread` : 'Chat');
+}
+
+// On a phone the chat is an overlay over the video; on a desktop a column.
+function setChatOpen(open) {
+  $('chat').classList.toggle('closed', !open);
+  $('chat-btn').setAttribute('aria-expanded', String(open));
+  if (open) {
+    state.chatUnread = 0;
+    showUnread();
+    $('chat-log').scrollTop = $('chat-log').scrollHeight;
   }
 }
 
@@ -529,15 +762,21 @@ $('dev-btn').onclick = async () => {
 $('cam-select-call').onchange = (e) => switchDevice('video', e.target.value);
 $('mic-select-call').onchange = (e) => switchDevice('audio', e.target.value);
 $('leave-btn').onclick = leave;
-$('chat-btn').onclick = () => {
-  $('chat').classList.toggle('closed');
-  state.chatUnread = 0;
-  $('chat-badge').hidden = true;
-};
+$('chat-btn').onclick = () => setChatOpen($('chat').classList.contains('closed'));
+$('chat-close').onclick = () => setChatOpen(false);
+document.addEventListener('keydown', (e) => {
+  if (e.key === 'Escape' && NARROW.matches && !$('chat').classList.contains('closed')) setChatOpen(false);
+});
+// Turning a tablet or resizing a window across the breakpoint: video first
+// when narrow, the chat column back when wide.
+NARROW.addEventListener('change', (e) => setChatOpen(!e.matches));
+// Mobile browsers have no screen capture: no button that can only fail.
+$('screen-btn').hidden = !(navigator.mediaDevices && navigator.mediaDevices.getDisplayMedia);
 $('chat-form').onsubmit = (e) => {
   e.preventDefault();
   const text = $('chat-input').value.trim();
-  if (!text) return;
+  if (!text || !state.canChat) return;
+  state.lastAsk.chat = performance.now();
   send({ type: 'chat', text });
   $('chat-input').value = '';
 };
@@ -545,7 +784,7 @@ $('rejoin').onclick = () => {
   state.fatal = false;
   state.phase = 'lobby';
   if (!state.room) { location.href = '/'; return; }
-  startPreview().then(enterCall);
+  (state.canPublish ? startPreview() : Promise.resolve()).then(enterCall);
 };
 setInterval(() => send({ type: 'ping' }), 15000);
 window.addEventListener('popstate', () => location.reload());
@@ -567,10 +806,11 @@ function layoutGrid() {
   const w = grid.clientWidth;
   const h = grid.clientHeight;
   if (!w || !h) return;
+  const gap = parseFloat(getComputedStyle(grid).columnGap) || GAP; // smaller on phones
   let best = { cols: 1, width: 0 };
   for (let cols = 1; cols <= slots; cols += 1) {
     const rows = Math.ceil(slots / cols);
-    const width = Math.min((w - GAP * (cols - 1)) / cols, ((h - GAP * (rows - 1)) / rows) * ASPECT);
+    const width = Math.min((w - gap * (cols - 1)) / cols, ((h - gap * (rows - 1)) / rows) * ASPECT);
     if (width > best.width) best = { cols, width };
   }
   const width = Math.max(120, Math.floor(best.width));

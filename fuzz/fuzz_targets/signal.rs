@@ -11,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
     match parse_client(&text) {
         Ok(msg) => {
-            if let ClientMessage::Join { room, name } = &msg {
+            if let ClientMessage::Join { room, name, .. } = &msg {
                 let _ = RoomName::parse(room);
                 let _ = DisplayName::parse(name);
             }

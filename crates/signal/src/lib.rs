@@ -23,13 +23,25 @@ pub const MAX_CHAT_CHARS: usize = 2000;
 pub const MAX_SDP_BYTES: usize = 100 * 1024;
 /// Most tracks one participant may describe in one offer.
 pub const MAX_TRACKS_PER_OFFER: usize = 16;
+/// Longest room access token (bytes). A token carries a handful of short
+/// claims (~300 bytes); 4 KiB leaves room for an issuer's extra claims
+/// without letting a client make the server verify megabytes.
+pub const MAX_TOKEN_BYTES: usize = 4096;
 
 /// Messages a browser sends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ClientMessage {
-    /// First message: enter `room` as `name`.
-    Join { room: String, name: String },
+    /// First message: enter `room` as `name`. `token` is the room access
+    /// token (a signed JWT); a node started with `--auth-secret` requires
+    /// it, and then the token's display name replaces `name`. Absent from
+    /// the JSON when `None`, so a join without a token stays as it was.
+    Join {
+        room: String,
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+    },
     /// The browser's own offer (it adds or removes tracks it publishes).
     /// `tracks` says what each of its sending transceivers carries, by mid.
     Offer {
@@ -182,6 +194,21 @@ pub enum ErrorCode {
     /// server keeps for one client (the socket is closed after this).
     SlowConsumer,
     Internal,
+    /// The node requires a room access token and the `join` had none (the
+    /// socket is closed after this).
+    TokenRequired,
+    /// The token is not one this node accepts: bad signature, malformed,
+    /// missing or bad claims, not valid yet (the socket is closed after this).
+    TokenInvalid,
+    /// The token's `exp` has passed: ask for a new one (the socket is closed
+    /// after this).
+    TokenExpired,
+    /// The token names another room than the `join` (the socket is closed
+    /// after this).
+    TokenWrongRoom,
+    /// The token does not grant this action (publish or chat); the message
+    /// is ignored and the session goes on.
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -204,6 +231,11 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::SlowConsumer => "slow_consumer",
             ErrorCode::Internal => "internal",
+            ErrorCode::TokenRequired => "token_required",
+            ErrorCode::TokenInvalid => "token_invalid",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::TokenWrongRoom => "token_wrong_room",
+            ErrorCode::Forbidden => "forbidden",
         }
     }
 }
@@ -297,6 +329,12 @@ fn check_limits(msg: &ClientMessage) -> Result<(), SignalError> {
             Ok(())
         }
         ClientMessage::Answer { sdp } => check_sdp(sdp),
+        ClientMessage::Join {
+            token: Some(token), ..
+        } if token.is_empty() || token.len() > MAX_TOKEN_BYTES => Err(SignalError::new(
+            ErrorCode::TokenInvalid,
+            format!("a token must be 1-{MAX_TOKEN_BYTES} bytes"),
+        )),
         ClientMessage::Chat { text } => {
             let n = text.chars().count();
             if n == 0 || text.trim().is_empty() {
@@ -344,7 +382,8 @@ mod tests {
             parse_client(r#"{"type":"join","room":"a","name":"b"}"#).unwrap(),
             ClientMessage::Join {
                 room: "a".into(),
-                name: "b".into()
+                name: "b".into(),
+                token: None,
             }
         );
         assert!(matches!(
@@ -401,6 +440,42 @@ mod tests {
     }
 
     #[test]
+    fn join_takes_an_optional_token() {
+        let with = parse_client(r#"{"type":"join","room":"r","name":"n","token":"a.b.c"}"#);
+        assert_eq!(
+            with.unwrap(),
+            ClientMessage::Join {
+                room: "r".into(),
+                name: "n".into(),
+                token: Some("a.b.c".into()),
+            }
+        );
+        // Without one the wire form is unchanged: no `"token":null`.
+        let without = ClientMessage::Join {
+            room: "r".into(),
+            name: "n".into(),
+            token: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&without).unwrap(),
+            r#"{"type":"join","room":"r","name":"n"}"#
+        );
+        assert_eq!(
+            code(r#"{"type":"join","room":"r","name":"n","token":""}"#),
+            ErrorCode::TokenInvalid
+        );
+        assert_eq!(
+            code(r#"{"type":"join","room":"r","name":"n","token":7}"#),
+            ErrorCode::BadMessage
+        );
+        let long = format!(
+            r#"{{"type":"join","room":"r","name":"n","token":"{}"}}"#,
+            "x".repeat(MAX_TOKEN_BYTES + 1)
+        );
+        assert_eq!(code(&long), ErrorCode::TokenInvalid);
+    }
+
+    #[test]
     fn server_messages_are_tagged() {
         let m = ServerMessage::Error {
             code: ErrorCode::RateLimited,
@@ -416,6 +491,11 @@ mod tests {
             ErrorCode::NoPendingOffer,
             ErrorCode::ShuttingDown,
             ErrorCode::SlowConsumer,
+            ErrorCode::TokenRequired,
+            ErrorCode::TokenInvalid,
+            ErrorCode::TokenExpired,
+            ErrorCode::TokenWrongRoom,
+            ErrorCode::Forbidden,
         ] {
             assert_eq!(
                 serde_json::to_value(c).unwrap(),

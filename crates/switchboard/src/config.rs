@@ -1,18 +1,20 @@
 //! Node configuration: defaults < TOML file < `SWITCHBOARD_*` env < flags.
 //!
-//! [`Config`] is the clap command line itself (each flag also read from its
-//! `SWITCHBOARD_*` variable). The TOML file sits between the defaults and
-//! the environment: after parsing, clap says where each value came from
-//! ([`ArgMatches::value_source`]), and a value that is only clap's default
-//! is replaced by the file's.
+//! [`Cli`] is the clap command line: the node's settings ([`Config`], each
+//! flag also read from its `SWITCHBOARD_*` variable) and an optional
+//! subcommand ([`Command`]); without one, the binary runs a node. The TOML
+//! file sits between the defaults and the environment: after parsing, clap
+//! says where each value came from ([`ArgMatches::value_source`]), and a
+//! value that is only clap's default is replaced by the file's.
 
 use std::ffi::OsString;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::parser::ValueSource;
-use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
 const DEFAULT_BIND: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
@@ -39,7 +41,8 @@ const DEFAULT_JOIN_TIMEOUT_SECS: u64 = 10;
 const DEFAULT_TRUNK_PORT: u16 = 3002;
 const DEFAULT_CLUSTER_NAME: &str = "switchboard";
 
-/// The cluster secret: never printed (`Debug` shows `***`).
+/// A secret (cluster secret, auth secret, admin token): never printed
+/// (`Debug` shows `***`).
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(pub String);
@@ -88,14 +91,90 @@ impl<'de> Deserialize<'de> for Peer {
     }
 }
 
-/// Everything a node needs to start. `Default` runs a single node on
-/// http://127.0.0.1:3000 with media on UDP 3001.
+/// The command line: the node's settings and, optionally, a subcommand.
+/// `switchboard` alone runs a node.
 #[derive(Debug, Clone, PartialEq, Parser)]
 #[command(name = "switchboard", version, about = "A WebRTC SFU for group calls")]
+pub struct Cli {
+    #[command(flatten)]
+    pub config: Config,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// What the binary does instead of running a node.
+#[derive(Debug, Clone, PartialEq, Subcommand)]
+pub enum Command {
+    /// Mint a room access token with the --auth-secret (or
+    /// SWITCHBOARD_AUTH_SECRET) and print it.
+    Token(TokenArgs),
+}
+
+/// `switchboard token`: what the token admits to.
+#[derive(Debug, Clone, PartialEq, Args)]
+pub struct TokenArgs {
+    /// The room the token admits to.
+    #[arg(long)]
+    pub room: String,
+    /// The display name the others see (the join's own name is ignored).
+    #[arg(long)]
+    pub name: String,
+    /// The participant's stable identity (the token's `sub`, logged at
+    /// join); a random one if unset.
+    #[arg(long)]
+    pub identity: Option<String>,
+    /// How long the token admits: a number with `s`, `m`, `h` or `d`
+    /// (`90s`, `30m`, `1h`, `7d`). A session that joined in time is not cut
+    /// when the token expires later.
+    #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+    pub ttl: Duration,
+    /// Not allowed to send audio, video or screen.
+    #[arg(long)]
+    pub no_publish: bool,
+    /// Not allowed to receive the others' media.
+    #[arg(long)]
+    pub no_subscribe: bool,
+    /// Not allowed to send chat messages.
+    #[arg(long)]
+    pub no_chat: bool,
+}
+
+/// `<n>s|m|h|d`, n ≥ 1: short enough to type, no parser crate for it.
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let err = || format!("`{s}`: expected a number with s, m, h or d, e.g. 1h");
+    let unit = s.chars().last().ok_or_else(err)?;
+    let secs_per = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return Err(err()),
+    };
+    let n: u64 = s[..s.len() - 1].parse().map_err(|_| err())?;
+    if n == 0 {
+        return Err(format!("`{s}`: the lifetime must be positive"));
+    }
+    n.checked_mul(secs_per)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("`{s}`: too long"))
+}
+
+/// Certificates are renewed days before they expire; checking the files
+/// every few seconds is prompt enough and reading two small files that
+/// often costs nothing.
+const DEFAULT_TLS_POLL_SECS: u64 = 2;
+
+/// `--admin-allow-loopback`: whether a client on the loopback interface
+/// may read `/api/status` and `/metrics` without the admin token.
+const DEFAULT_ADMIN_ALLOW_LOOPBACK: bool = true;
+
+/// Everything a node needs to start. `Default` runs a single node on
+/// http://127.0.0.1:3000 with media on UDP 3001.
+#[derive(Debug, Clone, PartialEq, Args)]
 pub struct Config {
     /// TOML file with any of the settings below (keys: the flag names with
     /// `_`, e.g. `http_port = 8080`); flags and env override it.
-    #[arg(long, env = "SWITCHBOARD_CONFIG")]
+    #[arg(long, env = "SWITCHBOARD_CONFIG", global = true)]
     pub config: Option<PathBuf>,
     /// Address HTTP and media bind to. A specific address: the ICE-lite
     /// media plane advertises it as its candidate (unless --public-ip).
@@ -210,6 +289,54 @@ pub struct Config {
     /// See docs/ARCHITECTURE.md for the measurements behind the default.
     #[arg(long, env = "SWITCHBOARD_TRUNK_CONGESTION", value_enum, default_value_t = TrunkCongestion::Bbr)]
     pub trunk_congestion: TrunkCongestion,
+    /// PEM certificate chain for HTTPS/WSS on the HTTP port (with
+    /// --tls-key). Browsers open camera and microphone only on a secure
+    /// origin. Reloaded on SIGHUP and when the file changes.
+    #[arg(long, env = "SWITCHBOARD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "SWITCHBOARD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Seconds between checks of the certificate files for a change;
+    /// 0 = reload on SIGHUP only.
+    #[arg(long, env = "SWITCHBOARD_TLS_POLL_SECS", default_value_t = DEFAULT_TLS_POLL_SECS)]
+    pub tls_poll_secs: u64,
+    /// Secret (≥ 32 bytes) that signs room access tokens (HS256 JWT). Set,
+    /// every join needs a token (`switchboard token` mints one); unset,
+    /// rooms are open to anyone who reaches the node. Every node of a
+    /// cluster takes the same secret. Prefer the env variable or the file.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_AUTH_SECRET",
+        hide_env_values = true,
+        global = true
+    )]
+    pub auth_secret: Option<Secret>,
+    /// Bearer token that lets a non-loopback client read `/api/status`
+    /// and `/metrics` (`Authorization: Bearer <token>`); unset, only
+    /// loopback clients and the --admin-bind listener may.
+    #[arg(long, env = "SWITCHBOARD_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<Secret>,
+    /// A second, plain-HTTP listener (`addr:port`) that serves `/api/status`,
+    /// `/metrics`, `/healthz` and `/readyz` without the admin token: bind it
+    /// to loopback or a private network.
+    #[arg(long, env = "SWITCHBOARD_ADMIN_BIND")]
+    pub admin_bind: Option<SocketAddr>,
+    /// Whether loopback clients may read `/api/status` and `/metrics` on the
+    /// main port without the admin token. Turn it off (`false`) behind a
+    /// reverse proxy on the same host: every request then comes from loopback.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_ADMIN_ALLOW_LOOPBACK",
+        default_value_t = DEFAULT_ADMIN_ALLOW_LOOPBACK,
+        action = clap::ArgAction::Set
+    )]
+    pub admin_allow_loopback: bool,
+    /// Origins (`https://host[:port]`, comma-separated; `*` for any) whose
+    /// pages may open `/ws`, besides the node's own origin (the request's
+    /// Host). A request without `Origin` (not a browser) is allowed.
+    #[arg(long, env = "SWITCHBOARD_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
 }
 
 /// The trunk's QUIC congestion controller (`trunk::quic::Congestion`).
@@ -267,6 +394,14 @@ impl Default for Config {
             trunk_cert: None,
             trunk_key: None,
             trunk_congestion: TrunkCongestion::Bbr,
+            tls_cert: None,
+            tls_key: None,
+            tls_poll_secs: DEFAULT_TLS_POLL_SECS,
+            auth_secret: None,
+            admin_token: None,
+            admin_bind: None,
+            admin_allow_loopback: DEFAULT_ADMIN_ALLOW_LOOPBACK,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -296,6 +431,14 @@ pub struct FileConfig {
     pub trunk_cert: Option<PathBuf>,
     pub trunk_key: Option<PathBuf>,
     pub trunk_congestion: Option<TrunkCongestion>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_poll_secs: Option<u64>,
+    pub auth_secret: Option<Secret>,
+    pub admin_token: Option<Secret>,
+    pub admin_bind: Option<SocketAddr>,
+    pub admin_allow_loopback: Option<bool>,
+    pub allowed_origins: Option<Vec<String>>,
 }
 
 impl FileConfig {
@@ -306,34 +449,45 @@ impl FileConfig {
     }
 }
 
-impl Config {
+impl Cli {
     /// Parse the process's command line, environment and config file.
     /// `--help`/`--version` and usage errors print and exit, as clap does.
-    pub fn from_env() -> anyhow::Result<Config> {
-        let matches = Config::command().get_matches();
-        Config::from_matches(&matches, FileConfig::load)
+    pub fn from_env() -> anyhow::Result<Cli> {
+        let matches = Cli::command().get_matches();
+        Cli::from_matches(&matches, FileConfig::load)
     }
 
-    /// Like [`Config::from_env`] for a given command line (env still read),
+    /// Like [`Cli::from_env`] for a given command line (env still read),
     /// returning usage errors instead of exiting.
-    pub fn try_parse_args<I, T>(args: I) -> anyhow::Result<Config>
+    pub fn try_parse_args<I, T>(args: I) -> anyhow::Result<Cli>
     where
         I: IntoIterator<Item = T>,
         T: Into<OsString> + Clone,
     {
-        let matches = Config::command().try_get_matches_from(args)?;
-        Config::from_matches(&matches, FileConfig::load)
+        let matches = Cli::command().try_get_matches_from(args)?;
+        Cli::from_matches(&matches, FileConfig::load)
     }
 
     fn from_matches(
         matches: &ArgMatches,
         load: impl FnOnce(&Path) -> anyhow::Result<FileConfig>,
-    ) -> anyhow::Result<Config> {
-        let mut config = Config::from_arg_matches(matches)?;
-        if let Some(path) = config.config.clone() {
-            config.apply_file(load(&path)?, matches);
+    ) -> anyhow::Result<Cli> {
+        let mut cli = Cli::from_arg_matches(matches)?;
+        if let Some(path) = cli.config.config.clone() {
+            cli.config.apply_file(load(&path)?, matches);
         }
-        Ok(config)
+        Ok(cli)
+    }
+}
+
+impl Config {
+    /// The node settings of a command line (see [`Cli::try_parse_args`]).
+    pub fn try_parse_args<I, T>(args: I) -> anyhow::Result<Config>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        Ok(Cli::try_parse_args(args)?.config)
     }
 
     /// Take each value from the file unless a flag or env var set it.
@@ -422,6 +576,33 @@ impl Config {
         if let Some(v) = file.trunk_congestion.filter(|_| unset("trunk_congestion")) {
             self.trunk_congestion = v;
         }
+        if let Some(v) = file.tls_cert.filter(|_| unset("tls_cert")) {
+            self.tls_cert = Some(v);
+        }
+        if let Some(v) = file.tls_key.filter(|_| unset("tls_key")) {
+            self.tls_key = Some(v);
+        }
+        if let Some(v) = file.tls_poll_secs.filter(|_| unset("tls_poll_secs")) {
+            self.tls_poll_secs = v;
+        }
+        if let Some(v) = file.auth_secret.filter(|_| unset("auth_secret")) {
+            self.auth_secret = Some(v);
+        }
+        if let Some(v) = file.admin_token.filter(|_| unset("admin_token")) {
+            self.admin_token = Some(v);
+        }
+        if let Some(v) = file.admin_bind.filter(|_| unset("admin_bind")) {
+            self.admin_bind = Some(v);
+        }
+        if let Some(v) = file
+            .admin_allow_loopback
+            .filter(|_| unset("admin_allow_loopback"))
+        {
+            self.admin_allow_loopback = v;
+        }
+        if let Some(v) = file.allowed_origins.filter(|_| unset("allowed_origins")) {
+            self.allowed_origins = v;
+        }
     }
 }
 
@@ -440,10 +621,14 @@ mod tests {
 
     /// Parse `args` with `file` as the TOML file's text (when `--config` is given).
     fn parse(args: &[&str], file: &str) -> Config {
-        let matches = Config::command()
+        parse_cli(args, file).config
+    }
+
+    fn parse_cli(args: &[&str], file: &str) -> Cli {
+        let matches = Cli::command()
             .try_get_matches_from(args)
             .expect("valid args");
-        Config::from_matches(&matches, |_| Ok(toml::from_str(file)?)).expect("valid config")
+        Cli::from_matches(&matches, |_| Ok(toml::from_str(file)?)).expect("valid config")
     }
 
     #[test]
@@ -453,7 +638,7 @@ mod tests {
         let c = Config::default();
         assert_eq!(c.http_port, 3000);
         assert_eq!(c.bind.to_string(), "127.0.0.1");
-        Config::command().debug_assert();
+        Cli::command().debug_assert();
     }
 
     #[test]
@@ -487,7 +672,7 @@ mod tests {
             std::env::set_var("SWITCHBOARD_PUBLIC_IP", "203.0.113.7");
             std::env::set_var("SWITCHBOARD_MAX_PARTICIPANTS_PER_ROOM", "5");
         }
-        let matches = Config::command().try_get_matches_from([
+        let matches = Cli::command().try_get_matches_from([
             "switchboard",
             "--config",
             "x.toml",
@@ -498,12 +683,13 @@ mod tests {
             std::env::remove_var("SWITCHBOARD_PUBLIC_IP");
             std::env::remove_var("SWITCHBOARD_MAX_PARTICIPANTS_PER_ROOM");
         }
-        let c = Config::from_matches(&matches.unwrap(), |_| {
+        let c = Cli::from_matches(&matches.unwrap(), |_| {
             Ok(toml::from_str(
                 "public_ip = \"198.51.100.1\"\nmax_participants_per_room = 2",
             )?)
         })
-        .unwrap();
+        .unwrap()
+        .config;
         assert_eq!(
             c.public_ip.unwrap().to_string(),
             "203.0.113.7",
@@ -559,7 +745,7 @@ mod tests {
         assert_eq!(c.peers[0].node_id, 9);
         for bad in ["127.0.0.1:1", "x@127.0.0.1:1", "1@nowhere", "1@"] {
             assert!(
-                Config::command()
+                Cli::command()
                     .try_get_matches_from(["switchboard", "--peer", bad])
                     .is_err(),
                 "{bad}"
@@ -577,6 +763,119 @@ mod tests {
         assert!(Config::try_parse_args(["switchboard", "--join-timeout-secs", "0"]).is_err());
         assert!(
             Config::try_parse_args(["switchboard", "--config", "/nonexistent/sb.toml"]).is_err()
+        );
+    }
+
+    #[test]
+    fn no_subcommand_runs_a_node_and_token_takes_its_own_flags() {
+        let _env = env_lock();
+        assert_eq!(parse_cli(&["switchboard"], "").command, None);
+        let cli = parse_cli(
+            &[
+                "switchboard",
+                "token",
+                "--room",
+                "standup",
+                "--name",
+                "Ada",
+                "--ttl",
+                "90m",
+                "--no-publish",
+                // Global: the secret may follow the subcommand.
+                "--auth-secret",
+                "0123456789abcdef0123456789abcdef",
+            ],
+            "",
+        );
+        let Some(Command::Token(t)) = cli.command else {
+            panic!("token subcommand expected")
+        };
+        assert_eq!((t.room.as_str(), t.name.as_str()), ("standup", "Ada"));
+        assert_eq!(t.ttl, Duration::from_secs(90 * 60));
+        assert!(t.no_publish && !t.no_subscribe && !t.no_chat);
+        assert_eq!(t.identity, None);
+        assert!(cli.config.auth_secret.is_some());
+        let t = parse_cli(&["switchboard", "token", "--room", "r", "--name", "n"], "");
+        let Some(Command::Token(t)) = t.command else {
+            panic!("token subcommand expected")
+        };
+        assert_eq!(t.ttl, Duration::from_secs(3600), "default one hour");
+        assert!(
+            Cli::try_parse_args(["switchboard", "token", "--room", "r"]).is_err(),
+            "a name is required"
+        );
+    }
+
+    #[test]
+    fn ttl_takes_a_unit() {
+        assert_eq!(parse_ttl("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_ttl("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_ttl("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        for bad in [
+            "",
+            "h",
+            "10",
+            "0m",
+            "-1h",
+            "1.5h",
+            "1w",
+            "99999999999999999999d",
+        ] {
+            assert!(parse_ttl(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn access_settings_from_flags_env_and_file() {
+        let _env = env_lock();
+        let c = parse(&["switchboard"], "");
+        assert!(c.admin_allow_loopback, "loopback may read admin by default");
+        assert!(c.allowed_origins.is_empty() && c.tls_cert.is_none());
+        // SAFETY: every test that reads the environment holds the lock.
+        unsafe {
+            std::env::set_var(
+                "SWITCHBOARD_ALLOWED_ORIGINS",
+                "https://a.example,https://b.example",
+            );
+            std::env::set_var("SWITCHBOARD_AUTH_SECRET", "from the environment, 32 bytes+");
+        }
+        let c = parse(
+            &[
+                "switchboard",
+                "--config",
+                "f.toml",
+                "--admin-allow-loopback",
+                "false",
+            ],
+            "admin_bind = \"127.0.0.1:9100\"\nadmin_token = \"t0k\"\nallowed_origins = [\"https://c.example\"]\n\
+             tls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\nauth_secret = \"from the file\"\ntls_poll_secs = 0",
+        );
+        unsafe {
+            std::env::remove_var("SWITCHBOARD_ALLOWED_ORIGINS");
+            std::env::remove_var("SWITCHBOARD_AUTH_SECRET");
+        }
+        assert!(!c.admin_allow_loopback);
+        assert_eq!(
+            c.allowed_origins,
+            ["https://a.example", "https://b.example"]
+        );
+        assert_eq!(
+            c.auth_secret,
+            Some(Secret("from the environment, 32 bytes+".into())),
+            "env beats the file"
+        );
+        assert_eq!(c.admin_token, Some(Secret("t0k".into())));
+        assert_eq!(c.admin_bind.unwrap().to_string(), "127.0.0.1:9100");
+        assert_eq!(c.tls_cert.as_deref(), Some(Path::new("/c.pem")));
+        assert_eq!(c.tls_key.as_deref(), Some(Path::new("/k.pem")));
+        assert_eq!(c.tls_poll_secs, 0);
+        assert!(
+            !format!("{c:?}").contains("t0k"),
+            "secrets are never printed"
+        );
+        assert!(
+            Config::try_parse_args(["switchboard", "--tls-cert", "/c.pem"]).is_err(),
+            "a certificate needs its key"
         );
     }
 }

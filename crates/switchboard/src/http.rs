@@ -1,4 +1,8 @@
 //! HTTP routes: the web client, `/ws`, health, metrics and status.
+//!
+//! Status and metrics sit behind [`access::admin_guard`] on the main
+//! listener; the `--admin-bind` listener ([`admin_router`]) serves them
+//! without it.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -6,26 +10,45 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{Path, State, WebSocketUpgrade};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
 
 use crate::AppState;
+use crate::access;
 use crate::web;
 use crate::ws;
 
+/// The main listener: page, signaling, probes, and the guarded admin routes.
 pub(crate) fn router(state: Arc<AppState>) -> Router {
+    let admin = admin_routes().route_layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        access::admin_guard,
+    ));
     Router::new()
         .route("/", get(index))
         .route("/r/{room}", get(room_page))
         .route("/ws", get(websocket))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/api/status", get(status))
+        .merge(admin)
         .route("/{*path}", get(asset))
         .with_state(state)
+}
+
+/// The `--admin-bind` listener: status, metrics and the probes, unguarded.
+pub(crate) fn admin_router(state: Arc<AppState>) -> Router {
+    admin_routes()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+fn admin_routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/api/status", get(status))
 }
 
 async fn index() -> Response {
@@ -41,7 +64,14 @@ async fn asset(Path(path): Path<String>) -> Response {
     web::asset(&path)
 }
 
-async fn websocket(State(state): State<Arc<AppState>>, upgrade: WebSocketUpgrade) -> Response {
+async fn websocket(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    if let Some(refused) = access::origin_refusal(&state, &headers) {
+        return refused;
+    }
     ws::upgrade(state, upgrade)
 }
 
@@ -64,7 +94,9 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         Some(c) => c.status().await,
         None => None,
     };
-    match crate::metrics::render(&state, trunk) {
+    let body = crate::metrics::render(&state, trunk)
+        .and_then(|body| Ok(access::splice(body, &access::render(&state)?)));
+    match body {
         Ok(body) => (
             [(
                 header::CONTENT_TYPE,
@@ -153,6 +185,8 @@ async fn status(State(state): State<Arc<AppState>>) -> Response {
             "uptime_seconds": state.started.elapsed().as_secs(),
             "ready": state.ready.load(Ordering::SeqCst),
             "http": state.http_addr.to_string(),
+            "tls": state.tls.is_some(),
+            "auth": state.auth.is_some(),
             "media": state.sfu.media_addr().to_string(),
             "max_participants_per_room": state.config.max_participants_per_room,
             "participants": rooms.iter().map(|r| r.participants.len()).sum::<usize>(),

@@ -3,14 +3,17 @@
 //! the media plane (`sfu`). The binary (`main.rs`) only parses the config,
 //! sets up logging and waits for a signal; tests start nodes in-process.
 
+mod access;
+pub mod auth;
 mod cluster;
 pub mod config;
 mod http;
 mod metrics;
+pub mod tls;
 mod web;
 mod ws;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -21,7 +24,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::info;
 
-pub use config::{Config, LogFormat};
+pub use config::{Cli, Command, Config, LogFormat, TokenArgs};
+pub use tls::TlsError;
 
 /// Longest a graceful shutdown waits for signaling sockets to close, and
 /// then for the HTTP server to finish.
@@ -46,6 +50,38 @@ pub(crate) struct AppState {
     /// how many listings the worker was asked for.
     pub status_cache: tokio::sync::Mutex<Option<(Instant, Vec<sfu::RoomStatus>)>>,
     pub status_builds: AtomicU64,
+    /// Checks room access tokens; `None` without `--auth-secret` (open rooms).
+    pub auth: Option<auth::Verifier>,
+    /// The HTTPS certificate, if `--tls-cert`.
+    pub tls: Option<Arc<tls::Tls>>,
+    /// Admin and Origin refusals.
+    pub access: access::AccessMetrics,
+}
+
+/// What the operator should hear about at start: settings that leave the
+/// node open or unusable beyond this machine. Warnings, not errors: both
+/// are right for development on one machine.
+pub fn startup_warnings(config: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    if config.auth_secret.is_none() {
+        out.push(
+            "no --auth-secret: rooms are open, anyone who reaches this node can join any room \
+             (fine for development; set SWITCHBOARD_AUTH_SECRET and hand out `switchboard token`s)"
+                .to_owned(),
+        );
+    }
+    if config.tls_cert.is_none() && !is_loopback(config.bind) {
+        out.push(format!(
+            "serving plain HTTP on {}, which is not loopback: browsers on other machines refuse \
+             camera and microphone without HTTPS; give --tls-cert and --tls-key (or put a TLS proxy in front)",
+            config.bind
+        ));
+    }
+    out
+}
+
+fn is_loopback(ip: IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
 }
 
 /// A running node.
@@ -53,15 +89,79 @@ pub struct Node {
     state: Arc<AppState>,
     /// Tells sessions the node is going away.
     shutdown_tx: watch::Sender<bool>,
-    /// Stops the HTTP listener; sent only once the sessions are gone, so
+    /// Stops the HTTP listeners; sent only once the sessions are gone, so
     /// `/readyz` answers 503 (rather than connection refused) meanwhile.
     http_stop: watch::Sender<bool>,
-    server: Option<JoinHandle<()>>,
+    /// The main listener's server, then the admin listener's, if any.
+    servers: Vec<JoinHandle<()>>,
+    admin_addr: Option<SocketAddr>,
+}
+
+/// Serve `app` on `listener` (over TLS if `tls`) until `stop` turns true,
+/// then finish in-flight requests for up to [`DRAIN_LIMIT`]. axum-server
+/// rather than `axum::serve`: one accept loop for plain and TLS, with the
+/// handshake in each connection's own task (a slow handshake cannot hold
+/// up accepting) and a swappable certificate.
+fn serve(
+    listener: std::net::TcpListener,
+    app: axum::Router,
+    tls: Option<axum_server::tls_rustls::RustlsConfig>,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<JoinHandle<()>> {
+    let handle = axum_server::Handle::new();
+    let stopper = handle.clone();
+    tokio::spawn(async move {
+        let _ = stop.wait_for(|s| *s).await;
+        stopper.graceful_shutdown(Some(DRAIN_LIMIT));
+    });
+    // The peer address (ConnectInfo) is what the admin check looks at.
+    let make = app.into_make_service_with_connect_info::<SocketAddr>();
+    // Not `http1_only()`: axum-server then serves connections without
+    // upgrades, and `/ws` would never open. HTTP/1.1 is what TLS clients
+    // get anyway (the ALPN offer, see `tls::build`).
+    let server = axum_server::from_tcp(listener)?.handle(handle);
+    Ok(tokio::spawn(async move {
+        let result = match tls {
+            Some(config) => {
+                server
+                    .acceptor(axum_server::tls_rustls::RustlsAcceptor::new(config))
+                    .serve(make)
+                    .await
+            }
+            None => server.serve(make).await,
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    }))
 }
 
 impl Node {
     /// Bind HTTP and media and start serving.
     pub async fn start(config: Config) -> anyhow::Result<Node> {
+        let auth = match &config.auth_secret {
+            Some(secret) => Some(
+                auth::Verifier::new(secret.0.as_bytes())
+                    .context("--auth-secret (SWITCHBOARD_AUTH_SECRET)")?,
+            ),
+            None => None,
+        };
+        if config.admin_token.as_ref().is_some_and(|t| t.0.is_empty()) {
+            anyhow::bail!("--admin-token is empty");
+        }
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(
+                tls::Tls::load(cert, key)
+                    .await
+                    .context("loading --tls-cert/--tls-key")?,
+            )),
+            (None, None) => None,
+            _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+        };
+        for warning in startup_warnings(&config) {
+            tracing::warn!("{warning}");
+        }
+        // Settings and files are checked above, before any port is taken.
         let sfu = Sfu::start(SfuConfig {
             bind: config.bind,
             media_port: config.media_port,
@@ -75,6 +175,18 @@ impl Node {
             .await
             .with_context(|| format!("binding HTTP on {}:{}", config.bind, config.http_port))?;
         let http_addr = listener.local_addr()?;
+        let admin_listener = match config.admin_bind {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the admin listener on {addr}"))?,
+            ),
+            None => None,
+        };
+        let admin_addr = admin_listener
+            .as_ref()
+            .map(|l| l.local_addr())
+            .transpose()?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let sfu = Arc::new(sfu);
         let cluster = cluster::Cluster::start(&config, sfu.clone())?;
@@ -94,35 +206,75 @@ impl Node {
             cluster,
             status_cache: tokio::sync::Mutex::new(None),
             status_builds: AtomicU64::new(0),
+            auth,
+            tls: tls.clone(),
+            access: access::AccessMetrics::default(),
         });
-        let app = http::router(state.clone());
-        let (http_stop, mut stop) = watch::channel(false);
-        let server = tokio::spawn(async move {
-            let graceful = async move {
-                let _ = stop.wait_for(|s| *s).await;
-            };
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(graceful)
-                .await
-            {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        });
+        let (http_stop, stop) = watch::channel(false);
+        let mut servers = vec![serve(
+            listener.into_std()?,
+            http::router(state.clone()),
+            tls.as_ref().map(|t| t.acceptor_config()),
+            stop.clone(),
+        )?];
+        if let Some(l) = admin_listener {
+            servers.push(serve(
+                l.into_std()?,
+                http::admin_router(state.clone()),
+                None,
+                stop.clone(),
+            )?);
+            info!(admin = ?admin_addr, "admin listener (status, metrics) up");
+        }
+        if let Some(t) = &tls
+            && state.config.tls_poll_secs > 0
+        {
+            let every = Duration::from_secs(state.config.tls_poll_secs);
+            tokio::spawn(t.clone().watch(every, stop));
+        }
+        let scheme = if tls.is_some() { "https" } else { "http" };
         info!(
             http = %http_addr,
             media = %state.sfu.media_addr(),
-            "switchboard node ready at http://{http_addr}/"
+            "switchboard node ready at {scheme}://{http_addr}/"
         );
         Ok(Node {
             state,
             shutdown_tx,
             http_stop,
-            server: Some(server),
+            servers,
+            admin_addr,
         })
     }
 
     pub fn http_addr(&self) -> SocketAddr {
         self.state.http_addr
+    }
+
+    /// `https` with `--tls-cert`, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.state.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    /// The `--admin-bind` listener's address, if any.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// Re-read `--tls-cert`/`--tls-key` now (SIGHUP does this; the files are
+    /// also polled). `Ok(true)`: new connections get the new certificate;
+    /// `Ok(false)`: the files are unchanged or there is no TLS. Open
+    /// connections keep theirs either way, and on an error the previous
+    /// certificate keeps serving.
+    pub async fn reload_tls(&self) -> Result<bool, TlsError> {
+        match &self.state.tls {
+            Some(t) => t.reload().await,
+            None => Ok(false),
+        }
     }
 
     pub fn media_addr(&self) -> SocketAddr {
@@ -188,8 +340,10 @@ impl Node {
             );
         }
         let _ = self.http_stop.send(true);
-        if let Some(server) = self.server.take() {
-            let _ = tokio::time::timeout(DRAIN_LIMIT, server).await;
+        for server in self.servers.drain(..) {
+            // The servers themselves give up on connections after
+            // DRAIN_LIMIT; this only bounds a server that does not return.
+            let _ = tokio::time::timeout(DRAIN_LIMIT + Duration::from_secs(1), server).await;
         }
         info!("switchboard node stopped");
     }
@@ -200,5 +354,37 @@ impl Drop for Node {
         let _ = self.shutdown_tx.send(true);
         let _ = self.http_stop.send(true);
         self.state.sfu.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_rooms_and_plain_http_off_loopback_are_warned_about() {
+        let dev = Config::default();
+        let w = startup_warnings(&dev);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("rooms are open"));
+        let exposed = Config {
+            bind: "0.0.0.0".parse().unwrap(),
+            auth_secret: Some(config::Secret("x".repeat(32))),
+            ..Config::default()
+        };
+        let w = startup_warnings(&exposed);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("refuse camera and microphone"), "{w:?}");
+        let with_tls = Config {
+            tls_cert: Some("c.pem".into()),
+            tls_key: Some("k.pem".into()),
+            ..exposed.clone()
+        };
+        assert!(startup_warnings(&with_tls).is_empty());
+        let v6_loopback = Config {
+            bind: "::1".parse().unwrap(),
+            ..exposed
+        };
+        assert!(startup_warnings(&v6_loopback).is_empty());
     }
 }

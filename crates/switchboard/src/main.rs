@@ -1,8 +1,10 @@
 //! `switchboard`: run one node. `cargo run --release` serves
-//! http://127.0.0.1:3000 with no other setup.
+//! http://127.0.0.1:3000 with no other setup. `switchboard token …` mints
+//! a room access token instead.
 
 use anyhow::Context;
-use switchboard::{Config, LogFormat, Node};
+use switchboard::auth::{self, Claims, Grants};
+use switchboard::{Cli, Command, LogFormat, Node, TokenArgs};
 use tracing_subscriber::EnvFilter;
 
 fn init_logging(format: LogFormat) -> anyhow::Result<()> {
@@ -25,28 +27,80 @@ fn init_logging(format: LogFormat) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `switchboard token`: print one token (alone on stdout, for `$(…)`).
+fn mint_token(
+    secret: Option<&switchboard::config::Secret>,
+    args: &TokenArgs,
+) -> anyhow::Result<()> {
+    let secret = secret.context(
+        "minting a token needs the node's secret: --auth-secret or SWITCHBOARD_AUTH_SECRET",
+    )?;
+    // Refuse here what every node would refuse at join.
+    signal::RoomName::parse(&args.room).map_err(|e| anyhow::anyhow!("--room: room name {e}"))?;
+    signal::DisplayName::parse(&args.name)
+        .map_err(|e| anyhow::anyhow!("--name: display name {e}"))?;
+    let identity = match &args.identity {
+        Some(i) => i.clone(),
+        None => format!("{:016x}", rand::random::<u64>()),
+    };
+    let now = auth::now_secs();
+    let claims = Claims {
+        room: args.room.clone(),
+        sub: identity,
+        name: args.name.clone(),
+        grants: Grants {
+            publish: !args.no_publish,
+            subscribe: !args.no_subscribe,
+            chat: !args.no_chat,
+        },
+        exp: now.saturating_add(args.ttl.as_secs()),
+        iat: Some(now),
+        nbf: None,
+    };
+    let token = auth::mint(secret.0.as_bytes(), &claims).context("--auth-secret")?;
+    println!("{token}");
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Config::from_env()?;
+    let cli = Cli::from_env()?;
+    if let Some(Command::Token(args)) = &cli.command {
+        return mint_token(cli.config.auth_secret.as_ref(), args);
+    }
+    let config = cli.config;
     init_logging(config.log_format)?;
     let format = config.log_format;
     // Handlers first: a SIGTERM that arrives while the node starts (or right
     // after it printed its URL) must still mean a graceful stop, not death.
+    // SIGHUP too: its default action would kill the node.
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let node = Node::start(config).await?;
     // JSON output stays pure JSON lines: the "ready" event carries the URL.
     if format == LogFormat::Human {
-        println!("Switchboard is running: open http://{}/", node.http_addr());
+        println!(
+            "Switchboard is running: open {}://{}/",
+            node.scheme(),
+            node.http_addr()
+        );
     }
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-        _ = node.media_failed() => {
-            tracing::error!("the media worker stopped unexpectedly; shutting down to be restarted");
-            node.shutdown().await;
-            anyhow::bail!("the media worker stopped unexpectedly (see the log above)");
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => match node.reload_tls().await {
+                Ok(true) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                Ok(false) => tracing::info!("SIGHUP: TLS certificate unchanged (or no TLS); nothing reloaded"),
+                Err(e) => tracing::error!(error = %e, "SIGHUP: TLS certificate not reloaded; still serving the previous one"),
+            },
+            _ = node.media_failed() => {
+                tracing::error!("the media worker stopped unexpectedly; shutting down to be restarted");
+                node.shutdown().await;
+                anyhow::bail!("the media worker stopped unexpectedly (see the log above)");
+            }
         }
     }
     tracing::info!("signal received; shutting down");

@@ -5,6 +5,10 @@
 //! size is capped by the WebSocket layer, and a token bucket limits the rate.
 //! Each refusal is an `{"type":"error"}` reply; the socket closes only for
 //! the codes SIGNALING.md lists.
+//!
+//! With `--auth-secret`, `join` needs a room access token ([`crate::auth`]);
+//! its grants are kept for the session and checked here for what the
+//! signaling layer sees: chat, and offers that would publish.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -21,6 +25,7 @@ use signal::{
 use tracing::{debug, info};
 
 use crate::AppState;
+use crate::auth::{self, Grants};
 
 /// Messages per second a connection may send on average, and its burst.
 pub const RATE_PER_SEC: f64 = 20.0;
@@ -159,6 +164,9 @@ struct Session {
     invalid_sdp: std::collections::VecDeque<Instant>,
     dropped_in_a_row: u32,
     last_rate_error: Option<Instant>,
+    /// What this participant may do: everything without `--auth-secret`,
+    /// else what its token grants. Set at join.
+    grants: Grants,
 }
 
 impl Session {
@@ -174,6 +182,7 @@ impl Session {
             invalid_sdp: std::collections::VecDeque::new(),
             dropped_in_a_row: 0,
             last_rate_error: None,
+            grants: Grants::ALL,
         }
     }
 
@@ -368,10 +377,15 @@ impl Session {
         let msg = match parse_client(text.as_str()) {
             Ok(m) => m,
             Err(e) => {
-                let too_large = e.code == ErrorCode::TooLarge;
+                let code = e.code;
                 self.refuse(out, e);
-                if too_large {
+                if code == ErrorCode::TooLarge {
                     return Next::Close(close_code::SIZE, "message too large");
+                }
+                // A join whose token the parser already refuses (empty,
+                // oversized) ends like any refused join.
+                if code == ErrorCode::TokenInvalid && self.participant.is_none() {
+                    return Next::Close(close_code::POLICY, "token refused");
                 }
                 return Next::Continue;
             }
@@ -417,7 +431,7 @@ impl Session {
         match (msg, &self.participant) {
             (ClientMessage::Ping, _) => out.push(ServerMessage::Pong),
             (ClientMessage::Leave, _) => return Next::Close(close_code::NORMAL, "left"),
-            (ClientMessage::Join { room, name }, None) => {
+            (ClientMessage::Join { room, name, token }, None) => {
                 let room = match RoomName::parse(&room) {
                     Ok(r) => r,
                     Err(e) => {
@@ -428,15 +442,43 @@ impl Session {
                         return Next::Continue;
                     }
                 };
-                let name = match DisplayName::parse(&name) {
-                    Ok(n) => n,
-                    Err(e) => {
+                let name = match (&self.state.auth, token) {
+                    // Open rooms: a token, if any, is not looked at.
+                    (None, _) => match DisplayName::parse(&name) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            self.refuse(
+                                out,
+                                SignalError::new(
+                                    ErrorCode::InvalidName,
+                                    format!("display name {e}"),
+                                ),
+                            );
+                            return Next::Continue;
+                        }
+                    },
+                    (Some(_), None) => {
                         self.refuse(
                             out,
-                            SignalError::new(ErrorCode::InvalidName, format!("display name {e}")),
+                            SignalError::new(
+                                ErrorCode::TokenRequired,
+                                "this node requires a room access token; join with \"token\"",
+                            ),
                         );
-                        return Next::Continue;
+                        return Next::Close(close_code::POLICY, "token required");
                     }
+                    (Some(verifier), Some(token)) => match verifier.verify(&token, &room) {
+                        Ok(access) => {
+                            info!(room = %room, identity = %access.identity, grants = ?access.grants, "token accepted");
+                            self.grants = access.grants;
+                            access.name
+                        }
+                        Err(e) => {
+                            debug!(room = %room, error = %e, "token refused");
+                            self.refuse(out, SignalError::new(e.code(), e.to_string()));
+                            return Next::Close(close_code::POLICY, "token refused");
+                        }
+                    },
                 };
                 if !self.state.ready.load(Ordering::SeqCst) {
                     out.push(error(
@@ -474,6 +516,28 @@ impl Session {
                 self.refuse(
                     out,
                     SignalError::new(ErrorCode::NotJoined, "send join first"),
+                );
+            }
+            (ClientMessage::Offer { sdp, .. }, Some(_))
+                if !self.grants.publish && auth::sdp_sends_media(&sdp) =>
+            {
+                // Refused here, before the media plane sees it, so no track
+                // of it is ever created or forwarded.
+                self.refuse(
+                    out,
+                    SignalError::new(
+                        ErrorCode::Forbidden,
+                        "your token does not allow publishing: offer media only as recvonly or inactive; this offer is ignored",
+                    ),
+                );
+            }
+            (ClientMessage::Chat { .. }, Some(_)) if !self.grants.chat => {
+                self.refuse(
+                    out,
+                    SignalError::new(
+                        ErrorCode::Forbidden,
+                        "your token does not allow chat; the message is not sent",
+                    ),
                 );
             }
             (ClientMessage::Offer { sdp, tracks }, Some(p)) => {

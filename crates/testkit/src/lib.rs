@@ -188,6 +188,7 @@ impl Client {
             .send(ClientMessage::Join {
                 room: room.into(),
                 name: name.into(),
+                token: None,
             })
             .map_err(|_| KitError::Ended)?;
         let id = loop {
