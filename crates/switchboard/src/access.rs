@@ -22,9 +22,6 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
 
 use crate::AppState;
 
@@ -160,79 +157,6 @@ fn strip_default_port<'a>(scheme: &str, authority: &'a str) -> &'a str {
     authority.strip_suffix(default).unwrap_or(authority)
 }
 
-/// The access and TLS counters as OpenMetrics families, spliced into
-/// `/metrics` before its `# EOF` by the handler (the node's main metric
-/// set is built in `metrics.rs`).
-pub(crate) fn render(state: &AppState) -> Result<String, std::fmt::Error> {
-    struct Refusals {
-        counters: Vec<(&'static str, &'static str, u64)>,
-        refused: [(&'static str, u64); 2],
-    }
-    impl std::fmt::Debug for Refusals {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("Refusals")
-        }
-    }
-    impl Collector for Refusals {
-        fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
-            {
-                let kind = ConstCounter::new(0u64).metric_type();
-                let mut family = enc.encode_descriptor(
-                    "switchboard_http_refused",
-                    "HTTP requests refused: admin endpoints without loopback or the admin token, /ws from a foreign Origin",
-                    None,
-                    kind,
-                )?;
-                for (reason, v) in &self.refused {
-                    ConstCounter::new(*v).encode(family.encode_family(&[("reason", *reason)])?)?;
-                }
-            }
-            for (name, help, v) in &self.counters {
-                let c = ConstCounter::new(*v);
-                c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)?;
-            }
-            Ok(())
-        }
-    }
-    let a = &state.access;
-    let mut counters = Vec::new();
-    if let Some(tls) = &state.tls {
-        counters.push((
-            "switchboard_tls_reloads",
-            "Times a new TLS certificate was loaded without a restart",
-            tls.reloads.load(Ordering::Relaxed),
-        ));
-        counters.push((
-            "switchboard_tls_reload_failures",
-            "Reloads that failed (the previous certificate kept serving)",
-            tls.reload_failures.load(Ordering::Relaxed),
-        ));
-    }
-    let mut registry = prometheus_client::registry::Registry::default();
-    registry.register_collector(Box::new(Refusals {
-        counters,
-        refused: [
-            (
-                "admin_unauthorized",
-                a.admin_unauthorized.load(Ordering::Relaxed),
-            ),
-            ("origin", a.origin_refused.load(Ordering::Relaxed)),
-        ],
-    }));
-    let mut out = String::new();
-    prometheus_client::encoding::text::encode(&mut out, &registry)?;
-    Ok(out.strip_suffix("# EOF\n").unwrap_or(&out).to_owned())
-}
-
-/// `body` (a full exposition ending in `# EOF`) with `extra` families
-/// inserted before the end marker.
-pub(crate) fn splice(body: String, extra: &str) -> String {
-    match body.strip_suffix("# EOF\n") {
-        Some(head) => format!("{head}{extra}# EOF\n"),
-        None => body + extra,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,11 +233,5 @@ mod tests {
         assert!(constant_time_eq(b"abc", b"abc"));
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"abcd"));
-    }
-
-    #[test]
-    fn spliced_families_come_before_eof() {
-        let out = splice("# TYPE a counter\na_total 1\n# EOF\n".into(), "b_total 2\n");
-        assert_eq!(out, "# TYPE a counter\na_total 1\nb_total 2\n# EOF\n");
     }
 }

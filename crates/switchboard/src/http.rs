@@ -94,8 +94,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         Some(c) => c.status().await,
         None => None,
     };
-    let body = crate::metrics::render(&state, trunk)
-        .and_then(|body| Ok(access::splice(body, &access::render(&state)?)));
+    let body = crate::metrics::render(&state, trunk);
     match body {
         Ok(body) => (
             [(

@@ -41,6 +41,8 @@ struct Snapshot {
     gauges: Vec<(&'static str, &'static str, i64)>,
     counters: Vec<(&'static str, &'static str, u64)>,
     errors: Vec<(&'static str, u64)>,
+    /// HTTP requests refused, by reason (`access.rs`).
+    http_refused: Vec<(&'static str, u64)>,
     /// Per peer node: (node id, link up, RTT in seconds if measured).
     trunks: Vec<(String, i64, Option<f64>)>,
     /// Per-peer counter families.
@@ -69,6 +71,15 @@ impl Collector for Snapshot {
         for (code, v) in &self.errors {
             let labels = [("code", *code)];
             ConstCounter::new(*v).encode(family.encode_family(&labels)?)?;
+        }
+        let mut refused = enc.encode_descriptor(
+            "switchboard_http_refused",
+            "HTTP requests refused: admin endpoints without loopback or the admin token, /ws from a foreign Origin",
+            None,
+            kind,
+        )?;
+        for (reason, v) in &self.http_refused {
+            ConstCounter::new(*v).encode(refused.encode_family(&[("reason", *reason)])?)?;
         }
         if !self.trunks.is_empty() {
             let kind = ConstGauge::new(0i64).metric_type();
@@ -270,10 +281,34 @@ pub(crate) fn render(
                     .collect()
             })
             .unwrap_or_default(),
+        http_refused: vec![
+            (
+                "admin_unauthorized",
+                state.access.admin_unauthorized.load(Ordering::Relaxed),
+            ),
+            (
+                "origin",
+                state.access.origin_refused.load(Ordering::Relaxed),
+            ),
+        ],
         peer_counters: Vec::new(),
         peer_gauges: Vec::new(),
     };
     let mut snapshot = snapshot;
+    if let Some(tls) = &state.tls {
+        snapshot.counters.extend([
+            (
+                "switchboard_tls_reloads",
+                "Times a new TLS certificate was loaded without a restart",
+                tls.reloads.load(Ordering::Relaxed),
+            ),
+            (
+                "switchboard_tls_reload_failures",
+                "Reloads that failed (the previous certificate kept serving)",
+                tls.reload_failures.load(Ordering::Relaxed),
+            ),
+        ]);
+    }
     if let Some(t) = &trunk {
         let tm = &t.metrics;
         snapshot.counters.extend([

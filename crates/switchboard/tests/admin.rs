@@ -7,6 +7,7 @@
 //! needs turned off), so turning it off makes these clients stand for any
 //! remote client: the token path is exercised for real.
 
+mod common;
 mod wsclient;
 
 use std::net::SocketAddr;
@@ -19,15 +20,7 @@ use wsclient::*;
 
 const ADMIN: &str = "admin-token-for-tests";
 
-async fn start(config: Config) -> Node {
-    Node::start(Config {
-        http_port: 0,
-        media_port: 0,
-        ..config
-    })
-    .await
-    .expect("node starts")
-}
+use common::start;
 
 /// A node that treats its (loopback) clients as remote.
 async fn locked_node(admin_bind: Option<SocketAddr>) -> Node {

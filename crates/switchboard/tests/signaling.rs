@@ -2,6 +2,8 @@
 //! malformed input gets the documented error, and a participant in another
 //! room keeps being served after every single abuse. Plus the HTTP endpoints.
 
+mod wsclient;
+
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -9,9 +11,10 @@ use serde_json::{Value, json};
 use switchboard::{Config, Node};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
+use tokio_tungstenite::{MaybeTlsStream, connect_async};
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+// The socket helpers shared with the auth/admin/TLS tests.
+use wsclient::{Ws, close_code, expect_error, recv, recv_type, send, still_served};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -36,61 +39,6 @@ async fn connect(addr: std::net::SocketAddr) -> Ws {
     ws
 }
 
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::Text(v.to_string().into())).await.unwrap();
-}
-
-/// Next JSON message (skipping pings); `None` if the socket closed.
-async fn recv(ws: &mut Ws) -> Option<Value> {
-    loop {
-        let frame = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("a message within 5 s");
-        match frame {
-            Some(Ok(Message::Text(t))) => return Some(serde_json::from_str(&t).unwrap()),
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
-            Some(Ok(_)) => continue,
-        }
-    }
-}
-
-/// Skip messages until the server's Close frame; its code (`None` if the
-/// connection ended without one).
-async fn close_code(ws: &mut Ws) -> Option<u16> {
-    loop {
-        let frame = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("the socket closes within 5 s");
-        match frame {
-            Some(Ok(Message::Close(c))) => return c.map(|c| u16::from(c.code)),
-            None | Some(Err(_)) => return None,
-            Some(Ok(_)) => continue,
-        }
-    }
-}
-
-/// Receive until a message of `type` arrives (rosters etc. may come first).
-async fn recv_type(ws: &mut Ws, ty: &str) -> Value {
-    loop {
-        let m = recv(ws)
-            .await
-            .unwrap_or_else(|| panic!("socket closed while waiting for {ty}"));
-        if m["type"] == ty {
-            return m;
-        }
-    }
-}
-
-async fn expect_error(ws: &mut Ws, code: &str) -> Value {
-    let m = recv_type(ws, "error").await;
-    assert_eq!(m["code"], code, "wrong error: {m}");
-    assert!(
-        m["message"].as_str().is_some_and(|s| !s.is_empty()),
-        "error needs a message: {m}"
-    );
-    m
-}
-
 async fn joined(node: &Node, room: &str, name: &str) -> Ws {
     let mut w = ws(node).await;
     send(&mut w, json!({"type":"join","room":room,"name":name})).await;
@@ -109,12 +57,6 @@ async fn roster_names(ws: &mut Ws) -> Vec<Value> {
         .iter()
         .map(|p| p["name"].clone())
         .collect()
-}
-
-/// The bystander in another room is still served.
-async fn still_served(w: &mut Ws) {
-    send(w, json!({"type":"ping"})).await;
-    recv_type(w, "pong").await;
 }
 
 /// Each case: what to send on a fresh socket (after an optional join) and

@@ -2,6 +2,8 @@
 //! test CA, and the certificate replaced without a restart: new connections
 //! get the new one while a call's WebSocket opened before stays up.
 
+mod wsclient;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -129,14 +131,7 @@ async fn https_get(connector: &TlsConnector, addr: SocketAddr, path: &str) -> (u
     let mut buf = Vec::new();
     // The server may close without close_notify: keep what arrived.
     let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut buf)).await;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned());
-    (status, body.unwrap_or_default())
+    wsclient::parse_response(&buf)
 }
 
 type Wss = WebSocketStream<TlsStream<TcpStream>>;

@@ -108,7 +108,12 @@ pub async fn http(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u1
         .await
         .expect("a response in time")
         .unwrap();
-    let text = String::from_utf8_lossy(&buf).into_owned();
+    parse_response(&buf)
+}
+
+/// Status code (0 if unreadable) and body of a raw HTTP/1.1 response.
+pub fn parse_response(raw: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(raw);
     let status = text
         .split(' ')
         .nth(1)
