@@ -533,9 +533,19 @@ export function avSync(tqA, tqB, T0, T1) {
   const videoDelay = delay('vts', 'vr', 90, anchors.v);
   // Seconds apart would mean the pages do not see the same RTP timestamps.
   const same = audioDelay !== null && videoDelay !== null && Math.abs(audioDelay) < 5000 && Math.abs(videoDelay) < 5000;
+  // How far B's sender reports put its audio against its video compared
+  // with A's: per page, track - est is the error of that node's reports
+  // (est is Chrome's residual in the frame of those reports), so B's
+  // median of it minus A's is the error B's reports add. The SFU controls
+  // exactly this (the wallclock it gives str0m for each packet); Chrome's
+  // sync dead band (below) does not enter it.
+  const srErr = (x) => median(x.samples.filter((s) => s.track !== null && s.est !== null).map((s) => s.track - s.est));
+  const srA = srErr(A);
+  const srB = srErr(B);
   return {
     A: side(A),
     B: side(B),
+    sr_error_b_minus_a_ms: same && srA !== null && srB !== null ? r1(srB - srA) : null,
     b_minus_a_ms: same ? r1(diff('track')) : null,
     display_b_minus_a_ms: same ? r1(diff('display')) : null,
     est_b_minus_a_ms: r1(diff('est')),

@@ -4,14 +4,24 @@
 // Over a 20 s window the subscriber on B must decode at least 90 % as many of
 // the publisher's frames as the subscriber on A (the same node, no trunk),
 // and B's /metrics must show that trunk packets were repaired; and lip sync
-// on B must match A's: the median A/V offset (video minus audio) of the
-// publisher's microphone + camera at B may differ from A's by at most
-// MAX_AV_DIFF_MS (trunk-quality.mjs av_sync, measured by RTP timestamp on one
-// clock, not through the nodes' sender reports: see avSync() there). B keeps
-// the origin's audio/video timing only if its sender reports carry the time
-// the origin received each packet; with a wrong wallclock, differences
-// between the trunk's delays of audio and video (queues, loss repair) move
-// lip sync on B.
+// on B must match A's, checked two ways (trunk-quality.mjs av_sync, measured
+// by RTP timestamp on one clock, not through the nodes' sender reports: see
+// avSync() there):
+// - what the SFU controls: B's sender reports must place audio against
+//   video as A's do (sr_error_b_minus_a_ms, within MAX_SR_ERROR_MS). B
+//   keeps the origin's audio/video timing only if its sender reports carry
+//   the time the origin received each packet; with a wrong wallclock,
+//   differences between the trunk's delays of audio and video (queues, loss
+//   repair) move lip sync on B.
+// - what a person sees: the median A/V offset at B may differ from A's by
+//   at most MAX_AV_DIFF_MS. Chrome corrects an A/V residual only once it is
+//   at least 30 ms (kMinDeltaMs in WebRTC's stream_synchronization.cc), so
+//   each page rests anywhere within ±30 ms of synced; and under loss B's
+//   audio jitter buffer grows (repaired audio arrives a few ms late) by
+//   20-50 ms while its video does not, which Chrome leaves alone inside that
+//   dead band. Two correct pages can thus differ by up to 60 ms (CI saw 42
+//   with correct reports: audio +50, video +9, est 31). ITU-R BT.1359 puts
+//   the detectability of audio lagging video at 125 ms.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdirSync, writeFileSync } from 'node:fs';
@@ -21,8 +31,13 @@ import { measureTrunkQuality, TABLE_HEADER, tableRow } from '../trunk-quality.mj
 const REPAIR_COUNTER = 'repaired';
 const MIN_RATIO = 0.9;
 const WINDOW_S = 20;
-/** Largest |B - A| of the median A/V offsets, ms (loose: see above). */
-const MAX_AV_DIFF_MS = 40;
+/** Largest |B - A| of the median A/V offsets, ms: two 30 ms dead bands and
+ * 10 ms for sampling (20 ms audio frames, 50 ms ticks). See above. */
+const MAX_AV_DIFF_MS = 70;
+/** Largest error B's sender reports may add to A/V placement, ms. Measured
+ * 10-13 ms in 4 runs (2026-12-06); a report error of a trunk delay
+ * difference would show here whatever Chrome's dead band does. */
+const MAX_SR_ERROR_MS = 25;
 
 const A = process.env.SB_URL_A;
 const B = process.env.SB_URL_B;
@@ -68,10 +83,15 @@ test('3 % loss on the trunk: B decodes ≥ 90 % of the frames A does, B repairs,
     + `ticks A ${av.A?.ticks} (frozen ${av.A?.frozen}), B ${av.B?.ticks} (frozen ${av.B?.frozen}))`;
   if (!av || av.error || av.b_minus_a_ms === null) {
     failures.push(`no A/V offset measured: ${av && av.error ? av.error : avText()}`);
-  } else if (!(Math.abs(av.b_minus_a_ms) <= MAX_AV_DIFF_MS)) {
-    failures.push(`lip sync on B differs from A's by ${av.b_minus_a_ms} ms (more than ${MAX_AV_DIFF_MS}): ${avText()}`);
   } else {
-    console.log(avText());
+    if (!(Math.abs(av.b_minus_a_ms) <= MAX_AV_DIFF_MS)) {
+      failures.push(`lip sync on B differs from A's by ${av.b_minus_a_ms} ms (more than ${MAX_AV_DIFF_MS}): ${avText()}`);
+    }
+    if (av.sr_error_b_minus_a_ms === null || !(Math.abs(av.sr_error_b_minus_a_ms) <= MAX_SR_ERROR_MS)) {
+      failures.push(`B's sender reports misplace audio against video by ${av.sr_error_b_minus_a_ms} ms compared with A's `
+        + `(more than ${MAX_SR_ERROR_MS}, or no estimatedPlayoutTimestamp): ${avText()}`);
+    }
+    console.log(`${avText()}; sender-report error B − A ${av.sr_error_b_minus_a_ms} ms`);
   }
   assert.deepEqual(failures, []);
 });
