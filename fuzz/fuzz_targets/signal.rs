@@ -5,10 +5,13 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use signal::{ClientMessage, DisplayName, RoomName, parse_client};
+use signal::{ClientMessage, DisplayName, Limits, RoomName, parse_client, parse_client_with};
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
+    // The default limits and a node's room-sized ones (defaults 100 x 8).
+    let room = Limits::for_rooms(100, 8);
+    let _ = parse_client_with(&text, &room);
     match parse_client(&text) {
         Ok(msg) => {
             if let ClientMessage::Join { room, name, .. } = &msg {

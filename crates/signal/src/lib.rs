@@ -19,8 +19,58 @@ use serde::{Deserialize, Serialize};
 pub const MAX_MESSAGE_BYTES: usize = 128 * 1024;
 /// Longest chat message, in Unicode scalar values.
 pub const MAX_CHAT_CHARS: usize = 2000;
-/// Longest SDP the server accepts (bytes).
+/// Longest SDP the server accepts (bytes) by default ([`Limits::default`]);
+/// a node sizes its own from its room limits ([`Limits::for_rooms`]).
 pub const MAX_SDP_BYTES: usize = 100 * 1024;
+/// SDP bytes budgeted per m-line when sizing limits to a room: a browser's
+/// answer to a server offer carries every codec of str0m's default set,
+/// ~2.2 KB per m-line measured from Chromium (BENCHMARKS.md, churn soak);
+/// 3 KiB leaves room for longer candidates and extensions.
+pub const SDP_BYTES_PER_MLINE: usize = 3 * 1024;
+/// SDP bytes budgeted beyond the m-lines (session part, data channel).
+const SDP_BASE_BYTES: usize = 16 * 1024;
+
+/// Size limits of one client message. A subscriber's SDP holds one m-line
+/// per track it receives, so a fixed cap cuts subscribers of big rooms
+/// (the churn soak lost every subscriber of a room with more than ~22
+/// audio+video publishers at 100 KiB): a node derives its limits from how
+/// many tracks one room may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest text frame (bytes).
+    pub max_message_bytes: usize,
+    /// Longest SDP in an offer or answer (bytes).
+    pub max_sdp_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: MAX_MESSAGE_BYTES,
+            max_sdp_bytes: MAX_SDP_BYTES,
+        }
+    }
+}
+
+impl Limits {
+    /// Limits that fit a room of `max_participants`, each publishing up to
+    /// `max_tracks`: a participant's SDP may then hold every track of the
+    /// room (its own and everyone else's) at [`SDP_BYTES_PER_MLINE`] each.
+    /// Never below the defaults. The message limit adds JSON's escaping of
+    /// the SDP (`\r\n` becomes four bytes: under 1/8 for SDP lines of 30
+    /// bytes or more) and an offer's track list.
+    pub fn for_rooms(max_participants: usize, max_tracks: usize) -> Limits {
+        let mlines = max_participants.max(1).saturating_mul(max_tracks.max(1));
+        let sdp = SDP_BASE_BYTES
+            .saturating_add(mlines.saturating_mul(SDP_BYTES_PER_MLINE))
+            .max(MAX_SDP_BYTES);
+        let message = sdp.saturating_add(sdp / 8).saturating_add(16 * 1024);
+        Limits {
+            max_message_bytes: message.max(MAX_MESSAGE_BYTES),
+            max_sdp_bytes: sdp,
+        }
+    }
+}
 /// Most tracks one participant may describe in one offer.
 pub const MAX_TRACKS_PER_OFFER: usize = 16;
 /// Longest room access token (bytes). A token carries a handful of short
@@ -271,12 +321,18 @@ const CLIENT_TYPES: &[&str] = &["join", "offer", "answer", "chat", "mute", "ping
 /// track count) are checked here too; room and display names are checked by
 /// [`RoomName::parse`] / [`DisplayName::parse`] when a `join` is handled.
 pub fn parse_client(text: &str) -> Result<ClientMessage, SignalError> {
-    if text.len() > MAX_MESSAGE_BYTES {
+    parse_client_with(text, &Limits::default())
+}
+
+/// [`parse_client`] with a node's own [`Limits`].
+pub fn parse_client_with(text: &str, limits: &Limits) -> Result<ClientMessage, SignalError> {
+    if text.len() > limits.max_message_bytes {
         return Err(SignalError::new(
             ErrorCode::TooLarge,
             format!(
-                "message is {} bytes; the limit is {MAX_MESSAGE_BYTES}",
-                text.len()
+                "message is {} bytes; the limit is {}",
+                text.len(),
+                limits.max_message_bytes
             ),
         ));
     }
@@ -289,6 +345,20 @@ pub fn parse_client(text: &str) -> Result<ClientMessage, SignalError> {
         ));
     };
     match obj.get("type") {
+        // Only an SDP grows with the room; everything else keeps the
+        // default frame limit.
+        Some(serde_json::Value::String(t))
+            if text.len() > MAX_MESSAGE_BYTES && t != "offer" && t != "answer" =>
+        {
+            return Err(SignalError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "a {} message is {} bytes; the limit is {MAX_MESSAGE_BYTES}",
+                    t.chars().take(32).collect::<String>(),
+                    text.len()
+                ),
+            ));
+        }
         Some(serde_json::Value::String(t)) if CLIENT_TYPES.contains(&t.as_str()) => {}
         Some(serde_json::Value::String(t)) => {
             let shown: String = t.chars().take(32).collect();
@@ -306,14 +376,14 @@ pub fn parse_client(text: &str) -> Result<ClientMessage, SignalError> {
     }
     let msg: ClientMessage = serde_json::from_value(value)
         .map_err(|e| SignalError::new(ErrorCode::BadMessage, format!("bad fields: {e}")))?;
-    check_limits(&msg)?;
+    check_limits(&msg, limits)?;
     Ok(msg)
 }
 
-fn check_limits(msg: &ClientMessage) -> Result<(), SignalError> {
+fn check_limits(msg: &ClientMessage, limits: &Limits) -> Result<(), SignalError> {
     match msg {
         ClientMessage::Offer { sdp, tracks } => {
-            check_sdp(sdp)?;
+            check_sdp(sdp, limits)?;
             if tracks.len() > MAX_TRACKS_PER_OFFER {
                 return Err(SignalError::new(
                     ErrorCode::BadMessage,
@@ -328,7 +398,7 @@ fn check_limits(msg: &ClientMessage) -> Result<(), SignalError> {
             }
             Ok(())
         }
-        ClientMessage::Answer { sdp } => check_sdp(sdp),
+        ClientMessage::Answer { sdp } => check_sdp(sdp, limits),
         ClientMessage::Join {
             token: Some(token), ..
         } if token.is_empty() || token.len() > MAX_TOKEN_BYTES => Err(SignalError::new(
@@ -355,9 +425,16 @@ fn check_limits(msg: &ClientMessage) -> Result<(), SignalError> {
     }
 }
 
-fn check_sdp(sdp: &str) -> Result<(), SignalError> {
-    if sdp.len() > MAX_SDP_BYTES {
-        return Err(SignalError::new(ErrorCode::TooLarge, "SDP too large"));
+fn check_sdp(sdp: &str, limits: &Limits) -> Result<(), SignalError> {
+    if sdp.len() > limits.max_sdp_bytes {
+        return Err(SignalError::new(
+            ErrorCode::TooLarge,
+            format!(
+                "SDP is {} bytes; the limit is {} (sized to this node's room limits)",
+                sdp.len(),
+                limits.max_sdp_bytes
+            ),
+        ));
     }
     if !sdp.starts_with("v=0") {
         return Err(SignalError::new(
@@ -502,5 +579,32 @@ mod tests {
                 serde_json::Value::String(c.as_str().into())
             );
         }
+    }
+
+    #[test]
+    fn limits_grow_with_the_room_and_never_shrink_below_the_defaults() {
+        let small = Limits::for_rooms(1, 1);
+        assert_eq!(small.max_sdp_bytes, MAX_SDP_BYTES);
+        assert!(small.max_message_bytes >= MAX_MESSAGE_BYTES);
+        let big = Limits::for_rooms(100, 8);
+        assert!(big.max_sdp_bytes >= 800 * SDP_BYTES_PER_MLINE, "{big:?}");
+        assert!(big.max_message_bytes > big.max_sdp_bytes + big.max_sdp_bytes / 8);
+        // An answer of 60 m-lines at the measured ~2.2 KB each: over the
+        // default, within a 40-participant room's limits.
+        let sdp = format!("v=0\r\n{}", "a=x\r\n".repeat(60 * 2200 / 5));
+        let msg = serde_json::json!({"type": "answer", "sdp": sdp}).to_string();
+        assert_eq!(parse_client(&msg).unwrap_err().code, ErrorCode::TooLarge);
+        let room = Limits::for_rooms(40, 2);
+        assert!(matches!(
+            parse_client_with(&msg, &room),
+            Ok(ClientMessage::Answer { .. })
+        ));
+        assert!(Limits::for_rooms(usize::MAX, usize::MAX).max_sdp_bytes == usize::MAX);
+        // Only offers and answers get the room-sized limit.
+        let chat = serde_json::json!({"type": "chat", "text": "x".repeat(200 * 1024)}).to_string();
+        assert_eq!(
+            parse_client_with(&chat, &room).unwrap_err().code,
+            ErrorCode::TooLarge
+        );
     }
 }

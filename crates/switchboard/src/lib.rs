@@ -56,6 +56,8 @@ pub(crate) struct AppState {
     pub tls: Option<Arc<tls::Tls>>,
     /// Admin and Origin refusals.
     pub access: access::AccessMetrics,
+    /// Size limits of a client message, sized to the room limits.
+    pub limits: signal::Limits,
 }
 
 /// What the operator should hear about at start: settings that leave the
@@ -201,7 +203,6 @@ impl Node {
             ws_total: AtomicU64::new(0),
             signaling: metrics::SignalingMetrics::default(),
             shutdown: shutdown_rx.clone(),
-            config,
             http_addr,
             cluster,
             status_cache: tokio::sync::Mutex::new(None),
@@ -209,6 +210,11 @@ impl Node {
             auth,
             tls: tls.clone(),
             access: access::AccessMetrics::default(),
+            limits: signal::Limits::for_rooms(
+                config.max_participants_per_room,
+                config.max_tracks_per_participant,
+            ),
+            config,
         });
         let (http_stop, stop) = watch::channel(false);
         let mut servers = vec![serve(

@@ -19,8 +19,7 @@ use axum::response::Response;
 use futures_util::{SinkExt, StreamExt};
 use sfu::{Participant, ParticipantCommand};
 use signal::{
-    ClientMessage, DisplayName, ErrorCode, MAX_MESSAGE_BYTES, RoomName, ServerMessage, SignalError,
-    parse_client,
+    ClientMessage, DisplayName, ErrorCode, RoomName, ServerMessage, SignalError, parse_client_with,
 };
 use tracing::{debug, info};
 
@@ -47,15 +46,21 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// answer crossing a new offer), a broken one loops.
 pub const INVALID_SDP_CLOSE_AFTER: usize = 10;
 const INVALID_SDP_WINDOW: Duration = Duration::from_secs(60);
+/// How far past `Limits::max_message_bytes` a frame is still read (and
+/// answered `too_large`) before the WebSocket layer cuts the socket.
+const WS_CAP_MARGIN: usize = 64 * 1024;
 /// How often the backlog is checked while a send waits on the client.
 const BACKLOG_CHECK: Duration = Duration::from_millis(100);
 
 pub(crate) fn upgrade(state: Arc<AppState>, upgrade: WebSocketUpgrade) -> Response {
-    // The WebSocket layer refuses anything over twice our limit without
-    // buffering it; between the two, we answer `too_large` ourselves.
+    // The WebSocket layer refuses anything over our limit plus a margin
+    // without buffering it; within the margin, we answer `too_large`
+    // ourselves. Memory a client can make a socket hold is thus bounded by
+    // this cap (times --max-connections for the node).
+    let cap = state.limits.max_message_bytes + WS_CAP_MARGIN;
     upgrade
-        .max_message_size(2 * MAX_MESSAGE_BYTES)
-        .max_frame_size(2 * MAX_MESSAGE_BYTES)
+        .max_message_size(cap)
+        .max_frame_size(cap)
         .on_upgrade(move |socket| async move {
             // Checked and counted in one step: concurrent upgrades cannot
             // both take the last place.
@@ -374,7 +379,7 @@ impl Session {
             }
             Message::Close(_) | Message::Ping(_) | Message::Pong(_) => return Next::Continue,
         };
-        let msg = match parse_client(text.as_str()) {
+        let msg = match parse_client_with(text.as_str(), &self.state.limits) {
             Ok(m) => m,
             Err(e) => {
                 let code = e.code;

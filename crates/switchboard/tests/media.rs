@@ -648,6 +648,68 @@ async fn a_subscriber_outliving_thirty_publishers_keeps_its_m_lines() {
     node.shutdown().await;
 }
 
+/// A subscriber of a big room keeps its session: its SDP holds one m-line
+/// per live track (~2.2 KB each), so 64 live tracks make an answer of
+/// ~140 KB, over the old fixed 100 KiB limit (the churn soak cut every
+/// subscriber of a room with more than ~22 audio+video publishers with
+/// `too_large`). The node sizes its SDP limit to
+/// `--max-participants-per-room` x `--max-tracks-per-participant`.
+/// Eight publishers of eight tracks each (the default per-participant
+/// limit) rather than 32 of two: the same m-lines, with far fewer
+/// renegotiation rounds for an in-process debug build to get through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_of_sixty_four_live_tracks_keeps_its_session() {
+    use signal::Source;
+    use testkit::MediaKind;
+    // A packet a second per track: the m-lines make the SDP big, the packet
+    // rate does not matter here (at 5/s per track the debug build's worker,
+    // sharing 2 cores with 9 str0m clients, fell 8 s behind and cut
+    // everyone as silent).
+    const SLOW: Duration = Duration::from_millis(1000);
+    let node = node().await;
+    let stayer = join(&node, "big-room", "Stay").await;
+    let mut publishers = Vec::new();
+    for i in 0..8 {
+        let mut p = join(&node, "big-room", &format!("P{i}")).await;
+        for _ in 0..4 {
+            p.publish(MediaKind::Audio, Source::Microphone, SLOW, 120);
+            p.publish(MediaKind::Video, Source::Camera, SLOW, 1000);
+        }
+        publishers.push(p);
+    }
+    let ids: Vec<String> = publishers.iter().map(|p| p.id.clone()).collect();
+    stayer
+        .wait_until("every publisher's eight tracks", T, |s| {
+            s.ended || ids.iter().all(|id| has_tracks_from(s, id, 8, 3))
+        })
+        .await
+        .unwrap_or_else(|e| {
+            let got = stayer.state(|s| {
+                let per: Vec<(usize, Vec<usize>)> = ids
+                    .iter()
+                    .map(|id| {
+                        let t = s.tracks_from(id);
+                        (t.len(), t.iter().map(|t| s.count(t)).collect())
+                    })
+                    .collect();
+                (
+                    per,
+                    s.errors.clone(),
+                    s.offers_received,
+                    s.offers_received_mlines,
+                )
+            });
+            panic!(
+                "{e:?}: received per publisher (tracks, packets), errors, offers, m-lines: {got:?}"
+            )
+        });
+    let (errors, ended, most) =
+        stayer.state(|s| (s.errors.clone(), s.ended, s.offers_received_mlines));
+    assert!(errors.is_empty() && !ended, "{errors:?}");
+    assert!(most >= 65, "m-lines of the largest server offer: {most}");
+    node.shutdown().await;
+}
+
 /// Glare in a busy room: a slow browser (1 s to answer) publishing while
 /// the room keeps changing. Its offer collides with a server offer and is
 /// ignored; it answers ours and offers again. The server used to send its
