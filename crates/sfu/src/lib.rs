@@ -208,7 +208,7 @@ impl Participant {
     }
 }
 
-#[cfg(feature = "test-hooks")]
+#[cfg(any(feature = "test-hooks", debug_assertions))]
 impl Sfu {
     /// Test hook: the next str0m call of participant `id` panics (inside
     /// the guard: that participant is removed with `error internal`).

@@ -87,6 +87,13 @@ async fn main() -> anyhow::Result<()> {
             node.http_addr()
         );
     }
+    // Debug builds only (the release binary has no such hook): the media
+    // worker panics outside every guard, so tests/binary.rs can check the
+    // path a supervisor relies on, a logged error and a non-zero exit.
+    #[cfg(debug_assertions)]
+    if std::env::var_os("SWITCHBOARD_DEBUG_PANIC_WORKER").is_some() {
+        node.sfu().panic_worker_for_test();
+    }
     loop {
         tokio::select! {
             _ = term.recv() => break,

@@ -209,3 +209,22 @@ fn a_bad_config_file_is_a_clear_error() {
     assert!(err.contains("bad config file"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A media worker that dies (a panic outside every guarded str0m call)
+/// makes the process log it and exit non-zero, so a supervisor restarts
+/// it: never a half-dead node that still answers HTTP. The debug binary
+/// panics its worker on `SWITCHBOARD_DEBUG_PANIC_WORKER` (no such hook in
+/// a release build).
+#[test]
+fn a_dead_media_worker_makes_the_process_exit_non_zero() {
+    let mut node = Running::start(
+        &["--http-port", "0", "--media-port", "0"],
+        &[("SWITCHBOARD_DEBUG_PANIC_WORKER", "1")],
+    );
+    let lines = node.wait_line(|l| l.contains("media worker stopped unexpectedly"));
+    let code = node.exit_code();
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "exit code {code:?}; output {lines:#?}"
+    );
+}

@@ -48,9 +48,9 @@ pub(super) enum Cmd {
     Status(tokio::sync::oneshot::Sender<Vec<RoomStatus>>),
     Shutdown,
     /// Test hooks (feature `test-hooks`).
-    #[cfg(feature = "test-hooks")]
+    #[cfg(any(feature = "test-hooks", debug_assertions))]
     PanicInParticipant(String),
-    #[cfg(feature = "test-hooks")]
+    #[cfg(any(feature = "test-hooks", debug_assertions))]
     PanicInWorker,
 }
 
@@ -73,11 +73,11 @@ impl Commands {
     pub(crate) fn participant(&self, id: &str, cmd: ParticipantCommand) {
         let _ = self.send(Cmd::Participant(id.to_owned(), cmd));
     }
-    #[cfg(feature = "test-hooks")]
+    #[cfg(any(feature = "test-hooks", debug_assertions))]
     pub(crate) fn panic_in_participant(&self, id: &str) {
         let _ = self.send(Cmd::PanicInParticipant(id.to_owned()));
     }
-    #[cfg(feature = "test-hooks")]
+    #[cfg(any(feature = "test-hooks", debug_assertions))]
     pub(crate) fn panic_in_worker(&self) {
         let _ = self.send(Cmd::PanicInWorker);
     }
@@ -219,11 +219,11 @@ impl Handle {
         self.commands.send(Cmd::Status(tx))?;
         rx.await.map_err(|_| SfuError::Stopped)
     }
-    #[cfg(feature = "test-hooks")]
+    #[cfg(any(feature = "test-hooks", debug_assertions))]
     pub(crate) fn panic_in_worker(&self) {
         self.commands.panic_in_worker();
     }
-    #[cfg(feature = "test-hooks")]
+    #[cfg(any(feature = "test-hooks", debug_assertions))]
     pub(crate) fn panic_in_participant(&self, id: &str) {
         self.commands.panic_in_participant(id);
     }

@@ -205,13 +205,13 @@ impl Worker {
                 let _ = reply.send(self.status());
             }
             Cmd::Shutdown => {}
-            #[cfg(feature = "test-hooks")]
+            #[cfg(any(feature = "test-hooks", debug_assertions))]
             Cmd::PanicInParticipant(id) => {
                 if let Some(p) = self.ids.get(&id).and_then(|pid| self.peers.get_mut(pid)) {
                     p.panic_next = true;
                 }
             }
-            #[cfg(feature = "test-hooks")]
+            #[cfg(any(feature = "test-hooks", debug_assertions))]
             Cmd::PanicInWorker => panic!("test hook: the worker loop panics"),
         }
     }

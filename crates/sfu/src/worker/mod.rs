@@ -238,7 +238,7 @@ struct Peer {
     /// Set when the session must end; the reason goes to the browser.
     ended: Option<End>,
     /// Test hook: the next guarded str0m call panics.
-    #[cfg(feature = "test-hooks")]
+    #[cfg(any(feature = "test-hooks", debug_assertions))]
     panic_next: bool,
 }
 

@@ -25,9 +25,9 @@ use crate::remote::{RemoteEvent, RoomEvent};
 /// and counted in `SfuMetrics::media_panics`, see `Worker::remove`) and the
 /// answer is `None`.
 pub(super) fn guarded<R>(peer: &mut Peer, f: impl FnOnce(&mut Rtc) -> R) -> Option<R> {
-    #[cfg(feature = "test-hooks")]
+    #[cfg(any(feature = "test-hooks", debug_assertions))]
     let boom = std::mem::take(&mut peer.panic_next);
-    #[cfg(not(feature = "test-hooks"))]
+    #[cfg(not(any(feature = "test-hooks", debug_assertions)))]
     let boom = false;
     let rtc = &mut peer.rtc;
     match catch_unwind(AssertUnwindSafe(|| {
@@ -129,7 +129,7 @@ impl Worker {
                 last_heard: now,
                 next_timeout: now,
                 ended: None,
-                #[cfg(feature = "test-hooks")]
+                #[cfg(any(feature = "test-hooks", debug_assertions))]
                 panic_next: false,
             },
         );
