@@ -137,7 +137,20 @@ impl Sfu {
     /// Enter `room` as `name`. Returns at once; the worker answers on the
     /// handle with `Joined` then `Roster`, or `Error { Full }` and closes it.
     pub fn join(&self, room: RoomName, name: DisplayName) -> Result<Participant, SfuError> {
-        self.inner.join(room, name)
+        self.inner.join(room, name, Permissions::ALL)
+    }
+
+    /// [`Sfu::join`] with what the participant may do (from its access
+    /// token): without `subscribe` it is offered no one's media, so nothing
+    /// is forwarded to it and it causes no keyframe requests; without
+    /// `publish` the m-lines it sends on are ignored (`error forbidden`).
+    pub fn join_with(
+        &self,
+        room: RoomName,
+        name: DisplayName,
+        permissions: Permissions,
+    ) -> Result<Participant, SfuError> {
+        self.inner.join(room, name, permissions)
     }
 
     /// Attach another node to `room` as a member (the trunk adapter does
@@ -206,6 +219,23 @@ impl Participant {
     pub fn queued(&self) -> usize {
         self.events.len()
     }
+}
+
+/// What a participant may do with media. Chat and the roster are the
+/// signaling layer's business.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Permissions {
+    /// Send media (its m-lines become room tracks).
+    pub publish: bool,
+    /// Receive the others' media.
+    pub subscribe: bool,
+}
+
+impl Permissions {
+    pub const ALL: Permissions = Permissions {
+        publish: true,
+        subscribe: true,
+    };
 }
 
 #[cfg(any(feature = "test-hooks", debug_assertions))]

@@ -27,6 +27,9 @@ pub struct SfuMetrics {
     /// cached keyframe and the packets that took.
     pub gop_replays: AtomicU64,
     pub gop_replayed_packets: AtomicU64,
+    /// m-lines a participant without the publish permission tried to send
+    /// on (ignored; the signaling layer refuses such offers first).
+    pub publish_refused: AtomicU64,
 }
 
 impl SfuMetrics {

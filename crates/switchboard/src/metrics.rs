@@ -209,6 +209,11 @@ pub(crate) fn render(
                 g(&m.gop_replayed_packets),
             ),
             (
+                "switchboard_media_publish_refused",
+                "m-lines the media plane ignored because the participant may not publish",
+                g(&m.publish_refused),
+            ),
+            (
                 "switchboard_status_builds",
                 "Room listings /api/status asked of the media worker (requests within 250 ms share one)",
                 state.status_builds.load(Ordering::Relaxed),

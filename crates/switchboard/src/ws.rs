@@ -492,7 +492,11 @@ impl Session {
                     ));
                     return Next::Close(close_code::AWAY, "shutting down");
                 }
-                match self.state.sfu.join(room, name) {
+                let permissions = sfu::Permissions {
+                    publish: self.grants.publish,
+                    subscribe: self.grants.subscribe,
+                };
+                match self.state.sfu.join_with(room, name, permissions) {
                     Ok(p) => self.participant = Some(p),
                     // Shutdown began between the check above and the join.
                     Err(_) if !self.state.ready.load(Ordering::SeqCst) => {

@@ -327,6 +327,136 @@ async fn a_subscribe_only_token_receives_media_but_never_publishes() {
     node.shutdown().await;
 }
 
+/// A token without `subscribe` (a publish-only camera, say): the node never
+/// offers it anyone's media, so nothing is forwarded to it, while a
+/// subscribing participant of the same room gets the host's media. It still
+/// sees the roster and can publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_without_subscribe_is_offered_no_media() {
+    let node = auth_node(SECRET).await;
+    let (mut host, _) = media_client(&node, "cams", token("cams", "Host", Grants::ALL)).await;
+    let camera_only = Grants {
+        publish: true,
+        subscribe: false,
+        chat: false,
+    };
+    let (mut cam, _) = media_client(&node, "cams", token("cams", "Cam", camera_only)).await;
+    let (viewer, _) = media_client(&node, "cams", token("cams", "View", Grants::ALL)).await;
+    host.publish(
+        MediaKind::Audio,
+        Source::Microphone,
+        Duration::from_millis(20),
+        200,
+    );
+    cam.publish(
+        MediaKind::Audio,
+        Source::Microphone,
+        Duration::from_millis(20),
+        200,
+    );
+    let (host_id, cam_id) = (host.id.clone(), cam.id.clone());
+    // The viewer receives both: the host's media flows, and the camera's
+    // own track was published and forwarded.
+    viewer
+        .wait_until("the host's and the camera's audio", common::T, |s| {
+            common::has_tracks_from(s, &host_id, 1, 20)
+                && common::has_tracks_from(s, &cam_id, 1, 20)
+        })
+        .await
+        .unwrap();
+    // The host's track is in the camera's roster, yet no server offer
+    // carried it (or anything else) and no packet of it arrived.
+    cam.wait_until("the host's track in the roster", common::T, |s| {
+        s.roster
+            .iter()
+            .any(|p| p.id == host_id && !p.tracks.is_empty())
+    })
+    .await
+    .unwrap();
+    cam.state(|s| {
+        assert!(s.tracks_from(&host_id).is_empty(), "{:?}", s.track_owner);
+        assert!(
+            s.tracks.values().all(|t| t.is_empty()),
+            "{:?}",
+            s.tracks.keys()
+        );
+        assert!(s.errors.is_empty(), "{:?}", s.errors);
+    });
+    node.shutdown().await;
+}
+
+/// The media plane's own check of the publish permission, under the
+/// signaling layer's (which refuses such offers first, tested above): a
+/// participant joined straight into the SFU without `publish` gets its
+/// sending m-line ignored with `error forbidden`, counted, and no room track.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_media_plane_ignores_m_lines_of_a_participant_that_may_not_publish() {
+    use signal::{DisplayName, RoomName};
+    let node = auth_node(SECRET).await;
+    let sfu = node.sfu().clone();
+    // A transport straight into `Sfu::join_with`, bypassing `/ws`.
+    let (ctx, mut crx) = mpsc::unbounded_channel::<ClientMessage>();
+    let (stx, srx) = mpsc::unbounded_channel::<ServerMessage>();
+    tokio::spawn(async move {
+        let Some(ClientMessage::Join { room, name, .. }) = crx.recv().await else {
+            return;
+        };
+        let room = RoomName::parse(&room).unwrap();
+        let name = DisplayName::parse(&name).unwrap();
+        let no_publish = sfu::Permissions {
+            publish: false,
+            subscribe: true,
+        };
+        let mut p = sfu.join_with(room, name, no_publish).unwrap();
+        loop {
+            tokio::select! {
+                out = crx.recv() => match out {
+                    Some(ClientMessage::Offer { sdp, tracks }) => {
+                        p.send(sfu::ParticipantCommand::Offer { sdp, tracks })
+                    }
+                    Some(ClientMessage::Answer { sdp }) => p.send(sfu::ParticipantCommand::Answer { sdp }),
+                    Some(_) => {}
+                    None => break,
+                },
+                inc = p.recv() => match inc {
+                    Some(m) => if stx.send(m).is_err() { break; },
+                    None => break,
+                },
+            }
+        }
+    });
+    let mut sneaky = Client::join(Transport { tx: ctx, rx: srx }, "direct", "Sneaky")
+        .await
+        .expect("joins the SFU");
+    let (watcher, _) = media_client(&node, "direct", token("direct", "Watch", Grants::ALL)).await;
+    sneaky.publish(
+        MediaKind::Audio,
+        Source::Microphone,
+        Duration::from_millis(20),
+        200,
+    );
+    sneaky
+        .wait_until("error forbidden", common::T, |s| {
+            s.errors.iter().any(|e| {
+                matches!(
+                    e,
+                    ServerMessage::Error {
+                        code: ErrorCode::Forbidden,
+                        ..
+                    }
+                )
+            })
+        })
+        .await
+        .unwrap();
+    // Refused in the same worker step that would have made the track.
+    let m = metrics(&node).await;
+    assert!(sample(&m, "switchboard_media_publish_refused_total") >= 1, "{m}");
+    assert_eq!(sample(&m, "switchboard_tracks"), 0, "{m}");
+    drop(watcher);
+    node.shutdown().await;
+}
+
 /// `switchboard token …` with `secret` in the environment: (exit ok, stdout, stderr).
 fn mint_with_binary(args: &[&str], secret: Option<&str>) -> (bool, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchboard"));

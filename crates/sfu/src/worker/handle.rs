@@ -17,7 +17,9 @@ use super::{LinkKey, Worker};
 use crate::remote::{
     REMOTE_MEDIA_IN_QUEUE, REMOTE_MEDIA_QUEUE, RemoteCommand, RemoteEvent, RemoteLink, RoomEvent,
 };
-use crate::{Participant, ParticipantCommand, RoomStatus, SfuConfig, SfuError, SfuMetrics};
+use crate::{
+    Participant, ParticipantCommand, Permissions, RoomStatus, SfuConfig, SfuError, SfuMetrics,
+};
 
 /// Requested UDP buffer sizes (the kernel caps them at `net.core.[rw]mem_max`).
 const SOCKET_BUFFER: usize = 4 << 20;
@@ -31,6 +33,7 @@ pub(super) enum Cmd {
         id: String,
         room: RoomName,
         name: DisplayName,
+        permissions: Permissions,
         events: UnboundedSender<ServerMessage>,
     },
     Participant(String, ParticipantCommand),
@@ -174,13 +177,19 @@ impl Handle {
     pub(crate) fn metrics(&self) -> Arc<SfuMetrics> {
         self.metrics.clone()
     }
-    pub(crate) fn join(&self, room: RoomName, name: DisplayName) -> Result<Participant, SfuError> {
+    pub(crate) fn join(
+        &self,
+        room: RoomName,
+        name: DisplayName,
+        permissions: Permissions,
+    ) -> Result<Participant, SfuError> {
         let id = format!("{:016x}", rand::random::<u64>());
         let (etx, erx) = tokio::sync::mpsc::unbounded_channel();
         self.commands.send(Cmd::Join {
             id: id.clone(),
             room,
             name,
+            permissions,
             events: etx,
         })?;
         Ok(Participant {

@@ -174,8 +174,9 @@ impl Worker {
                 id,
                 room,
                 name,
+                permissions,
                 events,
-            } => self.join(id, room, name, events),
+            } => self.join(id, room, name, permissions, events),
             Cmd::Participant(id, cmd) => {
                 if let Some(pid) = self.ids.get(&id).copied() {
                     self.participant_command(pid, cmd);

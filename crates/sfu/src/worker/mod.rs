@@ -202,6 +202,8 @@ struct Peer {
     id: String,
     room: RoomName,
     name: DisplayName,
+    /// What its access token lets it do with media.
+    permissions: crate::Permissions,
     /// Only touched through [`participant::guarded`].
     rtc: Rtc,
     events: UnboundedSender<ServerMessage>,

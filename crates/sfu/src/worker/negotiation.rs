@@ -167,6 +167,16 @@ impl Worker {
         let room = peer.room.clone();
         let max_tracks = self.config.max_tracks_per_participant;
         match (receiving, peer.published.get(&mid).cloned()) {
+            (true, None) if !peer.permissions.publish => {
+                // The signaling layer refuses offers that send media without
+                // the grant; this is the second line, in the media plane.
+                self.metrics.publish_refused.fetch_add(1, Ordering::Relaxed);
+                return send_error(
+                    peer,
+                    ErrorCode::Forbidden,
+                    format!("this participant may not publish; m-line {mid} ignored"),
+                );
+            }
             (true, None) if peer.published.len() >= max_tracks => {
                 // `invalid_sdp`, not `full`: the session goes on with the
                 // tracks it has (`full` ends a session, see SIGNALING.md).
@@ -268,10 +278,15 @@ impl Worker {
             .filter(|id| !room.tracks.contains_key(*id))
             .cloned()
             .collect();
+        // Without the subscribe permission no track is ever offered, so
+        // nothing is forwarded to it and it asks no publisher for keyframes.
+        let may_subscribe = peer.permissions.subscribe;
         let new: Vec<(String, MediaKind, String)> = room
             .tracks
             .iter()
-            .filter(|(id, t)| t.participant != peer.id && !peer.subs.contains_key(*id))
+            .filter(|(id, t)| {
+                may_subscribe && t.participant != peer.id && !peer.subs.contains_key(*id)
+            })
             .map(|(id, t)| (id.clone(), t.kind, t.participant.clone()))
             .collect();
         let Some(peer) = self.peers.get_mut(&pid) else {

@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 use super::rooms::remove_track;
 use super::{End, Peer, Phase, Pid, Worker};
 use crate::ParticipantCommand;
+use crate::Permissions;
 use crate::remote::{RemoteEvent, RoomEvent};
 
 /// Run `f` on `peer`'s `Rtc`, catching a panic. Every str0m call on a
@@ -51,6 +52,7 @@ impl Worker {
         id: String,
         room: RoomName,
         name: DisplayName,
+        permissions: Permissions,
         events: UnboundedSender<ServerMessage>,
     ) {
         let members = self.rooms.get(&room).map_or(0, |r| r.members.len());
@@ -109,6 +111,7 @@ impl Worker {
                 id,
                 room: room.clone(),
                 name,
+                permissions,
                 rtc,
                 events,
                 phase: Phase::AwaitingOffer,
