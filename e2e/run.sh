@@ -12,6 +12,9 @@
 #   tests/firefox.test.mjs   Firefox + Chromium, node on a veth address in a
 #                            network namespace this script creates (Firefox
 #                            does not use 127.0.0.1 for WebRTC; needs root)
+#   tests/https.test.mjs     Chromium over https:// + wss:// on that address,
+#                            test CA trusted by SPKI only; certificate renewed
+#                            (SIGHUP) mid-call
 # Each node must exit 0 on SIGTERM. SWITCHBOARD_BIN=<path> skips the build
 # (then IMPAIR_BIN=<path> names the proxy; default target/release).
 set -euo pipefail
@@ -20,6 +23,7 @@ ROOT="$(cd .. && pwd)"
 
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 [ -x /usr/lib/firefox-esr/firefox-esr ] || missing+=(firefox-esr)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "== installing ${missing[*]}"
@@ -149,4 +153,43 @@ NS=(ip netns exec "$NETNS")
 start_node artifacts/switchboard-netns.log "${NS[@]}" -- --bind 10.77.0.1
 echo "== node at $NODE_URL (namespace $NETNS)"
 SB_URL="$NODE_URL" "${NS[@]}" node --test --test-concurrency=1 tests/firefox.test.mjs
+stop_node "$NODE_PID"
+
+# HTTPS + WSS on the namespace's non-loopback address, with a certificate
+# from a throwaway CA (openssl) that Chromium trusts only by the leaves'
+# SPKI hashes (tests/https.test.mjs renews it mid-call).
+TLS_DIR="$(pwd)/artifacts/tls"
+rm -rf "$TLS_DIR"; mkdir -p "$TLS_DIR"
+(
+  cd "$TLS_DIR"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca-key.pem -out ca.pem \
+    -days 2 -subj "/CN=switchboard e2e CA" 2>/dev/null
+  printf 'subjectAltName=IP:10.77.0.1\nextendedKeyUsage=serverAuth\n' > leaf.ext
+  for leaf in cert next; do
+    key="key.pem"; [ "$leaf" = next ] && key="next-key.pem"
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$key" -out "$leaf.csr" \
+      -subj "/CN=10.77.0.1" 2>/dev/null
+    openssl x509 -req -in "$leaf.csr" -CA ca.pem -CAkey ca-key.pem -CAcreateserial -days 2 \
+      -extfile leaf.ext -out "$leaf.pem" 2>/dev/null
+  done
+)
+spki() { openssl x509 -in "$1" -pubkey -noout | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64; }
+SB_SPKI="$(spki "$TLS_DIR/cert.pem"),$(spki "$TLS_DIR/next.pem")"
+LOG=artifacts/switchboard-https.log
+SWITCHBOARD_LOG=info "${NS[@]}" "$SWITCHBOARD_BIN" --bind 10.77.0.1 --http-port 0 --media-port 0 \
+  --tls-cert "$TLS_DIR/cert.pem" --tls-key "$TLS_DIR/key.pem" >"$LOG" 2>&1 &
+NODE_PID=$!
+PIDS+=("$NODE_PID")
+NODE_URL=""
+for _ in $(seq 1 100); do
+  NODE_URL="$(grep -o 'https://[0-9.:]*/' "$LOG" | head -1 || true)"
+  [ -n "$NODE_URL" ] && break
+  kill -0 "$NODE_PID" 2>/dev/null || { cat "$LOG"; echo "switchboard (https) exited"; exit 1; }
+  sleep 0.1
+done
+[ -n "$NODE_URL" ] || { cat "$LOG"; echo "switchboard (https) did not start"; exit 1; }
+echo "== node at ${NODE_URL%/} (namespace $NETNS, TLS)"
+SB_URL="${NODE_URL%/}" SB_PID="$NODE_PID" TLS_DIR="$TLS_DIR" SB_SPKI="$SB_SPKI" \
+  "${NS[@]}" node --test --test-concurrency=1 tests/https.test.mjs
+grep -q 'TLS certificate reloaded' "$LOG" || { cat "$LOG"; echo "the node did not log the certificate reload"; exit 1; }
 stop_node "$NODE_PID"
