@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+pub mod tls;
+
 /// The cluster secret of bench clusters (passed by environment, not flag).
 pub const BENCH_SECRET: &str = "switchboard bench cluster secret";
 
@@ -20,6 +22,9 @@ pub const BENCH_SECRET: &str = "switchboard bench cluster secret";
 pub struct Server {
     child: Child,
     pub http: String,
+    /// Where `/metrics` and `/api/status` are fetched over plain HTTP: the
+    /// admin listener when the main one speaks TLS, else `http`.
+    plain: String,
     log: Arc<Mutex<Log>>,
 }
 
@@ -60,7 +65,33 @@ impl Server {
     /// (cluster flags: then the bench cluster secret is set too) and wait
     /// for the URL it prints.
     pub fn start(bin: &str, extra: &[&str]) -> anyhow::Result<Server> {
+        Server::start_with(bin, extra, None)
+    }
+
+    /// [`Server::start`] serving HTTPS/WSS with `tls`'s certificate; the
+    /// admin endpoints go to a plain loopback listener of their own.
+    pub fn start_tls(bin: &str, extra: &[&str], tls: &tls::BenchTls) -> anyhow::Result<Server> {
+        Server::start_with(bin, extra, Some(tls))
+    }
+
+    fn start_with(
+        bin: &str,
+        extra: &[&str],
+        tls: Option<&tls::BenchTls>,
+    ) -> anyhow::Result<Server> {
         let mut cmd = Command::new(bin);
+        let mut admin = None;
+        if let Some(tls) = tls {
+            // A free port for the admin listener (picked, released, reused
+            // at once: fine for a bench on loopback).
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            let addr = format!("127.0.0.1:{port}");
+            cmd.args(["--tls-cert", &tls.cert_path, "--tls-key", &tls.key_path])
+                .args(["--admin-bind", &addr]);
+            admin = Some(addr);
+        }
         cmd.args(["--http-port", "0", "--media-port", "0"])
             .args(["--max-participants-per-room", "10000"])
             .args(extra)
@@ -83,7 +114,7 @@ impl Server {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 match url_tx.take() {
-                    Some(tx) if line.contains("http://") => {
+                    Some(tx) if line.contains("http://") || line.contains("https://") => {
                         let _ = tx.send(line);
                     }
                     other => {
@@ -115,11 +146,17 @@ impl Server {
             }
         };
         let http = line
-            .split("http://")
+            .split("://")
             .nth(1)
             .map(|s| s.trim().trim_end_matches('/').to_string())
             .context("server did not print its URL")?;
-        Ok(Server { child, http, log })
+        let plain = admin.unwrap_or_else(|| http.clone());
+        Ok(Server {
+            child,
+            http,
+            plain,
+            log,
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -158,7 +195,7 @@ impl Server {
     }
 
     pub fn get(&self, path: &str) -> anyhow::Result<String> {
-        let mut s = TcpStream::connect(&self.http)?;
+        let mut s = TcpStream::connect(&self.plain)?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
         write!(
             s,

@@ -7,6 +7,9 @@
 //! cargo build --release -p switchboard -p switchboard-bench
 //! target/release/switchboard-bench --subscribers 10,50,100 --seconds 10
 //!
+//! With `--tls` the nodes serve HTTPS/WSS and every client signs in over
+//! WSS (signaling only: media is DTLS-SRTP either way).
+//!
 //! With `--cluster` it starts two clustered nodes: the publisher joins node
 //! A, the subscribers node B, so every packet crosses the trunk once; CPU is
 //! both processes together.
@@ -16,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use clap::Parser;
 use signal::Source;
+use switchboard_bench::tls::BenchTls;
 use switchboard_bench::{Server, cpu_of};
 use testkit::{Client, MediaKind};
 
@@ -38,6 +42,15 @@ struct Args {
     /// Publisher on one node, subscribers on a second node joined by a trunk.
     #[arg(long)]
     cluster: bool,
+    /// Serve HTTPS/WSS (a throwaway CA's certificate) and sign everyone in
+    /// over WSS. TLS is only on signaling, so the forwarding figures should
+    /// match a plain run's.
+    #[arg(long)]
+    tls: bool,
+}
+
+fn room_name(n: usize) -> String {
+    format!("bench-{n}")
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -50,23 +63,31 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 async fn run(args: &Args, n: usize) -> anyhow::Result<()> {
     // `server` forwards to the subscribers; `origin` (cluster mode) has the
     // publisher and sends each packet over the trunk once.
+    let tls = if args.tls {
+        Some(BenchTls::new()?)
+    } else {
+        None
+    };
+    let start = |extra: &[&str]| match &tls {
+        Some(t) => Server::start_tls(&args.bin, extra, t),
+        None => Server::start(&args.bin, extra),
+    };
     let (server, origin) = if args.cluster {
-        let a = Server::start(&args.bin, &["--node-id", "1", "--trunk-port", "0"])?;
+        let a = start(&["--node-id", "1", "--trunk-port", "0"])?;
         let peer = format!("1@{}", a.trunk_addr()?);
-        let b = Server::start(
-            &args.bin,
-            &["--node-id", "2", "--trunk-port", "0", "--peer", &peer],
-        )?;
+        let b = start(&["--node-id", "2", "--trunk-port", "0", "--peer", &peer])?;
         (b, Some(a))
     } else {
-        (Server::start(&args.bin, &[])?, None)
+        (start(&[])?, None)
     };
-    let url = format!("ws://{}/ws", server.http);
-    let pub_url = origin
-        .as_ref()
-        .map_or(url.clone(), |a| format!("ws://{}/ws", a.http));
-    let room = format!("bench-{n}");
-    let mut publisher = Client::join_ws(&pub_url, &room, "publisher").await?;
+    let pub_addr = origin.as_ref().map_or(&server.http, |a| &a.http).clone();
+    let join = async |addr: &str, name: &str| -> anyhow::Result<Client> {
+        match &tls {
+            Some(t) => t.join(addr, &room_name(n), name).await,
+            None => Ok(Client::join_ws(&format!("ws://{addr}/ws"), &room_name(n), name).await?),
+        }
+    };
+    let mut publisher = join(&pub_addr, "publisher").await?;
     publisher.publish(
         MediaKind::Video,
         Source::Camera,
@@ -81,7 +102,7 @@ async fn run(args: &Args, n: usize) -> anyhow::Result<()> {
     );
     let mut subs = Vec::with_capacity(n);
     for i in 0..n {
-        subs.push(Client::join_ws(&url, &room, &format!("sub{i}")).await?);
+        subs.push(join(&server.http, &format!("sub{i}")).await?);
     }
     let pid = publisher.id.clone();
     for s in &subs {

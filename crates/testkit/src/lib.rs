@@ -59,6 +59,15 @@ impl Transport {
     /// Connect to `ws://host:port/ws` and bridge it to channels.
     pub async fn websocket(url: &str) -> Result<Transport, KitError> {
         let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+        Ok(Transport::from_websocket(ws))
+    }
+
+    /// Bridge an open WebSocket (over any stream: TLS the caller set up,
+    /// say) to channels.
+    pub fn from_websocket<S>(ws: tokio_tungstenite::WebSocketStream<S>) -> Transport
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let (mut sink, mut stream) = ws.split();
         let (ctx, mut crx) = mpsc::unbounded_channel::<ClientMessage>();
         let (stx, srx) = mpsc::unbounded_channel::<ServerMessage>();
@@ -86,7 +95,7 @@ impl Transport {
                 }
             }
         });
-        Ok(Transport { tx: ctx, rx: srx })
+        Transport { tx: ctx, rx: srx }
     }
 }
 
