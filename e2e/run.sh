@@ -69,7 +69,7 @@ start_node() {
   PIDS+=("$NODE_PID")
   NODE_URL=""
   for _ in $(seq 1 100); do
-    NODE_URL="$(grep -o 'http://[0-9.:]*/' "$log" | head -1 || true)"
+    NODE_URL="$(grep -o 'https\?://[0-9.:]*/' "$log" | head -1 || true)"
     [ -n "$NODE_URL" ] && break
     kill -0 "$NODE_PID" 2>/dev/null || { cat "$log"; echo "switchboard exited"; exit 1; }
     sleep 0.1
@@ -176,20 +176,9 @@ rm -rf "$TLS_DIR"; mkdir -p "$TLS_DIR"
 spki() { openssl x509 -in "$1" -pubkey -noout | openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64; }
 SB_SPKI="$(spki "$TLS_DIR/cert.pem"),$(spki "$TLS_DIR/next.pem")"
 LOG=artifacts/switchboard-https.log
-SWITCHBOARD_LOG=info "${NS[@]}" "$SWITCHBOARD_BIN" --bind 10.77.0.1 --http-port 0 --media-port 0 \
-  --tls-cert "$TLS_DIR/cert.pem" --tls-key "$TLS_DIR/key.pem" >"$LOG" 2>&1 &
-NODE_PID=$!
-PIDS+=("$NODE_PID")
-NODE_URL=""
-for _ in $(seq 1 100); do
-  NODE_URL="$(grep -o 'https://[0-9.:]*/' "$LOG" | head -1 || true)"
-  [ -n "$NODE_URL" ] && break
-  kill -0 "$NODE_PID" 2>/dev/null || { cat "$LOG"; echo "switchboard (https) exited"; exit 1; }
-  sleep 0.1
-done
-[ -n "$NODE_URL" ] || { cat "$LOG"; echo "switchboard (https) did not start"; exit 1; }
-echo "== node at ${NODE_URL%/} (namespace $NETNS, TLS)"
-SB_URL="${NODE_URL%/}" SB_PID="$NODE_PID" TLS_DIR="$TLS_DIR" SB_SPKI="$SB_SPKI" \
+start_node "$LOG" "${NS[@]}" -- --bind 10.77.0.1 --tls-cert "$TLS_DIR/cert.pem" --tls-key "$TLS_DIR/key.pem"
+echo "== node at $NODE_URL (namespace $NETNS, TLS)"
+SB_URL="$NODE_URL" SB_PID="$NODE_PID" TLS_DIR="$TLS_DIR" SB_SPKI="$SB_SPKI" \
   "${NS[@]}" node --test --test-concurrency=1 tests/https.test.mjs
 grep -q 'TLS certificate reloaded' "$LOG" || { cat "$LOG"; echo "the node did not log the certificate reload"; exit 1; }
 stop_node "$NODE_PID"
