@@ -12,6 +12,10 @@
 #   tests/firefox.test.mjs   Firefox + Chromium, node on a veth address in a
 #                            network namespace this script creates (Firefox
 #                            does not use 127.0.0.1 for WebRTC; needs root)
+#   tcp.sh                   ICE-TCP fallback: Chromium in a namespace whose
+#                            UDP to the node is dropped (iptables) decodes
+#                            video and audio over a TCP candidate pair; UDP
+#                            wins without the rule (own namespaces; root)
 # Each node must exit 0 on SIGTERM. SWITCHBOARD_BIN=<path> skips the build
 # (then IMPAIR_BIN=<path> names the proxy; default target/release).
 set -euo pipefail
@@ -150,3 +154,6 @@ start_node artifacts/switchboard-netns.log "${NS[@]}" -- --bind 10.77.0.1
 echo "== node at $NODE_URL (namespace $NETNS)"
 SB_URL="$NODE_URL" "${NS[@]}" node --test --test-concurrency=1 tests/firefox.test.mjs
 stop_node "$NODE_PID"
+
+# ICE-TCP fallback (tcp.sh makes and removes its own two namespaces).
+SWITCHBOARD_BIN="$SWITCHBOARD_BIN" bash tcp.sh

@@ -5,6 +5,10 @@
 //! a map from remote address to participant, learned from the first STUN
 //! binding request of each address, whose USERNAME (`<our ufrag>:<theirs>`)
 //! names the participant by the ICE ufrag we gave it.
+//!
+//! ICE-TCP connections (`worker/tcp.rs`) are bound to a participant by the
+//! same ufrag lookup on their first frame ([`Demux::binding_request_for`]),
+//! without learning an address: the connection itself is the route.
 
 use std::collections::HashMap;
 use std::hash::Hash;

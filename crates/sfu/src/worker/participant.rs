@@ -371,11 +371,18 @@ impl Worker {
         // Let str0m say goodbye (DTLS close) where it still can.
         let socket = &self.socket;
         let tcp = &mut self.tcp;
-        let metrics = &self.metrics;
         let _ = guarded(&mut peer, |rtc| {
             rtc.disconnect();
             while let Ok(Output::Transmit(t)) = rtc.poll_output() {
-                transmit(socket, tcp, metrics, pid, &t);
+                // Best effort, not counted: a browser that closed the
+                // page has usually closed its TCP connection already.
+                if t.proto == Protocol::Tcp {
+                    if let Some(tcp) = tcp.as_mut() {
+                        tcp.send(pid, t.destination, &t.contents);
+                    }
+                } else {
+                    let _ = socket.send_to(&t.contents, t.destination);
+                }
             }
         });
         self.tcp_close_participant(pid);
