@@ -363,7 +363,12 @@ impl Worker {
                 pid
             }
         };
-        let Ok(receive) = Receive::new(Protocol::Tcp, peer, self.advertised, frame) else {
+        // Parsing runs on unauthenticated bytes and str0m panics on
+        // internal bugs by design: a panic here must not end the worker.
+        let advertised = self.advertised;
+        let parsed =
+            std::panic::catch_unwind(|| Receive::new(Protocol::Tcp, peer, advertised, frame).ok());
+        let Ok(Some(receive)) = parsed else {
             self.metrics
                 .tcp_frames_dropped
                 .fetch_add(1, Ordering::Relaxed);
