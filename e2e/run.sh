@@ -15,6 +15,10 @@
 #   tests/https.test.mjs     Chromium over https:// + wss:// on that address,
 #                            test CA trusted by SPKI only; certificate renewed
 #                            (SIGHUP) mid-call
+#   tcp.sh                   ICE-TCP fallback: Chromium in a namespace whose
+#                            UDP to the node is dropped (iptables) decodes
+#                            video and audio over a TCP candidate pair; UDP
+#                            wins without the rule (own namespaces; root)
 # Each node must exit 0 on SIGTERM. SWITCHBOARD_BIN=<path> skips the build
 # (then IMPAIR_BIN=<path> names the proxy; default target/release).
 set -euo pipefail
@@ -182,3 +186,6 @@ SB_URL="$NODE_URL" SB_PID="$NODE_PID" TLS_DIR="$TLS_DIR" SB_SPKI="$SB_SPKI" \
   "${NS[@]}" node --test --test-concurrency=1 tests/https.test.mjs
 grep -q 'TLS certificate reloaded' "$LOG" || { cat "$LOG"; echo "the node did not log the certificate reload"; exit 1; }
 stop_node "$NODE_PID"
+
+# ICE-TCP fallback (tcp.sh makes and removes its own two namespaces).
+SWITCHBOARD_BIN="$SWITCHBOARD_BIN" bash tcp.sh

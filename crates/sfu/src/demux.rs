@@ -5,6 +5,10 @@
 //! a map from remote address to participant, learned from the first STUN
 //! binding request of each address, whose USERNAME (`<our ufrag>:<theirs>`)
 //! names the participant by the ICE ufrag we gave it.
+//!
+//! ICE-TCP connections (`worker/tcp.rs`) are bound to a participant by the
+//! same ufrag lookup on their first frame ([`Demux::binding_request_for`]),
+//! without learning an address: the connection itself is the route.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -50,6 +54,17 @@ impl<K: Copy + Eq + Hash> Demux<K> {
         Some(key)
     }
 
+    /// The participant a STUN binding request names by our ufrag, without
+    /// learning its address (ICE-TCP: a connection, not an address, is
+    /// what belongs to the participant).
+    pub fn binding_request_for(&self, buf: &[u8]) -> Option<K> {
+        let (ufrag, request) = stun_ufrag(buf)?;
+        if !request {
+            return None;
+        }
+        self.by_ufrag.get(&ufrag).copied()
+    }
+
     #[cfg(test)]
     pub fn addresses(&self) -> usize {
         self.by_addr.len()
@@ -58,6 +73,12 @@ impl<K: Copy + Eq + Hash> Demux<K> {
 
 /// The local (our) ufrag of a STUN binding request, if `buf` is one.
 fn local_ufrag(buf: &[u8]) -> Option<String> {
+    stun_ufrag(buf).map(|(ufrag, _)| ufrag)
+}
+
+/// The local ufrag of a STUN message with a USERNAME, and whether it is a
+/// binding request.
+fn stun_ufrag(buf: &[u8]) -> Option<(String, bool)> {
     // STUN starts with two zero bits (RFC 7983 demultiplexing: first byte 0..=3).
     if buf.first().is_none_or(|b| *b > 3) {
         return None;
@@ -68,7 +89,7 @@ fn local_ufrag(buf: &[u8]) -> Option<String> {
         .ok()?
         .ok()?;
     let (local, _remote) = msg.split_username()?;
-    Some(local.to_owned())
+    Some((local.to_owned(), msg.is_binding_request()))
 }
 
 #[cfg(test)]
@@ -117,6 +138,19 @@ mod tests {
         assert_eq!(d.route(b, &binding_request("nope:remote")), None);
         d.remove(2);
         assert_eq!(d.route(a, &[0x80, 0, 0, 0]), None);
+        assert_eq!(d.addresses(), 0);
+    }
+
+    #[test]
+    fn a_binding_request_names_its_participant_without_teaching_an_address() {
+        let mut d = Demux::default();
+        d.add("abcd".into(), 1u32);
+        assert_eq!(d.binding_request_for(&binding_request("abcd:x")), Some(1));
+        assert_eq!(d.binding_request_for(&binding_request("zzzz:x")), None);
+        assert_eq!(d.binding_request_for(&[0x80, 0, 0, 0]), None);
+        let mut response = binding_request("abcd:x");
+        response[0..2].copy_from_slice(&0x0101u16.to_be_bytes());
+        assert_eq!(d.binding_request_for(&response), None, "not a request");
         assert_eq!(d.addresses(), 0);
     }
 

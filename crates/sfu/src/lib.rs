@@ -8,12 +8,14 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use signal::{
     DisplayName, Kind, ParticipantView, RoomName, ServerMessage, Source, TrackSource,
 };
 
 mod demux;
+pub mod framing;
 mod gop;
 mod keyframe;
 mod media_wire;
@@ -32,6 +34,15 @@ pub use worker::MAX_PUBLISHED_TRACKS;
 #[doc(hidden)]
 pub use worker::sdp_round_for_fuzzing;
 
+/// Default of `SfuConfig::max_tcp_connections`: each holds a descriptor
+/// and up to ~320 KiB of buffers (a 64 KiB frame being read, the write
+/// queue); TCP is the fallback for the few whose UDP is blocked.
+pub const DEFAULT_MAX_TCP_CONNECTIONS: usize = 500;
+
+/// Default of `SfuConfig::tcp_handshake_timeout`: browsers send their
+/// first binding request right after connecting.
+pub const DEFAULT_TCP_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Media-plane configuration.
 #[derive(Debug, Clone)]
 pub struct SfuConfig {
@@ -39,8 +50,19 @@ pub struct SfuConfig {
     /// (not 0.0.0.0) unless `public_ip` is set: str0m only accepts STUN whose
     /// destination is a local candidate.
     pub bind: IpAddr,
-    /// UDP port for media; 0 picks a free one.
+    /// UDP port for media; 0 picks a free one. With `tcp`, the ICE-TCP
+    /// listener takes the same port number.
     pub media_port: u16,
+    /// Also listen for ICE-TCP (RFC 6544, passive) on the media port and
+    /// offer it as a lower-priority candidate: browsers whose UDP is
+    /// blocked still get media.
+    pub tcp: bool,
+    /// Most ICE-TCP media connections open at once (handshaking or bound);
+    /// one more is closed at once and counted.
+    pub max_tcp_connections: usize,
+    /// An ICE-TCP connection whose first frame (a STUN binding request
+    /// naming a participant here) has not arrived within this is closed.
+    pub tcp_handshake_timeout: Duration,
     /// Address advertised in ICE candidates instead of `bind` (NAT, containers).
     pub public_ip: Option<IpAddr>,
     /// Most participants in one room on this node.
@@ -58,6 +80,9 @@ impl Default for SfuConfig {
         SfuConfig {
             bind: IpAddr::from([127, 0, 0, 1]),
             media_port: 0,
+            tcp: true,
+            max_tcp_connections: DEFAULT_MAX_TCP_CONNECTIONS,
+            tcp_handshake_timeout: DEFAULT_TCP_HANDSHAKE_TIMEOUT,
             public_ip: None,
             max_participants_per_room: 100,
             max_rooms: 1000,
@@ -70,6 +95,11 @@ impl Default for SfuConfig {
 pub enum SfuError {
     #[error("cannot bind media socket on {addr}: {source}")]
     Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot listen for ICE-TCP media on {addr}: {source}")]
+    BindTcp {
         addr: SocketAddr,
         source: std::io::Error,
     },

@@ -30,6 +30,20 @@ pub struct SfuMetrics {
     /// m-lines a participant without the publish permission tried to send
     /// on (ignored; the signaling layer refuses such offers first).
     pub publish_refused: AtomicU64,
+    /// ICE-TCP media connections open now (handshaking or bound to a
+    /// participant).
+    pub tcp_connections_open: AtomicU64,
+    /// ICE-TCP media connections accepted.
+    pub tcp_connections_accepted: AtomicU64,
+    /// ICE-TCP media connections refused or cut: over the connection
+    /// limit (overall or per participant), no STUN binding request naming a
+    /// participant here as the first frame, or none within the handshake
+    /// deadline.
+    pub tcp_connections_refused: AtomicU64,
+    /// Frames dropped on ICE-TCP connections: outgoing ones that did not
+    /// fit a connection's write queue (a slow reader) or had no
+    /// connection, incoming ones str0m could not take.
+    pub tcp_frames_dropped: AtomicU64,
 }
 
 impl SfuMetrics {

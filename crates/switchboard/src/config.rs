@@ -37,6 +37,8 @@ const DEFAULT_MAX_OFFERS_PER_MINUTE: u32 = 60;
 const DEFAULT_MAX_QUEUED_MESSAGES: usize = 1000;
 /// The web client sends `join` as soon as its socket opens; 10 s is ample.
 const DEFAULT_JOIN_TIMEOUT_SECS: u64 = 10;
+/// ICE-TCP on the media port: on, it costs nothing until a browser uses it.
+const DEFAULT_MEDIA_TCP: bool = true;
 /// UDP port of the trunk (QUIC) when clustering.
 const DEFAULT_TRUNK_PORT: u16 = 3002;
 const DEFAULT_CLUSTER_NAME: &str = "switchboard";
@@ -183,9 +185,29 @@ pub struct Config {
     /// HTTP port (web client, signaling, health, metrics); 0 = any free port.
     #[arg(long, env = "SWITCHBOARD_HTTP_PORT", default_value_t = DEFAULT_HTTP_PORT)]
     pub http_port: u16,
-    /// UDP port for all media; 0 = any free port.
+    /// UDP port for all media; 0 = any free port. With --media-tcp the
+    /// same port number also listens on TCP.
     #[arg(long, env = "SWITCHBOARD_MEDIA_PORT", default_value_t = DEFAULT_MEDIA_PORT)]
     pub media_port: u16,
+    /// ICE-TCP fallback: also listen on TCP on the media port and offer it
+    /// as a (lower-priority) passive candidate, so a browser whose UDP is
+    /// blocked still gets media. `false` turns it off.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MEDIA_TCP",
+        default_value_t = DEFAULT_MEDIA_TCP,
+        action = clap::ArgAction::Set
+    )]
+    pub media_tcp: bool,
+    /// Most ICE-TCP media connections open at once; one more is closed at
+    /// once (counted in switchboard_tcp_connections_refused).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_TCP_CONNECTIONS",
+        default_value_t = sfu::DEFAULT_MAX_TCP_CONNECTIONS,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+    )]
+    pub max_tcp_connections: usize,
     /// Address advertised to browsers instead of --bind (NAT, containers).
     #[arg(long, env = "SWITCHBOARD_PUBLIC_IP")]
     pub public_ip: Option<IpAddr>,
@@ -376,6 +398,8 @@ impl Default for Config {
             bind: DEFAULT_BIND,
             http_port: DEFAULT_HTTP_PORT,
             media_port: DEFAULT_MEDIA_PORT,
+            media_tcp: DEFAULT_MEDIA_TCP,
+            max_tcp_connections: sfu::DEFAULT_MAX_TCP_CONNECTIONS,
             public_ip: None,
             max_participants_per_room: DEFAULT_MAX_PARTICIPANTS_PER_ROOM,
             max_connections: DEFAULT_MAX_CONNECTIONS,
@@ -413,6 +437,8 @@ pub struct FileConfig {
     pub bind: Option<IpAddr>,
     pub http_port: Option<u16>,
     pub media_port: Option<u16>,
+    pub media_tcp: Option<bool>,
+    pub max_tcp_connections: Option<usize>,
     pub public_ip: Option<IpAddr>,
     pub max_participants_per_room: Option<usize>,
     pub max_connections: Option<usize>,
@@ -506,6 +532,15 @@ impl Config {
         }
         if let Some(v) = file.media_port.filter(|_| unset("media_port")) {
             self.media_port = v;
+        }
+        if let Some(v) = file.media_tcp.filter(|_| unset("media_tcp")) {
+            self.media_tcp = v;
+        }
+        if let Some(v) = file
+            .max_tcp_connections
+            .filter(|_| unset("max_tcp_connections"))
+        {
+            self.max_tcp_connections = v.max(1);
         }
         if let Some(v) = file.public_ip.filter(|_| unset("public_ip")) {
             self.public_ip = Some(v);

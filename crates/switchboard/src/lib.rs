@@ -167,6 +167,9 @@ impl Node {
         let sfu = Sfu::start(SfuConfig {
             bind: config.bind,
             media_port: config.media_port,
+            tcp: config.media_tcp,
+            max_tcp_connections: config.max_tcp_connections,
+            tcp_handshake_timeout: sfu::DEFAULT_TCP_HANDSHAKE_TIMEOUT,
             public_ip: config.public_ip,
             max_participants_per_room: config.max_participants_per_room,
             max_rooms: config.max_rooms,
@@ -242,6 +245,7 @@ impl Node {
         info!(
             http = %http_addr,
             media = %state.sfu.media_addr(),
+            media_tcp = state.config.media_tcp,
             "switchboard node ready at {scheme}://{http_addr}/"
         );
         Ok(Node {

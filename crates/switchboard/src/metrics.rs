@@ -161,6 +161,11 @@ pub(crate) fn render(
                 state.ready.load(Ordering::Relaxed) as i64,
             ),
             (
+                "switchboard_tcp_connections_open",
+                "ICE-TCP media connections open (handshaking or carrying a participant's media)",
+                g(&m.tcp_connections_open) as i64,
+            ),
+            (
                 "switchboard_media_worker_up",
                 "1 while the media worker thread runs",
                 i64::from(state.sfu.is_running()),
@@ -227,6 +232,21 @@ pub(crate) fn render(
                 "switchboard_udp_dropped",
                 "UDP datagrams dropped (unknown sender, send failure)",
                 g(&m.udp_packets_dropped),
+            ),
+            (
+                "switchboard_tcp_connections_accepted",
+                "ICE-TCP media connections accepted on the media port",
+                g(&m.tcp_connections_accepted),
+            ),
+            (
+                "switchboard_tcp_connections_refused",
+                "ICE-TCP media connections refused or cut: over --max-tcp-connections or the per-participant cap, a first frame that is not a STUN binding request for a participant here, or none within the handshake deadline",
+                g(&m.tcp_connections_refused),
+            ),
+            (
+                "switchboard_tcp_frames_dropped",
+                "ICE-TCP frames dropped: outgoing ones that did not fit a connection's bounded write queue (a slow reader), incoming ones the media engine could not take",
+                g(&m.tcp_frames_dropped),
             ),
             (
                 "switchboard_remote_media_dropped",

@@ -762,3 +762,114 @@ async fn a_slow_browser_gets_its_offer_in_while_the_room_keeps_changing() {
     }
     node.shutdown().await;
 }
+
+/// A gauge of `node`'s `/metrics` falls to `want` (polling, bounded by T).
+async fn gauge_falls_to(node: &switchboard::Node, name: &str, want: u64) {
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let n = common::metric(node, name).await;
+        if n == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name}: {n} != {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// ICE-TCP (RFC 6544) fallback: a client that offers only an active TCP
+/// candidate (as a browser whose UDP is blocked) publishes and subscribes
+/// through the node's passive TCP candidate, with a UDP client in the same
+/// room; leaving closes the connection on the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_ice_tcp_sends_and_receives_intact() {
+    let node = node().await;
+    let mut ann = common::join_tcp(&node, "tcp", "Ann").await;
+    ann.publish_av();
+    let mut ben = join(&node, "tcp", "Ben").await;
+    ben.publish_av();
+    let (ann_id, ben_id) = (ann.id.clone(), ben.id.clone());
+    ann.wait_until("Ben's audio+video over TCP", T, |s| {
+        has_tracks_from(s, &ben_id, 2, 40)
+    })
+    .await
+    .unwrap();
+    ben.wait_until("Ann's audio+video sent over TCP", T, |s| {
+        has_tracks_from(s, &ann_id, 2, 40)
+    })
+    .await
+    .unwrap();
+    ann.state(|s| assert_contiguous("Ann (TCP)", s));
+    ben.state(|s| assert_contiguous("Ben (UDP)", s));
+
+    // The answer offers both candidates, TCP passive below UDP.
+    let answer = ann.state(|s| s.answers[0].clone());
+    let prio = |proto: &str| -> u64 {
+        answer
+            .lines()
+            .find(|l| l.starts_with("a=candidate:") && l.split(' ').nth(2) == Some(proto))
+            .and_then(|l| l.split(' ').nth(3)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {proto} candidate in {answer}"))
+    };
+    assert!(answer.contains("tcptype passive"), "{answer}");
+    assert!(prio("udp") > prio("tcp"), "{answer}");
+
+    assert_eq!(
+        common::metric(&node, "switchboard_tcp_connections_open").await,
+        1
+    );
+    assert!(common::metric(&node, "switchboard_tcp_connections_accepted_total").await >= 1);
+    assert_eq!(
+        common::metric(&node, "switchboard_tcp_connections_refused_total").await,
+        0
+    );
+
+    ann.leave();
+    ben.wait_until("Ann gone", T, |s| s.roster.len() == 1)
+        .await
+        .unwrap();
+    gauge_falls_to(&node, "switchboard_tcp_connections_open", 0).await;
+    node.shutdown().await;
+}
+
+/// A TCP subscriber that stops reading: the node's bounded write queue for
+/// it fills and frames are dropped and counted, while the worker goes on
+/// forwarding to everyone else (it never waits on a TCP socket).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_tcp_reader_costs_dropped_frames_not_the_worker() {
+    use testkit::MediaKind;
+    let node = node().await;
+    let mut publisher = join(&node, "stall", "Pub").await;
+    // ~1.2 MB/s: fills the kernel's buffers and the queue in seconds.
+    publisher.publish(
+        MediaKind::Video,
+        signal::Source::Camera,
+        Duration::from_millis(1),
+        1100,
+    );
+    let pub_id = publisher.id.clone();
+    let slow = common::join_tcp(&node, "stall", "Slow").await;
+    slow.wait_until("video over TCP", T, |s| has_tracks_from(s, &pub_id, 1, 20))
+        .await
+        .unwrap();
+    slow.stall_tcp();
+    let fast = join(&node, "stall", "Fast").await;
+    fast.wait_until("video over UDP", T, |s| has_tracks_from(s, &pub_id, 1, 20))
+        .await
+        .unwrap();
+    common::metric_reaches(&node, "switchboard_tcp_frames_dropped_total", 1).await;
+    // Forwarding to the UDP subscriber goes on while the queue is full.
+    let track = fast.state(|s| s.tracks_from(&pub_id)[0].clone());
+    let before = fast.state(|s| s.count(&track));
+    fast.wait_until("500 more packets while TCP is stalled", T, |s| {
+        s.count(&track) >= before + 500
+    })
+    .await
+    .unwrap();
+    assert!(common::metric(&node, "switchboard_tcp_frames_dropped_total").await > 0);
+    slow.leave();
+    gauge_falls_to(&node, "switchboard_tcp_connections_open", 0).await;
+    node.shutdown().await;
+}

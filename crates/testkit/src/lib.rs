@@ -8,11 +8,17 @@
 //! The signaling transport is a pair of channels ([`Transport`]); a WebSocket
 //! bridge is provided ([`Transport::websocket`]), and in-process transports
 //! can be built from plain channels by whoever owns the server side.
+//!
+//! Media goes over UDP, or ([`MediaTransport::Tcp`]) over ICE-TCP only, as a
+//! browser whose UDP is blocked: the client offers one active TCP host
+//! candidate, connects to the server's passive one and frames every packet
+//! by RFC 4571.
 
 mod payload;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,10 +28,11 @@ use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 pub use str0m::format::Codec;
 pub use str0m::media::MediaKind;
 use str0m::media::{Direction, Mid};
-use str0m::net::{Protocol, Receive};
+use str0m::net::{Protocol, Receive, TcpType};
 use str0m::rtp::RtpWrite;
 use str0m::{Candidate, Event, Input, Output, Rtc};
-use tokio::net::UdpSocket;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{Notify, mpsc};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -99,6 +106,22 @@ impl Transport {
     }
 }
 
+/// How a client's media reaches the server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MediaTransport {
+    /// A UDP host candidate (a loopback socket).
+    #[default]
+    Udp,
+    /// Only an active ICE-TCP host candidate (RFC 6544): the client
+    /// connects to the server's passive TCP candidate, RFC 4571 framing.
+    Tcp,
+}
+
+/// The active TCP candidate's address: browsers advertise port 9 (the
+/// discard port) for active candidates, whose real port is only known once
+/// connected; the server learns it from the connection.
+const TCP_ACTIVE_CANDIDATE: &str = "127.0.0.1:9";
+
 /// One received RTP packet, as recorded.
 #[derive(Debug, Clone)]
 pub struct Received {
@@ -170,6 +193,7 @@ enum Cmd {
     Unpublish(u32),
     Send(ClientMessage),
     Vanish,
+    StallTcp,
     RequestKeyframe(String),
     StaleAnswerOnce,
     OfferRecvOnly(MediaKind),
@@ -187,10 +211,16 @@ pub struct Client {
 
 impl Client {
     /// Join `room` as `name` over `transport`; returns once `joined` arrived.
-    pub async fn join(
+    pub async fn join(transport: Transport, room: &str, name: &str) -> Result<Client, KitError> {
+        Client::join_with(transport, room, name, MediaTransport::Udp).await
+    }
+
+    /// Like [`Client::join`], with media over `media`.
+    pub async fn join_with(
         mut transport: Transport,
         room: &str,
         name: &str,
+        media: MediaTransport,
     ) -> Result<Client, KitError> {
         transport
             .tx
@@ -214,9 +244,34 @@ impl Client {
         let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(4 << 20);
         let local = socket.local_addr()?;
         let mut rtc = Rtc::builder().set_rtp_mode(true).build(Instant::now());
-        if let Ok(c) = Candidate::host(local, "udp") {
-            rtc.add_local_candidate(c);
-        }
+        let (local, tcp, tcp_rx) = match media {
+            MediaTransport::Udp => {
+                if let Ok(c) = Candidate::host(local, "udp") {
+                    rtc.add_local_candidate(c);
+                }
+                (local, None, None)
+            }
+            MediaTransport::Tcp => {
+                let addr: SocketAddr = TCP_ACTIVE_CANDIDATE.parse().map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidInput, "candidate")
+                })?;
+                if let Ok(c) = Candidate::builder()
+                    .tcp()
+                    .host(addr)
+                    .tcptype(TcpType::Active)
+                    .build()
+                {
+                    rtc.add_local_candidate(c);
+                }
+                let (tx, rx) = mpsc::unbounded_channel();
+                let links = TcpLinks {
+                    conns: HashMap::new(),
+                    inbound: tx,
+                    stall: Arc::new(AtomicBool::new(false)),
+                };
+                (addr, Some(links), Some(rx))
+            }
+        };
         let state = Arc::new(Mutex::new(State {
             participant_id: Some(id.clone()),
             ..Default::default()
@@ -226,6 +281,7 @@ impl Client {
         let driver = Driver {
             rtc,
             socket: Some(socket),
+            tcp,
             local,
             signal_tx: transport.tx,
             state: state.clone(),
@@ -241,7 +297,7 @@ impl Client {
             answer_delay: Duration::ZERO,
             held_answer: None,
         };
-        tokio::spawn(driver.run(transport.rx, crx));
+        tokio::spawn(driver.run(transport.rx, crx, tcp_rx));
         Ok(Client {
             cmd: ctx,
             state,
@@ -254,6 +310,12 @@ impl Client {
     /// Join over a WebSocket at `ws_url` (e.g. `ws://127.0.0.1:3000/ws`).
     pub async fn join_ws(ws_url: &str, room: &str, name: &str) -> Result<Client, KitError> {
         Client::join(Transport::websocket(ws_url).await?, room, name).await
+    }
+
+    /// Like [`Client::join_ws`], with media over ICE-TCP only.
+    pub async fn join_ws_tcp(ws_url: &str, room: &str, name: &str) -> Result<Client, KitError> {
+        let transport = Transport::websocket(ws_url).await?;
+        Client::join_with(transport, room, name, MediaTransport::Tcp).await
     }
 
     /// Start publishing a synthetic track: one packet of `size` bytes every
@@ -350,6 +412,12 @@ impl Client {
         let _ = self.cmd.send(Cmd::Vanish);
     }
 
+    /// ICE-TCP: stop reading the connections (they stay open), as a
+    /// receiver too slow for its stream: the server's queue for it fills.
+    pub fn stall_tcp(&self) {
+        let _ = self.cmd.send(Cmd::StallTcp);
+    }
+
     /// Send a PLI for a received track (by roster track id), as a decoder
     /// that lost its reference would.
     pub fn request_keyframe(&self, track: &str) {
@@ -425,9 +493,82 @@ struct Publication {
     ts: u32,
 }
 
+/// ICE-TCP connections of a [`MediaTransport::Tcp`] client, one per
+/// server address str0m sends to, each a task.
+struct TcpLinks {
+    /// Server address -> frames to write there.
+    conns: HashMap<SocketAddr, mpsc::UnboundedSender<Vec<u8>>>,
+    /// Where the tasks deliver received frames (with the server address).
+    inbound: mpsc::UnboundedSender<(SocketAddr, Vec<u8>)>,
+    stall: Arc<AtomicBool>,
+}
+
+impl TcpLinks {
+    fn send(&mut self, to: SocketAddr, frame: Vec<u8>) {
+        let inbound = self.inbound.clone();
+        let stall = self.stall.clone();
+        let tx = self.conns.entry(to).or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(tcp_connection(to, rx, inbound, stall));
+            tx
+        });
+        // A failed connection loses the frame, as the network would.
+        let _ = tx.send(frame);
+    }
+}
+
+/// One ICE-TCP connection: connect to `to`, write `out`'s frames, deliver
+/// what arrives to `inbound`; ends when either side is done.
+async fn tcp_connection(
+    to: SocketAddr,
+    mut out: mpsc::UnboundedReceiver<Vec<u8>>,
+    inbound: mpsc::UnboundedSender<(SocketAddr, Vec<u8>)>,
+    stall: Arc<AtomicBool>,
+) {
+    let Ok(stream) = TcpStream::connect(to).await else {
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    let (mut r, mut w) = stream.into_split();
+    let reader = async move {
+        let mut len = [0u8; 2];
+        loop {
+            if stall.load(Ordering::Relaxed) {
+                return std::future::pending::<()>().await;
+            }
+            if r.read_exact(&mut len).await.is_err() {
+                return;
+            }
+            let mut frame = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            if r.read_exact(&mut frame).await.is_err() || inbound.send((to, frame)).is_err() {
+                return;
+            }
+        }
+    };
+    let writer = async move {
+        while let Some(frame) = out.recv().await {
+            let Ok(len) = u16::try_from(frame.len()) else {
+                continue;
+            };
+            let mut framed = Vec::with_capacity(2 + frame.len());
+            framed.extend_from_slice(&len.to_be_bytes());
+            framed.extend_from_slice(&frame);
+            if w.write_all(&framed).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = reader => {}
+        _ = writer => {}
+    }
+}
+
 struct Driver {
     rtc: Rtc,
     socket: Option<UdpSocket>,
+    /// [`MediaTransport::Tcp`]: the connections (`None` for UDP).
+    tcp: Option<TcpLinks>,
     local: SocketAddr,
     signal_tx: mpsc::UnboundedSender<ClientMessage>,
     state: Arc<Mutex<State>>,
@@ -461,6 +602,7 @@ impl Driver {
         mut self,
         mut signal_rx: mpsc::UnboundedReceiver<ServerMessage>,
         mut cmd_rx: mpsc::UnboundedReceiver<Cmd>,
+        mut tcp_rx: Option<mpsc::UnboundedReceiver<(SocketAddr, Vec<u8>)>>,
     ) {
         let mut buf = vec![0u8; 2048];
         loop {
@@ -483,6 +625,14 @@ impl Driver {
                 r = recv(&self.socket, &mut buf) => {
                     if let Some((n, source)) = r
                         && let Ok(rcv) = Receive::new(Protocol::Udp, source, self.local, &buf[..n])
+                    {
+                        let _ = self.rtc.handle_input(Input::Receive(Instant::now(), rcv));
+                    }
+                }
+                f = recv_tcp(&mut tcp_rx) => {
+                    if let Some((source, frame)) = f
+                        && self.socket.is_some()
+                        && let Ok(rcv) = Receive::new(Protocol::Tcp, source, self.local, &frame)
                     {
                         let _ = self.rtc.handle_input(Input::Receive(Instant::now(), rcv));
                     }
@@ -514,7 +664,11 @@ impl Driver {
             match self.rtc.poll_output() {
                 Ok(Output::Timeout(t)) => return t,
                 Ok(Output::Transmit(t)) => {
-                    if let Some(s) = &self.socket {
+                    if t.proto == Protocol::Tcp {
+                        if let Some(tcp) = &mut self.tcp {
+                            tcp.send(t.destination, t.contents.to_vec());
+                        }
+                    } else if let Some(s) = &self.socket {
                         // A full socket buffer loses the packet, as the network would.
                         let _ = s.try_send_to(&t.contents, t.destination);
                     }
@@ -689,7 +843,18 @@ impl Driver {
             Cmd::Send(m) => {
                 let _ = self.signal_tx.send(m);
             }
-            Cmd::Vanish => self.socket = None,
+            Cmd::Vanish => {
+                self.socket = None;
+                // Dropping the senders ends the tasks: connections close.
+                if let Some(tcp) = &mut self.tcp {
+                    tcp.conns.clear();
+                }
+            }
+            Cmd::StallTcp => {
+                if let Some(tcp) = &self.tcp {
+                    tcp.stall.store(true, Ordering::Relaxed);
+                }
+            }
             Cmd::StaleAnswerOnce => self.stale_answer = true,
             Cmd::AnswerDelay(d) => self.answer_delay = d,
             Cmd::OfferRecvOnly(kind) => {
@@ -822,6 +987,15 @@ pub fn micros_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
+}
+
+async fn recv_tcp(
+    rx: &mut Option<mpsc::UnboundedReceiver<(SocketAddr, Vec<u8>)>>,
+) -> Option<(SocketAddr, Vec<u8>)> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn recv(socket: &Option<UdpSocket>, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {

@@ -13,6 +13,7 @@ use mio::{Interest, Poll, Token, Waker};
 use signal::{DisplayName, RoomName, ServerMessage};
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::tcp::{LISTENER, TcpMedia};
 use super::{LinkKey, Worker};
 use crate::remote::{
     REMOTE_MEDIA_IN_QUEUE, REMOTE_MEDIA_QUEUE, RemoteCommand, RemoteEvent, RemoteLink, RoomEvent,
@@ -24,8 +25,12 @@ use crate::{
 /// Requested UDP buffer sizes (the kernel caps them at `net.core.[rw]mem_max`).
 const SOCKET_BUFFER: usize = 4 << 20;
 
-const SOCKET: Token = Token(0);
-const WAKER: Token = Token(1);
+pub(super) const SOCKET: Token = Token(0);
+pub(super) const WAKER: Token = Token(1);
+
+/// With `media_port` 0: how many free UDP ports to try before giving up on
+/// finding one whose number is free for TCP too.
+const PORT_TRIES: usize = 20;
 
 /// What other threads ask of the worker (applied in `Worker::command`).
 pub(super) enum Cmd {
@@ -106,6 +111,43 @@ impl Commands {
     }
 }
 
+/// The media UDP socket and, with `config.tcp`, the ICE-TCP listener on
+/// the same port number. With port 0 the kernel picks the UDP port, and
+/// that number must also be free for TCP: if not, another is tried.
+fn bind_media(
+    config: &SfuConfig,
+) -> Result<(std::net::UdpSocket, Option<mio::net::TcpListener>), SfuError> {
+    let addr = SocketAddr::new(config.bind, config.media_port);
+    let tries = if config.media_port == 0 {
+        PORT_TRIES
+    } else {
+        1
+    };
+    let mut last = None;
+    for _ in 0..tries {
+        let udp =
+            std::net::UdpSocket::bind(addr).map_err(|source| SfuError::Bind { addr, source })?;
+        if !config.tcp {
+            return Ok((udp, None));
+        }
+        let port = udp.local_addr().map_err(SfuError::Worker)?.port();
+        let tcp_addr = SocketAddr::new(config.bind, port);
+        match mio::net::TcpListener::bind(tcp_addr) {
+            Ok(l) => return Ok((udp, Some(l))),
+            Err(source) => {
+                last = Some(SfuError::BindTcp {
+                    addr: tcp_addr,
+                    source,
+                })
+            }
+        }
+    }
+    Err(last.unwrap_or(SfuError::BindTcp {
+        addr,
+        source: std::io::ErrorKind::AddrInUse.into(),
+    }))
+}
+
 pub(crate) struct Handle {
     commands: Commands,
     next_link: std::sync::atomic::AtomicU64,
@@ -116,9 +158,7 @@ pub(crate) struct Handle {
 
 impl Handle {
     pub(crate) fn start(config: SfuConfig) -> Result<Handle, SfuError> {
-        let addr = SocketAddr::new(config.bind, config.media_port);
-        let std_socket =
-            std::net::UdpSocket::bind(addr).map_err(|source| SfuError::Bind { addr, source })?;
+        let (std_socket, listener) = bind_media(&config)?;
         std_socket.set_nonblocking(true).map_err(SfuError::Worker)?;
         // The default receive buffer (~200 KiB) holds well under 100 video
         // packets: one slow turn of the loop (a DTLS handshake, a burst of
@@ -132,6 +172,21 @@ impl Handle {
         poll.registry()
             .register(&mut socket, SOCKET, Interest::READABLE)
             .map_err(SfuError::Worker)?;
+        let tcp = match listener {
+            Some(mut listener) => {
+                poll.registry()
+                    .register(&mut listener, LISTENER, Interest::READABLE)
+                    .map_err(SfuError::Worker)?;
+                let registry = poll.registry().try_clone().map_err(SfuError::Worker)?;
+                Some(TcpMedia::new(
+                    listener,
+                    registry,
+                    config.max_tcp_connections,
+                    config.tcp_handshake_timeout,
+                ))
+            }
+            None => None,
+        };
         let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(SfuError::Worker)?);
         let (tx, rx) = unbounded();
         let metrics = Arc::new(SfuMetrics::default());
@@ -143,6 +198,7 @@ impl Handle {
         let worker = Worker::new(
             config,
             socket,
+            tcp,
             advertised,
             metrics.clone(),
             media_queued.clone(),

@@ -1,5 +1,6 @@
-//! The worker's loop: wait on the socket, the waker and the earliest
-//! deadline; read every datagram into its participant's `Rtc`; apply the
+//! The worker's loop: wait on the socket, the ICE-TCP listener and
+//! connections (`tcp.rs`), the waker and the earliest deadline; read every
+//! datagram and frame into its participant's `Rtc`; apply the
 //! commands other threads sent; feed timeouts (str0m's, liveness, deferred
 //! keyframe requests); reap; and shut down.
 
@@ -15,8 +16,9 @@ use str0m::Input;
 use str0m::net::{Protocol, Receive};
 use tracing::{debug, info, warn};
 
-use super::handle::Cmd;
+use super::handle::{Cmd, SOCKET, WAKER};
 use super::participant::guarded;
+use super::tcp::TcpEvent;
 use super::{End, Pid, Worker};
 use crate::remote::RemoteCommand;
 
@@ -35,18 +37,34 @@ impl Worker {
     /// a failed poll.
     pub(super) fn run(mut self, mut poll: Poll, rx: Receiver<Cmd>) {
         let mut events = Events::with_capacity(64);
+        let mut tcp_events = Vec::with_capacity(64);
         let mut buf = vec![0u8; 2048];
         loop {
-            let timeout = self
-                .next_deadline()
-                .map(|t| t.saturating_duration_since(Instant::now()));
+            let timeout = if self.tcp.as_ref().is_some_and(|t| t.has_backlog()) {
+                Some(Duration::ZERO)
+            } else {
+                self.next_deadline()
+                    .map(|t| t.saturating_duration_since(Instant::now()))
+            };
             if let Err(e) = poll.poll(&mut events, timeout)
                 && e.kind() != ErrorKind::Interrupted
             {
                 warn!(error = %e, "media poll failed; worker stops");
                 break;
             }
+            tcp_events.clear();
+            tcp_events.extend(
+                events
+                    .iter()
+                    .filter(|e| e.token() != SOCKET && e.token() != WAKER)
+                    .map(|e| TcpEvent {
+                        token: e.token(),
+                        readable: e.is_readable() || e.is_read_closed() || e.is_error(),
+                        writable: e.is_writable(),
+                    }),
+            );
             self.read_socket(&mut buf);
+            self.tcp_io(&tcp_events);
             loop {
                 match rx.try_recv() {
                     Ok(Cmd::Shutdown) | Err(TryRecvError::Disconnected) => {
@@ -61,6 +79,7 @@ impl Worker {
             self.drive_dirty();
             self.timeouts(Instant::now());
             self.reap();
+            self.tcp_reap(Instant::now());
             self.flush_renegotiations();
             self.drive_dirty();
         }
@@ -81,7 +100,12 @@ impl Worker {
             .values()
             .flat_map(|r| r.tracks.values().map(|t| t.keyframes.deadline()));
         let offers = self.renegotiate_soon.values().copied();
-        peers.chain(keyframes.flatten()).chain(offers).min()
+        let handshakes = self.tcp.as_ref().and_then(|t| t.next_deadline());
+        peers
+            .chain(keyframes.flatten())
+            .chain(offers)
+            .chain(handshakes)
+            .min()
     }
 
     fn read_socket(&mut self, buf: &mut [u8]) {

@@ -30,6 +30,8 @@
 //!   requests towards publishers.
 //! - [`rooms`]: rosters, chat, mute, status, closing a room.
 //! - [`links`]: remote links (the trunk seam): attach, detach, `RemoteCommand`s.
+//! - [`tcp`]: ICE-TCP media (RFC 6544 passive candidate, RFC 4571
+//!   framing): the listener and connections in the same `mio` loop.
 
 mod forward;
 mod handle;
@@ -39,6 +41,7 @@ mod links;
 mod negotiation;
 mod participant;
 mod rooms;
+mod tcp;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -269,6 +272,8 @@ enum End {
 struct Worker {
     config: SfuConfig,
     socket: UdpSocket,
+    /// ICE-TCP listener and connections (`SfuConfig::tcp`).
+    tcp: Option<tcp::TcpMedia>,
     advertised: SocketAddr,
     metrics: Arc<SfuMetrics>,
     peers: HashMap<Pid, Peer>,
@@ -295,11 +300,12 @@ struct Worker {
 }
 
 impl Worker {
-    /// A worker with no participants and no rooms on `socket`; browsers are
-    /// told `advertised` as its address.
+    /// A worker with no participants and no rooms on `socket` (and `tcp`'s
+    /// listener); browsers are told `advertised` as its address.
     fn new(
         config: SfuConfig,
         socket: UdpSocket,
+        tcp: Option<tcp::TcpMedia>,
         advertised: SocketAddr,
         metrics: Arc<SfuMetrics>,
         media_queued: Arc<AtomicUsize>,
@@ -307,6 +313,7 @@ impl Worker {
         Worker {
             config,
             socket,
+            tcp,
             advertised,
             metrics,
             peers: HashMap::new(),

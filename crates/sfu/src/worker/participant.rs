@@ -4,20 +4,33 @@
 //!
 //! Also [`guarded`], the one way to call str0m on a participant's `Rtc`.
 
+use std::net::SocketAddr;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use mio::net::UdpSocket;
 use signal::{DisplayName, ErrorCode, RoomName, ServerMessage};
+use str0m::net::{Protocol, TcpType, Transmit};
 use str0m::{Candidate, Event, IceConnectionState, Output, Rtc};
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, info, warn};
 
 use super::rooms::remove_track;
+use super::tcp::TcpMedia;
 use super::{End, Peer, Phase, Pid, Worker};
-use crate::ParticipantCommand;
 use crate::Permissions;
 use crate::remote::{RemoteEvent, RoomEvent};
+use crate::{ParticipantCommand, SfuMetrics};
+
+/// The passive ICE-TCP host candidate on `addr` (the media port).
+pub(super) fn tcp_candidate(addr: SocketAddr) -> Result<Candidate, str0m::error::IceError> {
+    Candidate::builder()
+        .tcp()
+        .host(addr)
+        .tcptype(TcpType::Passive)
+        .build()
+}
 
 /// Run `f` on `peer`'s `Rtc`, catching a panic. Every str0m call on a
 /// participant's `Rtc` goes through here: str0m panics on internal bugs by
@@ -43,6 +56,29 @@ pub(super) fn guarded<R>(peer: &mut Peer, f: impl FnOnce(&mut Rtc) -> R) -> Opti
             peer.ended = Some(End::Panicked);
             None
         }
+    }
+}
+
+/// Send one of `pid`'s transmits: UDP from the media socket, or framed on
+/// `pid`'s ICE-TCP connection to that address (`tcp.rs`). Never blocks; what
+/// cannot go is counted.
+fn transmit(
+    socket: &UdpSocket,
+    tcp: &mut Option<TcpMedia>,
+    metrics: &SfuMetrics,
+    pid: Pid,
+    t: &Transmit,
+) {
+    if t.proto == Protocol::Tcp {
+        let sent = tcp
+            .as_mut()
+            .is_some_and(|tcp| tcp.send(pid, t.destination, &t.contents));
+        if !sent {
+            metrics.tcp_frames_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    } else if let Err(e) = socket.send_to(&t.contents, t.destination) {
+        debug!(error = %e, to = %t.destination, "media send failed");
+        metrics.udp_packets_dropped.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -84,6 +120,17 @@ impl Worker {
         match Candidate::host(self.advertised, "udp") {
             Ok(c) => {
                 rtc.add_local_candidate(c);
+                // ICE-TCP (`tcp.rs`): the same address and port, passive.
+                // str0m gives a TCP host candidate type preference 90
+                // against UDP's 126, so browsers prefer UDP when it works.
+                if self.tcp.is_some() {
+                    match tcp_candidate(self.advertised) {
+                        Ok(c) => {
+                            rtc.add_local_candidate(c);
+                        }
+                        Err(e) => warn!(error = %e, "cannot advertise the ICE-TCP candidate"),
+                    }
+                }
             }
             Err(e) => {
                 warn!(error = %e, addr = %self.advertised, "cannot advertise media address");
@@ -202,18 +249,14 @@ impl Worker {
             return Vec::new();
         };
         let socket = &self.socket;
+        let tcp = &mut self.tcp;
         let metrics = &self.metrics;
         let mut events = Vec::new();
         // The next timeout and whether the `Rtc` still lives, or its error.
         let drained = guarded(peer, |rtc| {
             loop {
                 match rtc.poll_output() {
-                    Ok(Output::Transmit(t)) => {
-                        if let Err(e) = socket.send_to(&t.contents, t.destination) {
-                            debug!(error = %e, to = %t.destination, "media send failed");
-                            metrics.udp_packets_dropped.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
+                    Ok(Output::Transmit(t)) => transmit(socket, tcp, metrics, pid, &t),
                     Ok(Output::Timeout(t)) => return Ok((t, rtc.is_alive())),
                     Ok(Output::Event(e)) => events.push(e),
                     Err(e) => return Err(e),
@@ -330,12 +373,22 @@ impl Worker {
         info!(participant = %peer.id, room = %peer.room, ?end, "left");
         // Let str0m say goodbye (DTLS close) where it still can.
         let socket = &self.socket;
+        let tcp = &mut self.tcp;
         let _ = guarded(&mut peer, |rtc| {
             rtc.disconnect();
             while let Ok(Output::Transmit(t)) = rtc.poll_output() {
-                let _ = socket.send_to(&t.contents, t.destination);
+                // Best effort, not counted: a browser that closed the
+                // page has usually closed its TCP connection already.
+                if t.proto == Protocol::Tcp {
+                    if let Some(tcp) = tcp.as_mut() {
+                        tcp.send(pid, t.destination, &t.contents);
+                    }
+                } else {
+                    let _ = socket.send_to(&t.contents, t.destination);
+                }
             }
         });
+        self.tcp_close_participant(pid);
         let room = peer.room.clone();
         let mut empty = false;
         if let Some(r) = self.rooms.get_mut(&room) {

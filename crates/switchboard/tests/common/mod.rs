@@ -42,6 +42,13 @@ pub async fn join(node: &Node, room: &str, name: &str) -> Client {
         .unwrap_or_else(|e| panic!("{name} joins {room}: {e}"))
 }
 
+/// Like [`join`], with media over ICE-TCP only (no UDP candidate).
+pub async fn join_tcp(node: &Node, room: &str, name: &str) -> Client {
+    Client::join_ws_tcp(&format!("ws://{}/ws", node.http_addr()), room, name)
+        .await
+        .unwrap_or_else(|e| panic!("{name} joins {room} over TCP: {e}"))
+}
+
 /// Every packet of every received track arrived intact (the testkit drops
 /// corrupted payloads, so they would show up as gaps) and in order, with no
 /// gap once forwarding started.
