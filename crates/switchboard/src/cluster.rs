@@ -681,7 +681,7 @@ impl Adapter {
                     state.owners.retain(|_, n| *n != node);
                 }
             }
-            Event::LinkUp { .. } | Event::Redial { .. } => {}
+            Event::LinkUp { .. } | Event::Redial { .. } | Event::Dial { .. } => {}
         }
     }
 

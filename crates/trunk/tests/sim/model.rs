@@ -120,6 +120,8 @@ impl Sim {
         let open =
             |s: &Self, room: &RoomName| s.nodes[i].node.snapshot().local_rooms.contains_key(room);
         match ev {
+            // The simulation configures peers by id; nothing is discovered.
+            Event::Dial { .. } => {}
             Event::Redial { node } => {
                 let target = (node.0 - 1) as usize;
                 let conn = self.next_conn;
