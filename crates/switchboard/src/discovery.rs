@@ -22,6 +22,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use hickory_resolver::config::{
     LookupIpStrategy, NameServerConfigGroup, ResolverConfig, ResolverOpts,
 };
@@ -171,32 +173,52 @@ impl Task {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            for i in 0..self.names.len() {
-                self.resolve_one(i).await;
-            }
-            let all: BTreeSet<SocketAddr> = self
+            // All names at once, each bounded by LOOKUP_TIMEOUT, and the
+            // trunk told as each answers: a slow or dead name holds up
+            // neither the others nor the dialing of what they found.
+            let mut lookups: FuturesUnordered<_> = self
                 .names
                 .iter()
-                .flat_map(|n| n.last.iter().copied())
+                .enumerate()
+                .map(|(i, n)| {
+                    let (resolver, spec) = (self.resolver.clone(), n.spec.clone());
+                    async move {
+                        let r = tokio::time::timeout(LOOKUP_TIMEOUT, resolve(&resolver, &spec));
+                        (i, r.await)
+                    }
+                })
                 .collect();
-            self.metrics
-                .addresses
-                .store(all.len() as u64, Ordering::Relaxed);
-            debug!(addresses = ?all, "peer DNS resolved");
-            if self
-                .trunk
-                .set_dial_addrs(all.into_iter().collect())
-                .await
-                .is_err()
-            {
-                return; // the trunk has stopped
+            while let Some((i, result)) = lookups.next().await {
+                if self.record(i, result) && !self.publish().await {
+                    return; // the trunk has stopped
+                }
             }
         }
     }
 
-    async fn resolve_one(&mut self, i: usize) {
+    /// Hand the union of every name's addresses to the trunk; false once
+    /// the trunk has stopped.
+    async fn publish(&self) -> bool {
+        let all: BTreeSet<SocketAddr> = self
+            .names
+            .iter()
+            .flat_map(|n| n.last.iter().copied())
+            .collect();
+        self.metrics
+            .addresses
+            .store(all.len() as u64, Ordering::Relaxed);
+        debug!(addresses = ?all, "peer DNS addresses to dial");
+        self.trunk
+            .set_dial_addrs(all.into_iter().collect())
+            .await
+            .is_ok()
+    }
+
+    /// What one name's resolution gave: its new addresses, or a failure.
+    /// Whether its addresses changed (only then is the trunk told: it
+    /// redials what it has on its own).
+    fn record(&mut self, i: usize, result: Result<Resolved, tokio::time::error::Elapsed>) -> bool {
         let spec = self.names[i].spec.clone();
-        let result = tokio::time::timeout(LOOKUP_TIMEOUT, resolve(&self.resolver, &spec)).await;
         let n = &mut self.names[i];
         match result {
             Ok(Ok((found, targets_left_out))) => {
@@ -216,16 +238,27 @@ impl Task {
                 }
                 let kept: BTreeSet<SocketAddr> =
                     found.into_iter().take(MAX_ADDRS_PER_NAME).collect();
-                if kept != n.last {
+                let changed = kept != n.last;
+                if changed {
                     info!(name = %spec, addresses = kept.len(), left_out = over, "peer DNS answer changed");
                 }
                 n.last = kept;
+                changed
             }
-            Ok(Err(e)) => fail(n, &self.metrics, &spec, &e.to_string()),
-            Err(_) => fail(n, &self.metrics, &spec, "timed out"),
+            Ok(Err(e)) => {
+                fail(n, &self.metrics, &spec, &e.to_string());
+                false
+            }
+            Err(_) => {
+                fail(n, &self.metrics, &spec, "timed out");
+                false
+            }
         }
     }
 }
+
+/// Addresses found and SRV targets left out, or the resolver's error.
+type Resolved = Result<(Vec<SocketAddr>, usize), ResolveError>;
 
 /// A failed resolution: counted, the last addresses kept, logged at warn
 /// at most once per [`WARN_EVERY`].
@@ -250,10 +283,7 @@ fn fail(n: &mut NameState, metrics: &DiscoveryMetrics, spec: &PeerDns, error: &s
 /// Every address `spec` lists now, and how many SRV targets were left out
 /// (over [`MAX_ADDRS_PER_NAME`]). No records (NXDOMAIN, NODATA) is an
 /// answer: nothing.
-async fn resolve(
-    resolver: &TokioResolver,
-    spec: &PeerDns,
-) -> Result<(Vec<SocketAddr>, usize), ResolveError> {
+async fn resolve(resolver: &TokioResolver, spec: &PeerDns) -> Resolved {
     match spec {
         PeerDns::Host { name, port } => {
             let ips = match resolver.lookup_ip(name.as_str()).await {
