@@ -405,7 +405,12 @@ impl Trunk {
     /// id comes with the Hello, this node's own address is recognised and
     /// skipped, and an address no longer listed is forgotten once its
     /// trunk is down (`Node::set_dial_addrs`).
-    pub async fn set_dial_addrs(&self, addrs: Vec<SocketAddr>) -> Result<(), TrunkError> {
+    /// IPv6 addresses are left out when the trunk listens on IPv4 (its
+    /// socket could not reach them; a dual-stack name lists both).
+    pub async fn set_dial_addrs(&self, mut addrs: Vec<SocketAddr>) -> Result<(), TrunkError> {
+        if self.local_addr.is_ipv4() {
+            addrs.retain(SocketAddr::is_ipv4);
+        }
         self.call(move |node, now| node.set_dial_addrs(addrs, now))
             .await
     }
