@@ -37,6 +37,7 @@ use trunk::proto::{
 use trunk::quic::{Identity, Trunk, TrunkConfig, TrunkEvent, TrunkEvents, TrunkStatus};
 
 use crate::Config;
+use crate::discovery::Discovery;
 
 /// What `Data` carries between nodes (origin participant in the frame).
 #[derive(Debug, Serialize, Deserialize)]
@@ -55,6 +56,8 @@ pub(crate) struct Cluster {
     /// adapter (`LINK_MEDIA_QUEUE` full).
     drops: Arc<std::sync::atomic::AtomicU64>,
     refused: Arc<std::sync::atomic::AtomicU64>,
+    /// `--peer-dns`: the task resolving the names, if any.
+    discovery: Option<Discovery>,
 }
 
 /// Local media packets waiting between the rooms' link tasks and the
@@ -96,6 +99,19 @@ impl Cluster {
         })
         .context("starting the trunk")?;
         let trunk = Arc::new(trunk);
+        let discovery = if config.peer_dns.is_empty() {
+            None
+        } else {
+            Some(
+                Discovery::start(
+                    config.peer_dns.clone(),
+                    config.dns_server,
+                    std::time::Duration::from_secs(config.peer_dns_interval_secs.max(1)),
+                    trunk.clone(),
+                )
+                .context("--peer-dns")?,
+            )
+        };
         let rooms = sfu.watch_rooms().context("watching rooms")?;
         let drops = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -119,6 +135,7 @@ impl Cluster {
             node_id,
             drops,
             refused,
+            discovery,
         }))
     }
 
@@ -146,8 +163,16 @@ impl Cluster {
         self.refused.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// The `--peer-dns` task's names and counters, if discovering.
+    pub(crate) fn discovery(&self) -> Option<&Discovery> {
+        self.discovery.as_ref()
+    }
+
     /// Goodbye to every peer (call after the media plane has stopped).
     pub(crate) async fn shutdown(&self) {
+        if let Some(d) = &self.discovery {
+            d.stop();
+        }
         self.task.abort();
         self.trunk.close().await;
     }
@@ -681,7 +706,7 @@ impl Adapter {
                     state.owners.retain(|_, n| *n != node);
                 }
             }
-            Event::LinkUp { .. } | Event::Redial { .. } => {}
+            Event::LinkUp { .. } | Event::Redial { .. } | Event::Dial { .. } => {}
         }
     }
 

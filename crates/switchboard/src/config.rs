@@ -93,6 +93,121 @@ impl<'de> Deserialize<'de> for Peer {
     }
 }
 
+/// A DNS name to discover trunk peers by (`--peer-dns`), resolved every
+/// `--peer-dns-interval-secs`; every address found is dialed and the node
+/// ids come from the trunk Hello.
+///
+/// - `<name>:<port>`: the name's A and AAAA records, each with `port`
+///   (a Kubernetes headless Service: every pod's IP).
+/// - `_<service>._<proto>.<name>` (no port): the name's SRV records, each
+///   target's A and AAAA records with the record's port (priority and
+///   weight are ignored: every node is dialed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerDns {
+    Host { name: String, port: u16 },
+    Srv { name: String },
+}
+
+/// Longest DNS name (RFC 1035: 255 octets on the wire, 253 as text).
+const MAX_DNS_NAME: usize = 253;
+
+impl PeerDns {
+    /// The name as given (without the port).
+    pub fn name(&self) -> &str {
+        match self {
+            PeerDns::Host { name, .. } | PeerDns::Srv { name } => name,
+        }
+    }
+}
+
+impl std::fmt::Display for PeerDns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerDns::Host { name, port } if name.contains(':') => write!(f, "[{name}]:{port}"),
+            PeerDns::Host { name, port } => write!(f, "{name}:{port}"),
+            PeerDns::Srv { name } => f.write_str(name),
+        }
+    }
+}
+
+/// A host name (letters, digits, `-`, `_`, dot-separated labels of 1-63,
+/// an optional final dot) or an IP address.
+fn valid_dns_name(name: &str) -> bool {
+    if name.parse::<IpAddr>().is_ok() {
+        return true;
+    }
+    let bare = name.strip_suffix('.').unwrap_or(name);
+    !bare.is_empty()
+        && name.len() <= MAX_DNS_NAME
+        && bare.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+impl std::str::FromStr for PeerDns {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let usage =
+            "expected <name>:<port> (A/AAAA records) or _<service>._<proto>.<name> (SRV records)";
+        let s = s.trim();
+        // `[v6]:port`, `name:port`, or no port at all.
+        let (name, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (ip, port) = rest
+                .split_once("]:")
+                .ok_or_else(|| format!("peer DNS `{s}`: {usage}"))?;
+            (ip, Some(port))
+        } else if s.matches(':').count() == 1 {
+            let (name, port) = s.split_once(':').unwrap_or((s, ""));
+            (name, Some(port))
+        } else {
+            (s, None)
+        };
+        if !valid_dns_name(name) {
+            return Err(format!(
+                "peer DNS `{s}`: `{name}` is not a DNS name; {usage}"
+            ));
+        }
+        let srv = name.starts_with('_');
+        match (port, srv) {
+            (Some(port), false) => {
+                let port = port
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| format!("peer DNS `{s}`: the port must be 1-65535"))?;
+                Ok(PeerDns::Host {
+                    name: name.to_owned(),
+                    port,
+                })
+            }
+            (None, true) if name.split('.').nth(1).is_some_and(|l| l.starts_with('_')) => {
+                Ok(PeerDns::Srv {
+                    name: name.to_owned(),
+                })
+            }
+            (Some(_), true) => Err(format!(
+                "peer DNS `{s}`: an SRV name takes its ports from its records; drop the port"
+            )),
+            (None, _) => Err(format!("peer DNS `{s}`: {usage}")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PeerDns {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// How often `--peer-dns` names are resolved again by default: a new node
+/// is dialed within this, a vanished one is forgotten (its trunk dies on
+/// its own, within seconds, by heartbeat).
+const DEFAULT_PEER_DNS_INTERVAL_SECS: u64 = 10;
+
 /// The command line: the node's settings and, optionally, a subcommand.
 /// `switchboard` alone runs a node.
 #[derive(Debug, Clone, PartialEq, Parser)]
@@ -281,8 +396,9 @@ pub struct Config {
     /// variable or the file: a flag shows in `ps`.
     #[arg(long, env = "SWITCHBOARD_CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<Secret>,
-    /// This node's id in the cluster (peers name it in their --peer); random
-    /// if unset.
+    /// This node's id in the cluster (peers name it in their --peer; with
+    /// --peer-dns they learn it from the trunk Hello); random if unset.
+    /// Unique per node.
     #[arg(long, env = "SWITCHBOARD_NODE_ID")]
     pub node_id: Option<u64>,
     /// Cluster name: nodes of another cluster are refused even with the secret.
@@ -295,6 +411,30 @@ pub struct Config {
     /// the env variable. Nodes not listed may still dial us.
     #[arg(long = "peer", env = "SWITCHBOARD_PEERS", value_delimiter = ',')]
     pub peers: Vec<Peer>,
+    /// Discover peers by DNS: `<name>:<port>` dials every A/AAAA address of
+    /// the name (e.g. a Kubernetes headless Service), `_<service>._<proto>.<name>`
+    /// every SRV target with its port. Resolved again every
+    /// --peer-dns-interval-secs; node ids come from the trunk Hello, this
+    /// node's own address is recognised and skipped, and an address gone
+    /// from DNS is forgotten once its trunk is down (an up trunk is never
+    /// cut for it). Repeat, or comma-separate in the env variable.
+    #[arg(long = "peer-dns", env = "SWITCHBOARD_PEER_DNS", value_delimiter = ',')]
+    pub peer_dns: Vec<PeerDns>,
+    /// Seconds between resolutions of the --peer-dns names (cached answers
+    /// are not trusted for longer). A failed resolution keeps the last
+    /// addresses found.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_PEER_DNS_INTERVAL_SECS",
+        default_value_t = DEFAULT_PEER_DNS_INTERVAL_SECS,
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
+    )]
+    pub peer_dns_interval_secs: u64,
+    /// DNS server (`ip:port`, plain DNS over UDP and TCP) for --peer-dns
+    /// instead of the system's (/etc/resolv.conf); tests point it at a
+    /// server of their own.
+    #[arg(long, env = "SWITCHBOARD_DNS_SERVER")]
+    pub dns_server: Option<SocketAddr>,
     /// Instead of a secret: PEM file of the cluster CA every node's
     /// certificate chains to (with --trunk-cert and --trunk-key).
     #[arg(long, env = "SWITCHBOARD_TRUNK_CA", requires_all = ["trunk_cert", "trunk_key"])]
@@ -414,6 +554,9 @@ impl Default for Config {
             cluster_name: DEFAULT_CLUSTER_NAME.to_owned(),
             trunk_port: DEFAULT_TRUNK_PORT,
             peers: Vec::new(),
+            peer_dns: Vec::new(),
+            peer_dns_interval_secs: DEFAULT_PEER_DNS_INTERVAL_SECS,
+            dns_server: None,
             trunk_ca: None,
             trunk_cert: None,
             trunk_key: None,
@@ -453,6 +596,9 @@ pub struct FileConfig {
     pub cluster_name: Option<String>,
     pub trunk_port: Option<u16>,
     pub peers: Option<Vec<Peer>>,
+    pub peer_dns: Option<Vec<PeerDns>>,
+    pub peer_dns_interval_secs: Option<u64>,
+    pub dns_server: Option<SocketAddr>,
     pub trunk_ca: Option<PathBuf>,
     pub trunk_cert: Option<PathBuf>,
     pub trunk_key: Option<PathBuf>,
@@ -598,6 +744,18 @@ impl Config {
         }
         if let Some(v) = file.peers.filter(|_| unset("peers")) {
             self.peers = v;
+        }
+        if let Some(v) = file.peer_dns.filter(|_| unset("peer_dns")) {
+            self.peer_dns = v;
+        }
+        if let Some(v) = file
+            .peer_dns_interval_secs
+            .filter(|_| unset("peer_dns_interval_secs"))
+        {
+            self.peer_dns_interval_secs = v.clamp(1, 86_400);
+        }
+        if let Some(v) = file.dns_server.filter(|_| unset("dns_server")) {
+            self.dns_server = Some(v);
         }
         if let Some(v) = file.trunk_ca.filter(|_| unset("trunk_ca")) {
             self.trunk_ca = Some(v);
@@ -786,6 +944,93 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn peer_dns_from_flags_env_and_file() {
+        let _env = env_lock();
+        let c = parse(&["switchboard"], "");
+        assert!(c.peer_dns.is_empty() && c.dns_server.is_none());
+        assert_eq!(c.peer_dns_interval_secs, 10);
+        let c = parse(
+            &[
+                "switchboard",
+                "--peer-dns",
+                "switchboard-trunk.switchboard.svc.cluster.local:3002",
+                "--peer-dns",
+                "_trunk._udp.example.org",
+                "--peer-dns-interval-secs",
+                "3",
+                "--dns-server",
+                "127.0.0.1:5353",
+            ],
+            "",
+        );
+        assert_eq!(
+            c.peer_dns,
+            [
+                PeerDns::Host {
+                    name: "switchboard-trunk.switchboard.svc.cluster.local".into(),
+                    port: 3002
+                },
+                PeerDns::Srv {
+                    name: "_trunk._udp.example.org".into()
+                }
+            ]
+        );
+        assert_eq!(c.peer_dns_interval_secs, 3);
+        assert_eq!(c.dns_server.unwrap().to_string(), "127.0.0.1:5353");
+        assert_eq!(
+            c.peer_dns[0].to_string(),
+            "switchboard-trunk.switchboard.svc.cluster.local:3002"
+        );
+        // SAFETY: every test that reads the environment holds the lock.
+        unsafe { std::env::set_var("SWITCHBOARD_PEER_DNS", "a.example:1,[::1]:2,b.example.:3") };
+        let c = parse(
+            &["switchboard", "--config", "f.toml"],
+            "peer_dns = [\"file.example:9\"]\npeer_dns_interval_secs = 30\ndns_server = \"[::1]:53\"",
+        );
+        unsafe { std::env::remove_var("SWITCHBOARD_PEER_DNS") };
+        assert_eq!(
+            c.peer_dns
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["a.example:1", "[::1]:2", "b.example.:3"],
+            "env beats the file"
+        );
+        assert_eq!(c.peer_dns_interval_secs, 30);
+        assert_eq!(c.dns_server.unwrap().to_string(), "[::1]:53");
+        let c = parse(
+            &["switchboard", "--config", "f.toml"],
+            "peer_dns = [\"file.example:9\"]",
+        );
+        assert_eq!(c.peer_dns[0].name(), "file.example");
+        for bad in [
+            "",
+            "name-without-port",
+            "name:0",
+            "name:70000",
+            "name:port",
+            "bad name:1",
+            "a..b:1",
+            "_trunk._udp.example.org:3002",
+            "_trunk.example.org",
+            "::1:3002",
+            "[::1]",
+            &format!("{}:1", "a".repeat(64)),
+            &format!("{}.b:1", "a.".repeat(130)),
+        ] {
+            assert!(bad.parse::<PeerDns>().is_err(), "{bad:?} accepted");
+            assert!(
+                Cli::command()
+                    .try_get_matches_from(["switchboard", "--peer-dns", bad])
+                    .is_err(),
+                "{bad:?}"
+            );
+        }
+        assert!(Config::try_parse_args(["switchboard", "--peer-dns-interval-secs", "0"]).is_err());
+        assert!(toml::from_str::<FileConfig>("peer_dns = [\"nope\"]").is_err());
     }
 
     #[test]

@@ -157,6 +157,40 @@ async fn trunks(state: &AppState) -> serde_json::Value {
         .collect()
 }
 
+/// `--peer-dns` as `/api/status` shows it: the names, and every address
+/// the trunk core knows from them (`null` without `--peer-dns`).
+async fn discovery(state: &AppState) -> serde_json::Value {
+    let Some(cluster) = &state.cluster else {
+        return serde_json::Value::Null;
+    };
+    let Some(d) = cluster.discovery() else {
+        return serde_json::Value::Null;
+    };
+    let status = cluster.status().await;
+    let addrs: Vec<serde_json::Value> = status
+        .iter()
+        .flat_map(|s| {
+            s.node.dial_addrs.iter().map(|(addr, a)| {
+                let up = a
+                    .node
+                    .and_then(|n| s.node.peers.get(&n))
+                    .is_some_and(|p| p.up);
+                json!({
+                    "addr": addr.to_string(),
+                    "listed": a.listed,
+                    "node_id": a.node.map(|n| n.0),
+                    "self": a.is_self,
+                    "up": up,
+                })
+            })
+        })
+        .collect();
+    json!({
+        "names": d.names.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "addresses": addrs,
+    })
+}
+
 /// How long `/api/status` reuses the rooms the media worker last listed.
 /// Building them walks every room and roster on the worker thread, the one
 /// that forwards media: without this, a client polling status in a loop
@@ -194,6 +228,7 @@ async fn status(State(state): State<Arc<AppState>>) -> Response {
         },
         "rooms": rooms,
         "trunks": trunks(&state).await,
+        "discovery": discovery(&state).await,
     });
     axum::Json(body).into_response()
 }

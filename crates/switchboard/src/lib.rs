@@ -7,6 +7,7 @@ mod access;
 pub mod auth;
 mod cluster;
 pub mod config;
+mod discovery;
 mod http;
 mod metrics;
 pub mod tls;
@@ -69,6 +70,14 @@ pub fn startup_warnings(config: &Config) -> Vec<String> {
         out.push(
             "no --auth-secret: rooms are open, anyone who reaches this node can join any room \
              (fine for development; set SWITCHBOARD_AUTH_SECRET and hand out `switchboard token`s)"
+                .to_owned(),
+        );
+    }
+    let clustered = config.cluster_secret.is_some() || config.trunk_ca.is_some();
+    if !clustered && (!config.peers.is_empty() || !config.peer_dns.is_empty()) {
+        out.push(
+            "--peer/--peer-dns given but no --cluster-secret (or --trunk-ca): this node runs \
+             alone and dials nobody"
                 .to_owned(),
         );
     }
@@ -396,5 +405,16 @@ mod tests {
             ..exposed
         };
         assert!(startup_warnings(&v6_loopback).is_empty());
+        let lonely = Config {
+            peer_dns: vec!["peers.example:3002".parse().unwrap()],
+            ..v6_loopback.clone()
+        };
+        let w = startup_warnings(&lonely);
+        assert!(w.len() == 1 && w[0].contains("runs alone"), "{w:?}");
+        let clustered = Config {
+            cluster_secret: Some(config::Secret("x".repeat(16))),
+            ..lonely
+        };
+        assert!(startup_warnings(&clustered).is_empty());
     }
 }

@@ -36,6 +36,14 @@ impl SignalingMetrics {
 /// A metric family with one value per peer node: name, help, (peer, value).
 type PeerFamily<V> = (&'static str, &'static str, Vec<(String, V)>);
 
+/// A gauge family with one label: name, help, label name, (label value, value).
+type LabelledGauge = (
+    &'static str,
+    &'static str,
+    &'static str,
+    Vec<(&'static str, i64)>,
+);
+
 #[derive(Debug)]
 struct Snapshot {
     gauges: Vec<(&'static str, &'static str, i64)>,
@@ -49,6 +57,8 @@ struct Snapshot {
     peer_counters: Vec<PeerFamily<u64>>,
     /// Per-peer gauge families.
     peer_gauges: Vec<PeerFamily<f64>>,
+    /// Other gauge families with one label.
+    labelled_gauges: Vec<LabelledGauge>,
 }
 
 impl Collector for Snapshot {
@@ -113,6 +123,13 @@ impl Collector for Snapshot {
             for (peer, v) in values {
                 let labels = [("peer", peer.as_str())];
                 ConstCounter::new(*v).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        for (name, help, label, values) in &self.labelled_gauges {
+            let kind = ConstGauge::new(0i64).metric_type();
+            let mut family = enc.encode_descriptor(name, help, None, kind)?;
+            for (value, v) in values {
+                ConstGauge::new(*v).encode(family.encode_family(&[(*label, *value)])?)?;
             }
         }
         for (name, help, values) in &self.peer_gauges {
@@ -318,6 +335,7 @@ pub(crate) fn render(
         ],
         peer_counters: Vec::new(),
         peer_gauges: Vec::new(),
+        labelled_gauges: Vec::new(),
     };
     let mut snapshot = snapshot;
     if let Some(tls) = &state.tls {
@@ -334,8 +352,58 @@ pub(crate) fn render(
             ),
         ]);
     }
+    if let Some(d) = state.cluster.as_ref().and_then(|c| c.discovery()) {
+        let m = &d.metrics;
+        snapshot.counters.extend([
+            (
+                "switchboard_trunk_discovery_resolutions",
+                "--peer-dns names resolved (an answer, possibly empty)",
+                m.resolutions.load(Ordering::Relaxed),
+            ),
+            (
+                "switchboard_trunk_discovery_failures",
+                "--peer-dns resolutions that failed (the name's last addresses were kept)",
+                m.failures.load(Ordering::Relaxed),
+            ),
+            (
+                "switchboard_trunk_discovery_truncated",
+                "Addresses (or SRV targets) left out because a --peer-dns name listed more than 64",
+                m.truncated.load(Ordering::Relaxed),
+            ),
+        ]);
+        // What became of each listed address, as the trunk core knows it.
+        let (mut own, mut up, mut down) = (0, 0, 0);
+        for a in trunk
+            .iter()
+            .flat_map(|t| t.node.dial_addrs.values())
+            .filter(|a| a.listed)
+        {
+            match (a.is_self, a.node) {
+                (true, _) => own += 1,
+                (false, Some(n))
+                    if trunk
+                        .as_ref()
+                        .is_some_and(|t| t.node.peers.get(&n).is_some_and(|p| p.up)) =>
+                {
+                    up += 1
+                }
+                _ => down += 1,
+            }
+        }
+        snapshot.labelled_gauges.push((
+            "switchboard_trunk_discovered_addresses",
+            "Addresses the --peer-dns names list now: this node's own (self), a node with its trunk up (up), or not linked (down: not yet reached, unreachable, or reached only the other way)",
+            "state",
+            vec![("self", own), ("up", up), ("down", down)],
+        ));
+    }
     if let Some(t) = &trunk {
         let tm = &t.metrics;
+        snapshot.gauges.push((
+            "switchboard_trunk_connections",
+            "Trunk QUIC connections open (handshaking or active; one per peer once settled)",
+            t.node.connections as i64,
+        ));
         snapshot.counters.extend([
             (
                 "switchboard_trunk_frames_in",
@@ -391,6 +459,16 @@ pub(crate) fn render(
                 "switchboard_trunk_link_downs",
                 "Trunk links that went down",
                 tm.link_downs,
+            ),
+            (
+                "switchboard_trunk_duplicates_closed",
+                "Trunk connections closed because another one joined the same pair of nodes",
+                tm.duplicates_closed,
+            ),
+            (
+                "switchboard_trunk_self_dials",
+                "Discovered addresses that turned out to be this node (not dialed again)",
+                tm.self_dials,
             ),
             (
                 "switchboard_trunk_datagrams_too_large",

@@ -7,6 +7,7 @@ use super::repair::ClockOffset;
 use super::time::Time;
 use super::types::{ConnId, Generation, Incarnation, NodeId, RoomName, WireId};
 use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 /// Where a connection stands.
@@ -18,10 +19,19 @@ pub(crate) enum ConnState {
     Active(NodeId),
 }
 
+/// What we dialed when we opened a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialed {
+    /// A configured peer, by node id (`add_peer`).
+    Node(NodeId),
+    /// A discovered address (`set_dial_addrs`): whose it is, the Hello says.
+    Addr(SocketAddr),
+}
+
 #[derive(Debug)]
 pub(crate) struct Conn {
-    /// `Some(peer)` if we dialed it.
-    pub dialed: Option<NodeId>,
+    /// `Some(..)` if we dialed it.
+    pub dialed: Option<Dialed>,
     pub state: ConnState,
     pub heartbeat: Heartbeat,
     /// Order of creation, for tie-breaking duplicates (newest wins).
@@ -41,6 +51,35 @@ pub(crate) enum DialState {
     Scheduled(Time),
     /// The driver is dialing (Redial event emitted), result pending.
     Dialing,
+}
+
+/// A discovered address to dial (`Node::set_dial_addrs`). The node behind
+/// it is learned from the Hello on a connection we dialed to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct AddrTarget {
+    /// In the latest discovered set. An address no longer listed is
+    /// forgotten once nothing of it is in flight and its node's trunk is
+    /// down; it is never torn down for that.
+    pub listed: bool,
+    /// The node that answered there (its Hello), if any yet.
+    pub node: Option<NodeId>,
+    /// We reached ourselves there (our own id and incarnation came back):
+    /// never dialed again while listed.
+    pub is_self: bool,
+    pub dial: DialState,
+    pub attempts: u32,
+}
+
+impl AddrTarget {
+    pub fn new() -> Self {
+        Self {
+            listed: true,
+            node: None,
+            is_self: false,
+            dial: DialState::Idle,
+            attempts: 0,
+        }
+    }
 }
 
 /// Everything about one remote node.

@@ -26,6 +26,9 @@ pub struct Metrics {
     pub link_downs: u64,
     /// Trunks closed by the duplicate rule.
     pub duplicates_closed: u64,
+    /// Discovered addresses that turned out to be this node (our own Hello
+    /// came back); they are not dialed again while listed.
+    pub self_dials: u64,
     /// Keyframe requests merged by rate limiting.
     pub keyframes_coalesced: u64,
     /// Media repair, summed over peers (per peer: `PeerMediaStats`).

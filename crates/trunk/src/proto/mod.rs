@@ -23,8 +23,8 @@ pub use metrics::Metrics;
 #[cfg(feature = "planted-bugs")]
 pub use node::PlantedBugs;
 pub use node::{
-    Config, DatagramOut, Event, MediaTargets, Node, NodeSnapshot, PeerMediaStats, PeerSnapshot,
-    RemoteDatagram, Transmit,
+    Config, DatagramOut, DialAddrSnapshot, Event, MediaTargets, Node, NodeSnapshot, PeerMediaStats,
+    PeerSnapshot, RemoteDatagram, Transmit,
 };
 pub use ratelimit::RateLimiter;
 pub use repair::RepairConfig;

@@ -130,7 +130,8 @@ pub struct TrunkConfig {
 /// What the trunk reports to the node it serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TrunkEvent {
-    /// An event of the protocol core (`Redial` is handled here, not passed on).
+    /// An event of the protocol core (`Redial` and `Dial` are handled here,
+    /// not passed on).
     Proto(Event),
     /// A media packet of a remote track we subscribed to.
     Media {
@@ -200,14 +201,22 @@ pub struct TrunkStatus {
 
 type Call = Box<dyn FnOnce(&mut Node, Time) + Send>;
 
+/// What a dial was for: a configured peer (`Event::Redial`) or a
+/// discovered address (`Event::Dial`).
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    Node(NodeId),
+    Addr(SocketAddr),
+}
+
 enum Input {
     Connected {
         conn: Connection,
         send: SendStream,
         recv: RecvStream,
-        dialed: Option<NodeId>,
+        dialed: Option<Target>,
     },
-    DialFailed(NodeId),
+    DialFailed(Target),
     HandshakeFailed,
     Frame(ConnId, Vec<u8>),
     Corrupt(ConnId),
@@ -389,6 +398,21 @@ impl Trunk {
                 .media
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    /// Replace the set of discovered addresses to dial (DNS discovery):
+    /// each is dialed and redialed while its node has no trunk up, the node
+    /// id comes with the Hello, this node's own address is recognised and
+    /// skipped, and an address no longer listed is forgotten once its
+    /// trunk is down (`Node::set_dial_addrs`).
+    /// IPv6 addresses are left out when the trunk listens on IPv4 (its
+    /// socket could not reach them; a dual-stack name lists both).
+    pub async fn set_dial_addrs(&self, mut addrs: Vec<SocketAddr>) -> Result<(), TrunkError> {
+        if self.local_addr.is_ipv4() {
+            addrs.retain(SocketAddr::is_ipv4);
+        }
+        self.call(move |node, now| node.set_dial_addrs(addrs, now))
+            .await
     }
 
     /// State and counters, for `/api/status` and `/metrics`.
@@ -606,9 +630,14 @@ impl Core {
                         gate: VideoGate::new(Instant::now()),
                     },
                 );
-                self.node.handle_connected(id, dialed, now);
+                match dialed {
+                    None => self.node.handle_connected(id, None, now),
+                    Some(Target::Node(node)) => self.node.handle_connected(id, Some(node), now),
+                    Some(Target::Addr(addr)) => self.node.handle_connected_addr(id, addr, now),
+                }
             }
-            Input::DialFailed(node) => self.node.handle_dial_failed(node, now),
+            Input::DialFailed(Target::Node(node)) => self.node.handle_dial_failed(node, now),
+            Input::DialFailed(Target::Addr(addr)) => self.node.handle_addr_dial_failed(addr, now),
             Input::HandshakeFailed => self.driver.handshakes_failed += 1,
             Input::Frame(id, body) => {
                 if self.conns.contains_key(&id) {
@@ -814,7 +843,8 @@ impl Core {
         }
         while let Some(e) = self.node.poll_event() {
             match e {
-                Event::Redial { node } => self.dial(node),
+                Event::Redial { node } => self.dial(Target::Node(node)),
+                Event::Dial { addr } => self.dial(Target::Addr(addr)),
                 e => {
                     match &e {
                         Event::LinkUp { node, .. } => info!(peer = node.0, "trunk link up"),
@@ -830,15 +860,21 @@ impl Core {
         self.send_datagrams();
     }
 
-    fn dial(&mut self, node: NodeId) {
+    fn dial(&mut self, target: Target) {
         let tx = self.tx.clone();
-        let Some(addr) = self.peers.get(&node).copied() else {
-            // A peer that dialed us and went away: we do not know where it
-            // lives, so it must dial again.
-            tokio::spawn(async move {
-                let _ = tx.send(Input::DialFailed(node)).await;
-            });
-            return;
+        let addr = match target {
+            Target::Addr(addr) => addr,
+            Target::Node(node) => match self.peers.get(&node) {
+                Some(addr) => *addr,
+                None => {
+                    // A peer that dialed us and went away: we do not know
+                    // where it lives, so it must dial again.
+                    tokio::spawn(async move {
+                        let _ = tx.send(Input::DialFailed(target)).await;
+                    });
+                    return;
+                }
+            },
         };
         let connecting = self
             .endpoint
@@ -859,17 +895,17 @@ impl Core {
                             conn,
                             send,
                             recv,
-                            dialed: Some(node),
+                            dialed: Some(target),
                         })
                         .await;
                 }
                 Ok(Err(e)) => {
-                    debug!(peer = node.0, %addr, error = %e, "dial failed");
-                    let _ = tx.send(Input::DialFailed(node)).await;
+                    debug!(?target, %addr, error = %e, "dial failed");
+                    let _ = tx.send(Input::DialFailed(target)).await;
                 }
                 Err(_) => {
-                    debug!(peer = node.0, %addr, "dial timed out");
-                    let _ = tx.send(Input::DialFailed(node)).await;
+                    debug!(?target, %addr, "dial timed out");
+                    let _ = tx.send(Input::DialFailed(target)).await;
                 }
             }
         });

@@ -135,11 +135,21 @@ impl Sim {
                     Some(b) => !self.cuts.contains(&pair(a, b)),
                     None => false,
                 };
+                let addr = self.conns[&conn].addr;
                 if let (true, Some(b)) = (ok, b) {
                     let target = self.nodes[b].id;
-                    self.nodes[a]
-                        .node
-                        .handle_connected(ConnId(conn), Some(target), now);
+                    match addr {
+                        Some(addr) => {
+                            self.nodes[a]
+                                .node
+                                .handle_connected_addr(ConnId(conn), addr, now)
+                        }
+                        None => {
+                            self.nodes[a]
+                                .node
+                                .handle_connected(ConnId(conn), Some(target), now)
+                        }
+                    }
                     self.nodes[b].node.handle_connected(ConnId(conn), None, now);
                     self.pump(a);
                     self.pump(b);
@@ -147,7 +157,10 @@ impl Sim {
                     let target = self.conns[&conn].ends[1].0;
                     let id = self.nodes[target].id;
                     self.conns.remove(&conn);
-                    self.nodes[a].node.handle_dial_failed(id, now);
+                    match addr {
+                        Some(addr) => self.nodes[a].node.handle_addr_dial_failed(addr, now),
+                        None => self.nodes[a].node.handle_dial_failed(id, now),
+                    }
                     self.pump(a);
                 }
             }

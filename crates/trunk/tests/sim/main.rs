@@ -5,7 +5,10 @@
 //! leaves (including rapid join-leave-join), publishes, subscriptions,
 //! keyframe requests, chat, link cuts and restores, crashes with restart (new
 //! incarnation, new clock), graceful shutdowns and junk datagrams, with random
-//! message delays. The network keeps each connection's stream in order and
+//! message delays. Even seeds configure every peer by id (`add_peer`); odd
+//! seeds give each node the other nodes' addresses instead
+//! (`set_dial_addrs`, as DNS discovery does), so node ids are learned from
+//! Hello and both ends of every pair dial. The network keeps each connection's stream in order and
 //! reorders across connections. After the schedule, everything is healed, the
 //! cluster settles, and all six invariants are checked; then every
 //! participant leaves and "no leaks" is checked.
@@ -167,6 +170,9 @@ struct Sim {
     next_conn: u64,
     next_id: u64,
     bugs: PlantedBugs,
+    /// Odd seeds: peers are found by address (`set_dial_addrs`, ids
+    /// learned from Hello) instead of configured by id (`add_peer`).
+    discover: bool,
     trace: bool,
     violation: Option<String>,
     /// Fault phase: long delays allowed.
@@ -245,6 +251,7 @@ impl Sim {
             next_conn: 1,
             next_id: 1,
             bugs,
+            discover: seed % 2 == 1,
             trace: std::env::var("SIM_TRACE").is_ok(),
             violation: None,
             chaos: true,

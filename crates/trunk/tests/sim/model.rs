@@ -4,10 +4,9 @@
 //! plus the SFU's calls into the node (join, leave, publish, subscribe).
 //! The invariants compare this model with the nodes' snapshots.
 
-use crate::events::Ev;
+use crate::Sim;
 use crate::invariants::FOREIGN_DATA_INVARIANT;
-use crate::network::SimConn;
-use crate::{Sim, ms};
+use crate::network::sim_addr;
 use rand::Rng;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use trunk::proto::{
@@ -120,21 +119,16 @@ impl Sim {
         let open =
             |s: &Self, room: &RoomName| s.nodes[i].node.snapshot().local_rooms.contains_key(room);
         match ev {
+            Event::Dial { addr } => {
+                let Some(target) = (0..self.nodes.len()).find(|j| sim_addr(*j) == addr) else {
+                    self.fail(format!("node {}: dial of unknown address {addr}", i + 1));
+                    return;
+                };
+                self.dial(i, target, Some(addr));
+            }
             Event::Redial { node } => {
                 let target = (node.0 - 1) as usize;
-                let conn = self.next_conn;
-                self.next_conn += 1;
-                let ends = [(i, self.nodes[i].epoch), (target, self.nodes[target].epoch)];
-                self.conns.insert(
-                    conn,
-                    SimConn {
-                        ends,
-                        broken: false,
-                        last: [Time(0); 2],
-                    },
-                );
-                let d = self.delay();
-                self.at(self.now + d + ms(1), Ev::Connect { conn });
+                self.dial(i, target, None);
             }
             Event::LinkUp { .. } => {}
             Event::LinkDown { node, .. } => {

@@ -7,6 +7,7 @@
 use crate::events::Ev;
 use crate::{Sim, ms};
 use rand::Rng;
+use std::net::SocketAddr;
 use std::time::Duration;
 use trunk::proto::{NodeId, Time, Transmit};
 
@@ -36,6 +37,13 @@ pub(crate) struct SimConn {
     pub(crate) broken: bool,
     /// Each direction is one ordered stream: deliveries never overtake.
     pub(crate) last: [Time; 2],
+    /// Dialed for a discovered address (`Event::Dial`), not a node id.
+    pub(crate) addr: Option<SocketAddr>,
+}
+
+/// Where node `i` listens, for seeds that discover peers by address.
+pub(crate) fn sim_addr(i: usize) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1 + i as u8], 3002))
 }
 
 /// A path between two nodes, either way round.
@@ -54,14 +62,44 @@ impl Sim {
         ms(self.rng.random_range(0..=MAX_DELAY_MS))
     }
 
-    /// Node `i` is configured with every node as a peer (itself ignored).
+    /// Node `i` is configured with every node as a peer (itself ignored),
+    /// or, on seeds that discover, given every other node's address (ids
+    /// learned from Hello; a node's own address is covered by
+    /// `tests/discover.rs`: here both ends of a connection share its id).
     pub(crate) fn add_peers(&mut self, i: usize) {
-        let ids: Vec<NodeId> = self.nodes.iter().map(|n| n.id).collect();
         let now = self.now;
-        for id in ids {
-            self.nodes[i].node.add_peer(id, now);
+        if self.discover {
+            let addrs: Vec<SocketAddr> = (0..self.nodes.len())
+                .filter(|j| *j != i)
+                .map(sim_addr)
+                .collect();
+            self.nodes[i].node.set_dial_addrs(addrs, now);
+        } else {
+            let ids: Vec<NodeId> = self.nodes.iter().map(|n| n.id).collect();
+            for id in ids {
+                self.nodes[i].node.add_peer(id, now);
+            }
         }
         self.pump(i);
+    }
+
+    /// Node `i` dials node `target` (by id, or for a discovered `addr`):
+    /// connected, or failed, after a network delay.
+    pub(crate) fn dial(&mut self, i: usize, target: usize, addr: Option<SocketAddr>) {
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        let ends = [(i, self.nodes[i].epoch), (target, self.nodes[target].epoch)];
+        self.conns.insert(
+            conn,
+            SimConn {
+                ends,
+                broken: false,
+                last: [Time(0); 2],
+                addr,
+            },
+        );
+        let d = self.delay();
+        self.at(self.now + d + ms(1), Ev::Connect { conn });
     }
 
     /// Drain a node's outputs into the network and its SFU model.

@@ -19,6 +19,12 @@ pub struct Config {
     pub redial_base: Duration,
     /// Redial delay cap.
     pub redial_cap: Duration,
+    /// Extra wait before redialing a discovered address whose node has a
+    /// smaller id than ours. Both nodes of a pair usually discover each
+    /// other; the duplicate rule keeps the trunk the smaller id dialed, so
+    /// letting it dial first spares a trunk that would be closed at once
+    /// (and, if ours came up first, a link that goes down and up).
+    pub yield_to_smaller: Duration,
     /// Minimum spacing of keyframe requests per track.
     pub keyframe_interval: Duration,
     /// Loss repair and the lateness bound for media (see `repair.rs`).
@@ -46,6 +52,7 @@ impl Config {
             misses: 3,
             redial_base: Duration::from_millis(100),
             redial_cap: Duration::from_secs(10),
+            yield_to_smaller: Duration::from_secs(1),
             // Only a guard against a flooding peer: the SFUs on both sides
             // space keyframe requests per track already, and a second 500 ms
             // window here delayed a new cross-node subscriber's first frame.

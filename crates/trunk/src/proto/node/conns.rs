@@ -3,12 +3,14 @@
 //! Goodbye, protocol error, duplicate, replaced by a restarted peer,
 //! shutdown). Here live the duplicate rule, restart detection, what a link
 //! going down removes, and the redial schedule — everything about *which
-//! trunk* a peer is reached on, nothing about rooms (`rooms.rs`).
+//! trunk* a peer is reached on, nothing about rooms (`rooms.rs`). Dialing
+//! discovered addresses, whose node ids come with the Hello, is in
+//! `discover.rs`.
 
 use super::{Event, KfKey, Node, Transmit, send};
 use crate::proto::error::DecodeError;
 use crate::proto::heartbeat::Heartbeat;
-use crate::proto::link::{Conn, ConnState, DialState, Peer, backoff};
+use crate::proto::link::{Conn, ConnState, DialState, Dialed, Peer, backoff};
 use crate::proto::time::Time;
 use crate::proto::types::{CloseCode, ConnId, Incarnation, NodeId, RoomName};
 use crate::proto::wire::{self, Message, PROTOCOL_VERSION};
@@ -62,6 +64,17 @@ impl Node {
     /// A connection is established (`dialed = Some(peer)` if we dialed it).
     /// We send Hello at once; the link is up when the peer's Hello arrives.
     pub fn handle_connected(&mut self, conn: ConnId, dialed: Option<NodeId>, now: Time) {
+        if let Some(node) = dialed
+            && let Some(peer) = self.peers.get_mut(&node)
+            && peer.dial == DialState::Dialing
+        {
+            peer.dial = DialState::Idle;
+        }
+        self.connected(conn, dialed.map(Dialed::Node), now);
+    }
+
+    /// Record a new connection and send our Hello on it.
+    pub(super) fn connected(&mut self, conn: ConnId, dialed: Option<Dialed>, now: Time) {
         self.timers_changed();
         if self.shut_down {
             self.out.push_back(Transmit::Close {
@@ -69,12 +82,6 @@ impl Node {
                 code: CloseCode::Shutdown,
             });
             return;
-        }
-        if let Some(node) = dialed
-            && let Some(peer) = self.peers.get_mut(&node)
-            && peer.dial == DialState::Dialing
-        {
-            peer.dial = DialState::Idle;
         }
         self.next_serial += 1;
         self.conns.insert(
@@ -162,6 +169,9 @@ impl Node {
         for p in self.peers.values_mut() {
             p.dial = DialState::Idle;
         }
+        for t in self.addrs.values_mut() {
+            t.dial = DialState::Idle;
+        }
     }
 
     fn protocol_error(&mut self, conn: ConnId, _err: &DecodeError, now: Time) {
@@ -201,13 +211,19 @@ impl Node {
             ConnState::Active(node) => {
                 self.link_down(node, reason);
                 self.ensure_redial(node, now);
+                self.redial_addrs_of(node, now);
             }
-            ConnState::Handshaking => {
-                if let Some(node) = c.dialed {
-                    self.ensure_redial(node, now);
+            ConnState::Handshaking => match c.dialed {
+                Some(Dialed::Node(node)) => self.ensure_redial(node, now),
+                // A duplicate loser reached a live node: no failure.
+                Some(Dialed::Addr(addr)) if reason == CloseCode::Duplicate => {
+                    self.ensure_addr_dial(addr, now)
                 }
-            }
+                Some(Dialed::Addr(addr)) => self.addr_attempt_failed(addr, now),
+                None => {}
+            },
         }
+        self.forget_unlisted_addrs();
     }
 
     /// The link to `node` is gone: drop everything it taught us.
@@ -231,7 +247,7 @@ impl Node {
         self.repairing.retain(|(n, _)| *n != node);
         self.kf_pending
             .retain(|k| !matches!(k, KfKey::Remote(n, _) if *n == node));
-        if !peer.configured {
+        if !peer.configured && !self.addrs.values().any(|t| t.node == Some(node)) {
             self.peers.remove(&node);
         }
     }
@@ -245,7 +261,7 @@ impl Node {
         let handshaking = self
             .conns
             .values()
-            .any(|c| c.dialed == Some(node) && c.state == ConnState::Handshaking);
+            .any(|c| c.dialed == Some(Dialed::Node(node)) && c.state == ConnState::Handshaking);
         let Some(peer) = self.peers.get_mut(&node) else {
             return;
         };
@@ -274,6 +290,14 @@ impl Node {
             self.drop_conn(conn, Some(CloseCode::Version), CloseCode::Version, now);
             return;
         }
+        if node == self.config.node_id
+            && incarnation == self.incarnation
+            && cluster == self.config.cluster
+        {
+            // We reached ourselves (a discovered name lists this node too).
+            self.reached_self(conn, now);
+            return;
+        }
         if cluster != self.config.cluster || node == self.config.node_id {
             self.drop_conn(
                 conn,
@@ -283,6 +307,7 @@ impl Node {
             );
             return;
         }
+        self.learn_addr_node(conn, node);
         let me = self.config.node_id;
         let preferred_dialer = me.min(node);
         let dialer_of = |c: &Conn| if c.dialed.is_some() { me } else { node };
@@ -343,6 +368,7 @@ impl Node {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.state = ConnState::Active(node);
         }
+        self.addr_link_up(node);
         self.metrics.link_ups += 1;
         self.events.push_back(Event::LinkUp { node, incarnation });
         #[cfg(feature = "planted-bugs")]

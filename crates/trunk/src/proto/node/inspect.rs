@@ -5,12 +5,13 @@
 //! every step). Nothing here changes the node.
 
 use super::Node;
-use crate::proto::link::ConnState;
+use crate::proto::link::{ConnState, DialState, Dialed};
 use crate::proto::types::{
     Generation, Incarnation, Layer, NodeId, ParticipantId, ParticipantInfo, RoomName, TrackId,
     TrackInfo, TrackKind, WireId,
 };
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 /// Media repair counters of one peer (both directions), for `/metrics` and
@@ -53,6 +54,22 @@ pub struct NodeSnapshot {
     pub local_rooms: BTreeMap<RoomName, LocalRoomSnapshot>,
     pub peers: BTreeMap<NodeId, PeerSnapshot>,
     pub connections: usize,
+    /// Discovered addresses (`set_dial_addrs`) still known.
+    pub dial_addrs: BTreeMap<SocketAddr, DialAddrSnapshot>,
+}
+
+/// One discovered address as the core knows it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DialAddrSnapshot {
+    /// In the latest discovered set (an unlisted one is kept until its
+    /// node's trunk is down).
+    pub listed: bool,
+    /// The node that answered there, if any yet.
+    pub node: Option<NodeId>,
+    /// This node's own address (our own Hello came back): not dialed.
+    pub is_self: bool,
+    /// A dial of it is under way (scheduled or connecting).
+    pub dialing: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -176,6 +193,19 @@ impl Node {
             local_rooms,
             peers,
             connections: self.conns.len(),
+            dial_addrs: self
+                .addrs
+                .iter()
+                .map(|(a, t)| {
+                    let snap = DialAddrSnapshot {
+                        listed: t.listed,
+                        node: t.node,
+                        is_self: t.is_self,
+                        dialing: t.dial != DialState::Idle,
+                    };
+                    (*a, snap)
+                })
+                .collect(),
         }
     }
 
@@ -281,6 +311,29 @@ impl Node {
                         return Err(format!("{track:?}: media target {node:?} not linked"));
                     }
                 }
+            }
+        }
+        for (addr, t) in &self.addrs {
+            if matches!(t.dial, DialState::Scheduled(_)) && (!t.listed || t.is_self) {
+                return Err(format!("{addr}: dial scheduled but unlisted or self"));
+            }
+            let in_flight = t.dial == DialState::Dialing
+                || self
+                    .conns
+                    .values()
+                    .any(|c| c.dialed == Some(Dialed::Addr(*addr)));
+            if !t.listed && !in_flight && !t.node.is_some_and(|n| self.is_link_up(n)) {
+                return Err(format!("{addr}: unlisted, its trunk down, yet kept"));
+            }
+        }
+        for (node, p) in &self.peers {
+            if !p.configured
+                && p.conn.is_none()
+                && !self.addrs.values().any(|t| t.node == Some(*node))
+            {
+                return Err(format!(
+                    "peer {node:?}: kept with no link, config or address"
+                ));
             }
         }
         for (node, p) in &self.peers {

@@ -10,6 +10,7 @@
 //! | `config.rs` | [`Config`], `PlantedBugs` (test builds only) |
 //! | `outputs.rs` | [`Transmit`] and [`Event`]: what the node asks of the driver and tells the SFU |
 //! | `conns.rs` | connections: `handle_connected`, `handle_frame`, Hello, duplicates, restarts, link down, redial, `shutdown` |
+//! | `discover.rs` | discovered addresses: `set_dial_addrs`, dialing by address, node ids learned from Hello, self, forgetting |
 //! | `rooms.rs` | room links (up, down, resync, broadcast) and every control message a peer sends (`on_message`) |
 //! | `api.rs` | the local SFU's calls: `open_room`, `close_room`, participants, `publish_track`, `subscribe`, `request_keyframe`, `send_data` |
 //! | `media.rs` | the media fast path and loss repair: `send_media`, `handle_datagram`, NACKs and retransmissions, `poll_datagram` |
@@ -19,6 +20,7 @@
 mod api;
 mod config;
 mod conns;
+mod discover;
 mod inspect;
 mod media;
 mod outputs;
@@ -28,18 +30,19 @@ mod timers;
 pub use config::Config;
 #[cfg(feature = "planted-bugs")]
 pub use config::PlantedBugs;
-pub use inspect::{NodeSnapshot, PeerMediaStats, PeerSnapshot};
+pub use inspect::{DialAddrSnapshot, NodeSnapshot, PeerMediaStats, PeerSnapshot};
 pub use media::{DatagramOut, MediaTargets, RemoteDatagram};
 pub use outputs::{Event, Transmit};
 
 use super::directory::{LocalRoom, TrackMedia};
-use super::link::{Conn, Peer, SplitMix};
+use super::link::{AddrTarget, Conn, Peer, SplitMix};
 use super::metrics::Metrics;
 use super::time::Time;
 use super::types::{ConnId, Incarnation, NodeId, RoomName, TrackId, WireId};
 use super::wire::{self, Message};
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
 
 /// A keyframe limiter holding a coalesced request.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -62,6 +65,9 @@ pub struct Node {
     next_serial: u64,
     conns: HashMap<ConnId, Conn>,
     peers: BTreeMap<NodeId, Peer>,
+    /// Discovered addresses to dial, whose node ids come with their Hello
+    /// (`set_dial_addrs`; see `conns.rs`).
+    addrs: BTreeMap<SocketAddr, AddrTarget>,
     rooms: BTreeMap<RoomName, LocalRoom>,
     /// Local track → room.
     track_rooms: HashMap<TrackId, RoomName>,
@@ -118,6 +124,7 @@ impl Node {
             next_serial: 0,
             conns: HashMap::new(),
             peers: BTreeMap::new(),
+            addrs: BTreeMap::new(),
             rooms: BTreeMap::new(),
             track_rooms: HashMap::new(),
             media: HashMap::new(),

@@ -5,6 +5,8 @@
 
 #[cfg(doc)]
 use super::Node;
+use std::net::SocketAddr;
+
 use crate::proto::types::{
     CloseCode, ConnId, Incarnation, Layer, NodeId, ParticipantId, ParticipantInfo, RoomName,
     TrackId, TrackInfo, WireId,
@@ -80,5 +82,10 @@ pub enum Event {
     /// Dial this node now; report with `handle_connected` or `handle_dial_failed`.
     Redial {
         node: NodeId,
+    },
+    /// Dial this discovered address now (whose it is, its Hello will say);
+    /// report with `handle_connected_addr` or `handle_addr_dial_failed`.
+    Dial {
+        addr: SocketAddr,
     },
 }

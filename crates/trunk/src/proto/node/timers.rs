@@ -45,6 +45,11 @@ impl Node {
                 min(at);
             }
         }
+        for a in self.addrs.values() {
+            if let DialState::Scheduled(at) = a.dial {
+                min(at);
+            }
+        }
         for key in &self.kf_pending {
             if let Some(at) = self.limiter(key).and_then(|l| l.poll_timeout()) {
                 min(at);
@@ -113,6 +118,7 @@ impl Node {
                 self.events.push_back(Event::Redial { node });
             }
         }
+        self.addr_timers(now);
         self.keyframe_timers(now);
         self.repair_timers(now);
     }
