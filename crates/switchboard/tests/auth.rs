@@ -451,7 +451,10 @@ async fn the_media_plane_ignores_m_lines_of_a_participant_that_may_not_publish()
         .unwrap();
     // Refused in the same worker step that would have made the track.
     let m = metrics(&node).await;
-    assert!(sample(&m, "switchboard_media_publish_refused_total") >= 1, "{m}");
+    assert!(
+        sample(&m, "switchboard_media_publish_refused_total") >= 1,
+        "{m}"
+    );
     assert_eq!(sample(&m, "switchboard_tracks"), 0, "{m}");
     drop(watcher);
     node.shutdown().await;
