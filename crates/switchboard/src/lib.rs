@@ -309,6 +309,18 @@ impl Node {
         }
     }
 
+    /// Resolves (with the reason) if a peer refused this node because
+    /// another live node already uses its node id (DESIGN: two nodes with
+    /// one id are refused loudly, never replace each other). The binary
+    /// logs it, stops gracefully and exits non-zero: a configuration error
+    /// that no restart fixes. Never resolves without a cluster.
+    pub async fn node_id_in_use(&self) -> String {
+        match &self.state.cluster {
+            Some(c) => c.id_in_use().await,
+            None => std::future::pending().await,
+        }
+    }
+
     /// Graceful stop: `/readyz` turns 503, every participant gets
     /// `error shutting_down` and its socket is closed, the media plane stops,
     /// and HTTP stops once the sockets are gone (or after [`DRAIN_LIMIT`]).

@@ -6,6 +6,7 @@ use super::node::PeerMediaStats;
 use super::repair::ClockOffset;
 use super::time::Time;
 use super::types::{ConnId, Generation, Incarnation, NodeId, RoomName, WireId};
+use super::wire::Message;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
@@ -14,6 +15,19 @@ use std::time::Duration;
 pub(crate) enum ConnState {
     /// Connected; waiting for the peer's Hello (our Hello is sent).
     Handshaking,
+    /// The peer's Hello names `node` with a new `incarnation` while `node`
+    /// has a live trunk (`old`): restart or a second process with that id?
+    /// We sent a Ping (`seq`) on `old`. Its Pong ⇒ the old process is alive
+    /// and this connection is refused (`NodeIdInUse`); `old` ending, or no
+    /// Pong by `until` ⇒ the peer restarted and this connection replaces
+    /// `old`. Frames arriving meanwhile are held (`Conn::held`).
+    Probing {
+        node: NodeId,
+        incarnation: Incarnation,
+        old: ConnId,
+        seq: u64,
+        until: Time,
+    },
     /// Hello exchanged; the peer's one live trunk.
     Active(NodeId),
 }
@@ -30,6 +44,14 @@ pub(crate) struct Conn {
     /// given: it follows the datagram path, unlike Ping/Pong on the stream,
     /// which head-of-line blocking inflates exactly when the path is lossy.
     pub path_rtt: Option<std::time::Duration>,
+    /// The node id the connection's certificate names, when the driver
+    /// checks certificates (operator CA files): `Some(None)` if it names
+    /// none. `None`: not checked (shared secret: any holder mints any).
+    pub certified: Option<Option<NodeId>>,
+    /// Messages received while `Probing`, delivered in order if the
+    /// connection becomes active (bounded by `held_bytes`).
+    pub held: Vec<Message>,
+    pub held_bytes: usize,
 }
 
 /// Redial state of a peer we were configured to dial.

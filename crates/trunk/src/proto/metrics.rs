@@ -26,6 +26,12 @@ pub struct Metrics {
     pub link_downs: u64,
     /// Trunks closed by the duplicate rule.
     pub duplicates_closed: u64,
+    /// Connections refused because a second live process claimed a node
+    /// id: a peer's id whose live trunk answered the probe, or our own.
+    pub node_id_conflicts: u64,
+    /// Connections refused because the Hello's node id is not the one the
+    /// certificate names (operator CA files).
+    pub identity_refused: u64,
     /// Keyframe requests merged by rate limiting.
     pub keyframes_coalesced: u64,
     /// Media repair, summed over peers (per peer: `PeerMediaStats`).

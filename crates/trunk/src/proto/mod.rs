@@ -24,7 +24,7 @@ pub use metrics::Metrics;
 pub use node::PlantedBugs;
 pub use node::{
     Config, DatagramOut, Event, MediaTargets, Node, NodeSnapshot, PeerMediaStats, PeerSnapshot,
-    RemoteDatagram, Transmit,
+    Refusal, RemoteDatagram, Transmit,
 };
 pub use ratelimit::RateLimiter;
 pub use repair::RepairConfig;
