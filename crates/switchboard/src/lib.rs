@@ -77,6 +77,15 @@ pub fn startup_warnings(config: &Config) -> Vec<String> {
             config.bind
         ));
     }
+    if let Some(me) = config.node_id {
+        for p in config.peers.iter().filter(|p| p.node_id == me) {
+            out.push(format!(
+                "--peer {me}@{} names this node's own id {me}: it is not dialed. If another node \
+                 listens there, the two share one id; give every node its own --node-id",
+                p.addr
+            ));
+        }
+    }
     out
 }
 
@@ -398,5 +407,26 @@ mod tests {
             ..exposed
         };
         assert!(startup_warnings(&v6_loopback).is_empty());
+    }
+
+    #[test]
+    fn a_peer_named_with_our_own_id_is_warned_about() {
+        let quiet = Config {
+            auth_secret: Some(config::Secret("x".repeat(32))),
+            node_id: Some(1),
+            peers: vec!["2@127.0.0.1:3002".parse().unwrap()],
+            ..Config::default()
+        };
+        assert!(startup_warnings(&quiet).is_empty());
+        let same = Config {
+            peers: vec!["1@127.0.0.1:3002".parse().unwrap()],
+            ..quiet
+        };
+        let w = startup_warnings(&same);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("own id 1") && w[0].contains("--node-id"),
+            "{w:?}"
+        );
     }
 }

@@ -26,6 +26,9 @@ pub struct Metrics {
     pub link_downs: u64,
     /// Trunks closed by the duplicate rule.
     pub duplicates_closed: u64,
+    /// Hellos with a new incarnation while that node's trunk was live: the
+    /// old trunk was probed (a restart, or a second process with the id?).
+    pub incarnation_probes: u64,
     /// Connections refused because a second live process claimed a node
     /// id: a peer's id whose live trunk answered the probe, or our own.
     pub node_id_conflicts: u64,

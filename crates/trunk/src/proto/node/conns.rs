@@ -490,6 +490,7 @@ impl Node {
                 };
                 let wait = probe_wait(o.path_rtt.or_else(|| o.heartbeat.rtt()), heartbeat);
                 let seq = o.heartbeat.probe(now);
+                self.metrics.incarnation_probes += 1;
                 send(
                     &mut self.out,
                     &mut self.metrics,
