@@ -334,6 +334,41 @@ fn a_second_live_process_with_a_node_id_is_refused_not_replacing() {
 }
 
 #[test]
+fn a_late_hello_from_a_process_already_gone_is_closed_quietly() {
+    // Node 2' said Hello with id 2 and died before node 1 read it (a late
+    // Hello): node 2 answers the probe, 2' cannot. Not a conflict.
+    let mut net = Net::new(vec![cfg(1), cfg(2), cfg(2)]);
+    net.dial(1, 0, 1);
+    net.run();
+    let first = net.nodes[1].incarnation();
+    net.conns.push((ConnId(2), 2, 0));
+    net.nodes[2].handle_connected(ConnId(2), Some(NodeId(1)), net.now);
+    net.nodes[0].handle_connected(ConnId(2), None, net.now);
+    net.collect();
+    net.nodes[2] = Node::new(cfg(3), 5); // 2' is gone; nothing answers on conn 2
+    net.events[0].clear();
+    net.run();
+    let wait = net.nodes[0].poll_timeout().expect("probe timer");
+    net.now = wait;
+    net.nodes[0].handle_timeout(wait);
+    net.run();
+    assert!(net.closes[0].contains(&(ConnId(2), CloseCode::Timeout)));
+    assert!(
+        !net.events[0]
+            .iter()
+            .any(|e| matches!(e, Event::Refused { .. } | Event::LinkDown { .. })),
+        "{:?}",
+        net.events[0]
+    );
+    assert_eq!(net.nodes[0].metrics().node_id_conflicts, 0);
+    assert_eq!(
+        net.nodes[0].snapshot().peers[&NodeId(2)].incarnation,
+        Some(first)
+    );
+    assert!(up(&net, 0, 1));
+}
+
+#[test]
 fn a_node_refuses_a_peer_with_its_own_id() {
     let mut net = Net::new(vec![cfg(1), cfg(1)]);
     net.dial(0, 1, 1);

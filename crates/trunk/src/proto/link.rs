@@ -16,17 +16,25 @@ pub(crate) enum ConnState {
     /// Connected; waiting for the peer's Hello (our Hello is sent).
     Handshaking,
     /// The peer's Hello names `node` with a new `incarnation` while `node`
-    /// has a live trunk (`old`): restart or a second process with that id?
-    /// We sent a Ping (`seq`) on `old`. Its Pong ⇒ the old process is alive
-    /// and this connection is refused (`NodeIdInUse`); `old` ending, or no
-    /// Pong by `until` ⇒ the peer restarted and this connection replaces
-    /// `old`. Frames arriving meanwhile are held (`Conn::held`).
+    /// has a live trunk (`old`): a restart, a second process with that id,
+    /// or a stale Hello from a process already gone? We sent a Ping on
+    /// `old` (`seq`) and one on this connection (`own_seq`), and hold what
+    /// this connection sends meanwhile (`Conn::held`).
+    /// - both answer ⇒ two live processes claim the id: this one (the
+    ///   later) is refused, `NodeIdInUse`;
+    /// - `old` ends, or is silent by `until` ⇒ the peer restarted: this
+    ///   connection replaces `old`;
+    /// - only `old` answers by `until` ⇒ this connection's process is gone
+    ///   (its Hello came late): closed quietly.
     Probing {
         node: NodeId,
         incarnation: Incarnation,
         old: ConnId,
         seq: u64,
+        own_seq: u64,
         until: Time,
+        old_alive: bool,
+        alive: bool,
     },
     /// Hello exchanged; the peer's one live trunk.
     Active(NodeId),

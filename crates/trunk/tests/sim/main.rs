@@ -132,7 +132,7 @@ const STAT_NAMES: [&str; 21] = [
     "stale frames replayed",
     "datagrams for once-valid remote wire ids injected",
     "data frames forged (a sender not announced there)",
-    "restarts seen while the old trunk lived (probed, never answered)",
+    "new incarnations met while the old trunk lived (both probed)",
 ];
 /// Lowest repaired share (‰) of a quiet phase with enough losses.
 static WORST_REPAIR: AtomicU64 = AtomicU64::new(u64::MAX);

@@ -180,6 +180,9 @@ impl Node {
             | (ConnState::Active(_) | ConnState::Probing { .. }, Message::Hello { .. }) => {
                 self.protocol_error(conn, &DecodeError::Malformed("unexpected".into()), now)
             }
+            (ConnState::Probing { own_seq, .. }, Message::Pong { seq }) if seq == own_seq => {
+                self.claimant_answered(conn, now)
+            }
             (ConnState::Probing { .. }, msg) => self.hold(conn, msg, body.len(), now),
             (ConnState::Active(node), msg) => self.on_message(conn, node, msg, now),
         }
@@ -466,7 +469,9 @@ impl Node {
     /// `node`'s live trunk `old` has another incarnation than the Hello on
     /// `conn`. A restarted process has left `old` dead; a second process
     /// with the same id leaves it alive. Ask `old` (one Ping, shared by
-    /// every claimant) and hold `conn` until it answers or the wait ends.
+    /// every claimant) and `conn` (a stale Hello from a process since gone
+    /// is no second process), and hold `conn` until they answer or the
+    /// wait ends.
     fn probe(
         &mut self,
         conn: ConnId,
@@ -477,11 +482,15 @@ impl Node {
     ) {
         let running = self.conns.values().find_map(|c| match c.state {
             ConnState::Probing {
-                old: o, seq, until, ..
-            } if o == old => Some((seq, until)),
+                old: o,
+                seq,
+                until,
+                old_alive,
+                ..
+            } if o == old => Some((seq, until, old_alive)),
             _ => None,
         });
-        let (seq, until) = match running {
+        let (seq, until, old_alive) = match running {
             Some(p) => p,
             None => {
                 let heartbeat = self.config.heartbeat;
@@ -497,66 +506,129 @@ impl Node {
                     old,
                     &Message::Ping { seq },
                 );
-                (seq, now + wait)
+                (seq, now + wait, false)
             }
         };
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.state = ConnState::Probing {
-                node,
-                incarnation,
-                old,
-                seq,
-                until,
-            };
-        }
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let own_seq = c.heartbeat.probe(now);
+        c.state = ConnState::Probing {
+            node,
+            incarnation,
+            old,
+            seq,
+            own_seq,
+            until,
+            old_alive,
+            alive: false,
+        };
+        send(
+            &mut self.out,
+            &mut self.metrics,
+            conn,
+            &Message::Ping { seq: own_seq },
+        );
     }
 
     /// A Pong on `conn`: if it answers a probe, the process behind `conn`
-    /// is alive and every connection probing it claims its id a second
-    /// time: refused, loudly (event, counter), the later one.
+    /// is alive; every connection probing it whose own process answered
+    /// too claims its id a second time: refused, loudly.
     pub(super) fn probe_answered(&mut self, conn: ConnId, seq: u64, now: Time) {
-        let mut refused: Vec<(ConnId, NodeId)> = self
-            .conns
-            .iter()
-            .filter_map(|(id, c)| match c.state {
-                ConnState::Probing {
-                    node, old, seq: s, ..
-                } if old == conn && s == seq => Some((*id, node)),
-                _ => None,
-            })
-            .collect();
-        refused.sort();
-        for (id, node) in refused {
-            self.metrics.node_id_conflicts += 1;
-            self.events.push_back(Event::Refused {
-                conn: id,
-                node,
-                why: Refusal::NodeIdInUse { live: conn },
-            });
-            self.drop_conn(
-                id,
-                Some(CloseCode::NodeIdInUse),
-                CloseCode::NodeIdInUse,
-                now,
-            );
+        let mut both: Vec<ConnId> = Vec::new();
+        for (id, c) in self.conns.iter_mut() {
+            if let ConnState::Probing {
+                old,
+                seq: s,
+                old_alive,
+                alive,
+                ..
+            } = &mut c.state
+                && *old == conn
+                && *s == seq
+            {
+                *old_alive = true;
+                if *alive {
+                    both.push(*id);
+                }
+            }
+        }
+        both.sort();
+        for id in both {
+            self.refuse_claimant(id, now);
         }
     }
 
-    /// Probes whose wait is over without a Pong: the old trunk's process
-    /// is gone, the claimant is its restart. The old trunk goes
-    /// (`Replaced`), which resumes the claimants.
+    /// The probing connection `conn` answered its own Ping: its process
+    /// is alive. If the old trunk answered too, refuse it.
+    fn claimant_answered(&mut self, conn: ConnId, now: Time) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let ConnState::Probing {
+            old_alive, alive, ..
+        } = &mut c.state
+        else {
+            return;
+        };
+        *alive = true;
+        if *old_alive {
+            self.refuse_claimant(conn, now);
+        }
+    }
+
+    /// Two live processes claim one id: refuse the later one (`conn`),
+    /// loudly (event, counter); the live trunk stays.
+    fn refuse_claimant(&mut self, conn: ConnId, now: Time) {
+        let Some(ConnState::Probing { node, old, .. }) = self.conns.get(&conn).map(|c| c.state)
+        else {
+            return;
+        };
+        self.metrics.node_id_conflicts += 1;
+        self.events.push_back(Event::Refused {
+            conn,
+            node,
+            why: Refusal::NodeIdInUse { live: old },
+        });
+        self.drop_conn(
+            conn,
+            Some(CloseCode::NodeIdInUse),
+            CloseCode::NodeIdInUse,
+            now,
+        );
+    }
+
+    /// Probes whose wait is over. The old trunk never answered: its
+    /// process is gone, the claimant is its restart; the old trunk goes
+    /// (`Replaced`), which resumes the claimants. The old trunk answered
+    /// but the claimant did not: the claimant's Hello came from a process
+    /// that is gone (it was late): closed quietly.
     pub(super) fn probe_timers(&mut self, now: Time) {
-        let mut expired: Vec<ConnId> = self
-            .conns
-            .values()
-            .filter_map(|c| match c.state {
-                ConnState::Probing { old, until, .. } if until <= now => Some(old),
-                _ => None,
-            })
-            .collect();
-        expired.sort();
-        expired.dedup();
-        for old in expired {
+        let mut replaced: Vec<ConnId> = Vec::new();
+        let mut stale: Vec<ConnId> = Vec::new();
+        for (id, c) in &self.conns {
+            if let ConnState::Probing {
+                old,
+                until,
+                old_alive,
+                ..
+            } = c.state
+                && until <= now
+            {
+                if old_alive {
+                    stale.push(*id);
+                } else {
+                    replaced.push(old);
+                }
+            }
+        }
+        stale.sort();
+        for conn in stale {
+            self.drop_conn(conn, Some(CloseCode::Timeout), CloseCode::Timeout, now);
+        }
+        replaced.sort();
+        replaced.dedup();
+        for old in replaced {
             if self.conns.contains_key(&old) {
                 self.drop_conn(old, Some(CloseCode::Replaced), CloseCode::Replaced, now);
             } else {
