@@ -100,7 +100,7 @@ stop() { # <pid> <name>: SIGTERM; a non-zero exit is reported, not fatal
 run_one() {
   local label="$1" out="$2"; shift 2
   LOGDIR="$(mktemp -d /tmp/measure-trunk.XXXXXX)"
-  export SWITCHBOARD_CLUSTER_SECRET="measure-trunk secret $$ $RANDOM"
+  export SWITCHBOARD_CLUSTER_SECRET="$("$SWITCHBOARD_BIN" secret)"
   start_node "$LOGDIR/a.log" --node-id 1
   local a_pid="$NODE_PID" a_url="$NODE_URL" a_trunk="$NODE_TRUNK" peer proxy_pid=""
   if [ "$DIRECT" = 1 ]; then

@@ -96,7 +96,7 @@ SB_URL="$NODE_URL" node --test --test-concurrency=1 tests/phone.test.mjs
 stop_node "$NODE_PID"
 
 # Three clustered nodes on loopback: B dials A's trunk, C dials A's and B's.
-export SWITCHBOARD_CLUSTER_SECRET="e2e cluster secret $$ $RANDOM"
+export SWITCHBOARD_CLUSTER_SECRET="$("$SWITCHBOARD_BIN" secret)"
 start_node artifacts/switchboard-a.log env -- --node-id 1 --trunk-port 0
 A_PID="$NODE_PID"; A_URL="$NODE_URL"
 A_TRUNK="$(grep -o 'trunk=[0-9.:]*' artifacts/switchboard-a.log | head -1 | cut -d= -f2)"

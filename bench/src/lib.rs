@@ -14,7 +14,7 @@ use anyhow::Context;
 pub mod tls;
 
 /// The cluster secret of bench clusters (passed by environment, not flag).
-pub const BENCH_SECRET: &str = "switchboard bench cluster secret";
+pub const BENCH_SECRET: &str = "Switchboard-Bench_Cluster-4Tn8Rv1Y";
 
 /// A `switchboard` process on free ports. Its stdout (the log) and stderr
 /// (panic messages) are drained by two threads, which count what matters

@@ -1,6 +1,7 @@
 //! Control-stream frames: the decoder, and a node (with rooms open) fed the
-//! input as a frame stream before and after a valid Hello. Must never panic
-//! and must keep its structural invariants.
+//! input as a frame stream before and after a valid Hello, and on a
+//! connection held by a node-id probe. Must never panic and must keep its
+//! structural invariants.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -65,11 +66,25 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(frame) = wire::encode_frame(&hello) {
         node.handle_frame(ConnId(2), &frame[wire::LEN_PREFIX..], Time(t));
     }
+    // A third connection claims node 2 with another incarnation: it is
+    // held while node 1 probes connection 2 (restart or a second process?);
+    // a Pong in the input refuses it, the probe's end lets it in.
+    node.handle_connected(ConnId(3), None, Time(t));
+    let claim = Message::Hello {
+        node_id: NodeId(2),
+        incarnation: Incarnation(6),
+        version: PROTOCOL_VERSION,
+        cluster: "sim".into(),
+    };
+    if let Ok(frame) = wire::encode_frame(&claim) {
+        node.handle_frame(ConnId(3), &frame[wire::LEN_PREFIX..], Time(t));
+    }
     while let Ok(Some((body, used))) = wire::split_frame(buf) {
         t += 1000;
-        // To both connections: whichever is alive processes it.
+        // To every connection: whichever is alive processes it.
         node.handle_frame(conn, body, Time(t));
         node.handle_frame(ConnId(2), body, Time(t));
+        node.handle_frame(ConnId(3), body, Time(t));
         node.handle_timeout(Time(t));
         buf = &buf[used..];
     }

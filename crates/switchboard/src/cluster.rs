@@ -58,6 +58,9 @@ pub(crate) struct Cluster {
     refused: Arc<std::sync::atomic::AtomicU64>,
     /// `--peer-dns`: the task resolving the names, if any.
     discovery: Option<Discovery>,
+    /// Set (with the reason) when a peer refused this node because another
+    /// live node already uses its id: the binary exits on it.
+    id_in_use: tokio::sync::watch::Receiver<Option<String>>,
 }
 
 /// Local media packets waiting between the rooms' link tasks and the
@@ -75,16 +78,31 @@ impl Cluster {
             &config.trunk_key,
             &config.cluster_secret,
         ) {
+            // The operator's CA binds each node's id into its certificate:
+            // without --node-id, the certificate's id is this node's.
             (Some(ca), Some(cert), Some(key), _) => {
-                Identity::from_pem_files(ca, cert, key).context("trunk certificate files")?
+                let identity =
+                    Identity::from_pem_files(ca, cert, key).context("trunk certificate files")?;
+                let node_id = match (config.node_id, identity.node_id()) {
+                    (Some(id), _) => id,
+                    (None, Some(certified)) => certified.0,
+                    (None, None) => rand::random(),
+                };
+                identity
+                    .check_node_id(NodeId(node_id))
+                    .context("trunk certificate files")?;
+                (identity, node_id)
             }
             (None, None, None, Some(secret)) => {
-                Identity::from_secret(&secret.0).context("cluster secret")?
+                let node_id = config.node_id.unwrap_or_else(rand::random);
+                let identity = Identity::from_secret(&secret.0, NodeId(node_id))
+                    .context("--cluster-secret (SWITCHBOARD_CLUSTER_SECRET)")?;
+                (identity, node_id)
             }
             (None, None, None, None) => return Ok(None),
             _ => anyhow::bail!("--trunk-ca, --trunk-cert and --trunk-key go together"),
         };
-        let node_id = config.node_id.unwrap_or_else(rand::random);
+        let (identity, node_id) = identity;
         let (trunk, events) = Trunk::start(TrunkConfig {
             proto: proto::Config::new(NodeId(node_id), config.cluster_name.clone()),
             identity,
@@ -115,6 +133,7 @@ impl Cluster {
         let rooms = sfu.watch_rooms().context("watching rooms")?;
         let drops = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (id_in_use_tx, id_in_use) = tokio::sync::watch::channel(None);
         let (media_tx, media_rx) = mpsc::channel(LINK_MEDIA_QUEUE);
         let adapter = Adapter {
             sfu,
@@ -125,6 +144,8 @@ impl Cluster {
             link_media: (media_tx, media_rx),
             drops: drops.clone(),
             refused: refused.clone(),
+            id_in_use: id_in_use_tx,
+            node_id,
             max_participants: config.max_participants_per_room,
             max_tracks: config.max_tracks_per_participant,
         };
@@ -136,7 +157,19 @@ impl Cluster {
             drops,
             refused,
             discovery,
+            id_in_use,
         }))
+    }
+
+    /// Resolves (with the reason) once a peer refused this node because
+    /// another live node already uses its node id.
+    pub(crate) async fn id_in_use(&self) -> String {
+        let mut rx = self.id_in_use.clone();
+        match rx.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            // The adapter stopped (shutdown): never.
+            Err(_) => std::future::pending().await,
+        }
     }
 
     pub(crate) fn trunk_addr(&self) -> std::net::SocketAddr {
@@ -243,6 +276,9 @@ struct Adapter {
     drops: Arc<std::sync::atomic::AtomicU64>,
     /// Peer announcements refused (see `RoomState::owners`).
     refused: Arc<std::sync::atomic::AtomicU64>,
+    /// Set when a peer refused us for our node id (another live node has it).
+    id_in_use: tokio::sync::watch::Sender<Option<String>>,
+    node_id: u64,
     /// Most participants one peer may announce in one room.
     max_participants: usize,
     /// Most tracks a peer may announce for one of its participants.
@@ -699,14 +735,22 @@ impl Adapter {
                     Err(e) => debug!(error = %e, "unreadable data from a peer"),
                 }
             }
-            Event::LinkDown { node, .. } => {
+            Event::LinkDown { node, reason } => {
                 // The core removes the node's participants first; nothing
                 // of it may outlive the link either way.
                 for state in self.rooms.values_mut() {
                     state.owners.retain(|_, n| *n != node);
                 }
+                if reason == proto::CloseCode::NodeIdInUse {
+                    let _ = self.id_in_use.send(Some(format!(
+                        "node id {} is already used by another live node: peer node {} \
+                         refused this one (the later). Give every node its own --node-id",
+                        self.node_id, node.0
+                    )));
+                }
             }
-            Event::LinkUp { .. } | Event::Redial { .. } | Event::Dial { .. } => {}
+            // The driver logged it (with the addresses); the core counted it.
+            Event::LinkUp { .. } | Event::Redial { .. } | Event::Dial { .. } | Event::Refused { .. } => {}
         }
     }
 

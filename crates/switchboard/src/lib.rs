@@ -88,6 +88,15 @@ pub fn startup_warnings(config: &Config) -> Vec<String> {
             config.bind
         ));
     }
+    if let Some(me) = config.node_id {
+        for p in config.peers.iter().filter(|p| p.node_id == me) {
+            out.push(format!(
+                "--peer {me}@{} names this node's own id {me}: it is not dialed. If another node \
+                 listens there, the two share one id; give every node its own --node-id",
+                p.addr
+            ));
+        }
+    }
     out
 }
 
@@ -328,6 +337,18 @@ impl Node {
         }
     }
 
+    /// Resolves (with the reason) if a peer refused this node because
+    /// another live node already uses its node id (DESIGN: two nodes with
+    /// one id are refused loudly, never replace each other). The binary
+    /// logs it, stops gracefully and exits non-zero: a configuration error
+    /// that no restart fixes. Never resolves without a cluster.
+    pub async fn node_id_in_use(&self) -> String {
+        match &self.state.cluster {
+            Some(c) => c.id_in_use().await,
+            None => std::future::pending().await,
+        }
+    }
+
     /// Graceful stop: `/readyz` turns 503, every participant gets
     /// `error shutting_down` and its socket is closed, the media plane stops,
     /// and HTTP stops once the sockets are gone (or after [`DRAIN_LIMIT`]).
@@ -416,5 +437,26 @@ mod tests {
             ..lonely
         };
         assert!(startup_warnings(&clustered).is_empty());
+    }
+
+    #[test]
+    fn a_peer_named_with_our_own_id_is_warned_about() {
+        let quiet = Config {
+            auth_secret: Some(config::Secret("x".repeat(32))),
+            node_id: Some(1),
+            peers: vec!["2@127.0.0.1:3002".parse().unwrap()],
+            ..Config::default()
+        };
+        assert!(startup_warnings(&quiet).is_empty());
+        let same = Config {
+            peers: vec!["1@127.0.0.1:3002".parse().unwrap()],
+            ..quiet
+        };
+        let w = startup_warnings(&same);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("own id 1") && w[0].contains("--node-id"),
+            "{w:?}"
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! `switchboard`: run one node. `cargo run --release` serves
 //! http://127.0.0.1:3000 with no other setup. `switchboard token …` mints
-//! a room access token instead.
+//! a room access token instead, `switchboard secret` prints a fresh secret.
 
 use anyhow::Context;
 use switchboard::auth::{self, Claims, Grants};
@@ -65,8 +65,14 @@ fn mint_token(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::from_env()?;
-    if let Some(Command::Token(args)) = &cli.command {
-        return mint_token(cli.config.auth_secret.as_ref(), args);
+    match &cli.command {
+        Some(Command::Token(args)) => return mint_token(cli.config.auth_secret.as_ref(), args),
+        // One line, alone on stdout, for `$(switchboard secret)`.
+        Some(Command::Secret) => {
+            println!("{}", trunk::quic::generate_secret());
+            return Ok(());
+        }
+        None => {}
     }
     let config = cli.config;
     init_logging(config.log_format)?;
@@ -103,6 +109,11 @@ async fn main() -> anyhow::Result<()> {
                 Ok(false) => tracing::info!("SIGHUP: TLS certificate unchanged (or no TLS); nothing reloaded"),
                 Err(e) => tracing::error!(error = %e, "SIGHUP: TLS certificate not reloaded; still serving the previous one"),
             },
+            reason = node.node_id_in_use() => {
+                tracing::error!("{reason}; shutting down");
+                node.shutdown().await;
+                anyhow::bail!("{reason}");
+            }
             _ = node.media_failed() => {
                 tracing::error!("the media worker stopped unexpectedly; shutting down to be restarted");
                 node.shutdown().await;

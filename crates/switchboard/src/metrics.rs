@@ -451,6 +451,21 @@ pub(crate) fn render(
                 tm.protocol_errors,
             ),
             (
+                "switchboard_trunk_incarnation_probes",
+                "Peers seen with a new incarnation while their trunk was live (old trunk probed: restart or duplicate id?)",
+                tm.incarnation_probes,
+            ),
+            (
+                "switchboard_trunk_node_id_conflicts",
+                "Trunk connections refused because a second live node claimed a node id (a peer's or ours)",
+                tm.node_id_conflicts,
+            ),
+            (
+                "switchboard_trunk_identity_refused",
+                "Trunk connections refused because the Hello named another node id than the certificate",
+                tm.identity_refused,
+            ),
+            (
                 "switchboard_trunk_link_ups",
                 "Trunk links that came up",
                 tm.link_ups,

@@ -228,3 +228,170 @@ fn a_dead_media_worker_makes_the_process_exit_non_zero() {
         "exit code {code:?}; output {lines:#?}"
     );
 }
+
+/// `switchboard <args>` to completion, with only `env` set.
+fn run_once(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SWITCHBOARD_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("runs")
+}
+
+#[test]
+fn switchboard_secret_prints_a_fresh_secret_a_node_accepts() {
+    let one = run_once(&["secret"], &[]);
+    let two = run_once(&["secret"], &[]);
+    assert!(one.status.success() && two.status.success());
+    let one = String::from_utf8(one.stdout).unwrap();
+    let two = String::from_utf8(two.stdout).unwrap();
+    assert_eq!(one.lines().count(), 1, "one line: {one:?}");
+    let secret = one.trim_end();
+    assert_eq!(secret.len(), 43, "{secret:?}");
+    assert_ne!(secret, two.trim_end(), "fresh each time");
+    let mut node = Running::start(
+        &["--http-port", "0", "--media-port", "0", "--trunk-port", "0"],
+        &[("SWITCHBOARD_CLUSTER_SECRET", secret)],
+    );
+    node.http_addr();
+    node.signal("-TERM");
+    assert_eq!(node.exit_code(), Some(0));
+}
+
+#[test]
+fn a_weak_cluster_secret_is_refused_with_a_clear_message() {
+    for weak in [
+        "a long shared secret",
+        "short",
+        "0123456789abcdef0123456789abcdef",
+    ] {
+        let out = run_once(
+            &["--http-port", "0", "--media-port", "0", "--trunk-port", "0"],
+            &[("SWITCHBOARD_CLUSTER_SECRET", weak)],
+        );
+        assert!(!out.status.success(), "{weak:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("SWITCHBOARD_CLUSTER_SECRET")
+                && err.contains("too weak")
+                && err.contains("128 random bits")
+                && err.contains("switchboard secret"),
+            "{weak:?}: {err}"
+        );
+    }
+}
+
+/// `/api/status` of a node, as JSON.
+fn status(addr: &str) -> serde_json::Value {
+    let (s, body) = get(addr, "/api/status");
+    assert_eq!(s, 200);
+    serde_json::from_str(&body).expect("status is JSON")
+}
+
+/// Waits until `/api/status` satisfies `want`.
+fn wait_status(addr: &str, what: &str, want: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let v = status(addr);
+        if want(&v) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {v:#}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn two_nodes_started_with_the_same_id_are_refused_with_a_clear_message() {
+    let secret = String::from_utf8(run_once(&["secret"], &[]).stdout).unwrap();
+    let env = [("SWITCHBOARD_CLUSTER_SECRET", secret.trim_end())];
+    let ports = ["--http-port", "0", "--media-port", "0", "--trunk-port", "0"];
+    let args = |extra: &[&str]| -> Vec<String> {
+        ports
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+    };
+    let start = |a: Vec<String>| {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        Running::start(&a, &env)
+    };
+    let b = start(args(&["--node-id", "2"]));
+    let (b_http, _) = b.http_addr();
+    let b_trunk = status(&b_http)["node"]["trunk"]
+        .as_str()
+        .expect("B's trunk address")
+        .to_string();
+    let peer = format!("2@{b_trunk}");
+    let a1 = start(args(&["--node-id", "1", "--peer", &peer]));
+    let (a1_http, _) = a1.http_addr();
+    let linked = |v: &serde_json::Value| {
+        v["trunks"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|p| p["node_id"] == 1 && p["up"] == true))
+    };
+    wait_status(&b_http, "B links with A1", linked);
+
+    // A second process with id 1: refused by B, it says why and exits
+    // non-zero; A1 keeps its trunk.
+    let mut a2 = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(args(&["--node-id", "1", "--peer", &peer]))
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runs");
+    let deadline = Instant::now() + WAIT;
+    let code = loop {
+        if let Some(status) = a2.try_wait().unwrap() {
+            break status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = a2.kill();
+            let _ = a2.wait();
+            panic!("the second node 1 kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_ne!(code, Some(0));
+    let mut err = String::new();
+    a2.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(
+        err.contains("node id 1 is already used by another live node") && err.contains("--node-id"),
+        "{err}"
+    );
+    // B said it loudly, naming both addresses.
+    let line = b.wait_line(|l| l.contains("two live nodes claim node id 1"));
+    let line = line.last().unwrap();
+    assert!(
+        line.contains("keeps its trunk")
+            && line.contains("is refused")
+            && line.matches("127.0.0.1:").count() >= 2,
+        "both addresses named: {line}"
+    );
+    let v = status(&b_http);
+    assert!(linked(&v), "A1 lost its trunk: {v:#}");
+    let v = status(&a1_http);
+    assert!(
+        v["trunks"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|p| p["node_id"] == 2 && p["up"] == true)),
+        "A1 lost its trunk: {v:#}"
+    );
+    let (_, metrics) = get(&b_http, "/metrics");
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("switchboard_trunk_node_id_conflicts_total ") && !l.ends_with(" 0")
+        ),
+        "{metrics}"
+    );
+    drop(a1);
+}

@@ -10,7 +10,7 @@ use common::{
 use signal::Kind;
 use switchboard::config::{Peer, Secret};
 use switchboard::{Config, Node};
-const SECRET: &str = "cluster tests share this secret";
+const SECRET: &str = "Cluster-Tests_Share-This_5ecret-7Qz";
 
 async fn node(id: u64, secret: &str, peers: &[&Node]) -> Node {
     start(Config {
@@ -188,7 +188,7 @@ async fn a_node_going_away_takes_its_participants_along() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_secret_keeps_rooms_apart() {
     let a = node(1, SECRET, &[]).await;
-    let b = node(2, "some other cluster's secret", &[&a]).await;
+    let b = node(2, &trunk::quic::generate_secret(), &[&a]).await;
     let ann = join(&a, "apart", "Ann").await;
     let mut ben = join(&b, "apart", "Ben").await;
     ben.publish_av();
@@ -290,7 +290,7 @@ async fn a_node_cannot_speak_for_another_nodes_participants() {
 
     let (c, mut events) = Trunk::start(TrunkConfig {
         proto: proto::Config::new(NodeId(3), "switchboard"),
-        identity: Identity::from_secret(SECRET).unwrap(),
+        identity: Identity::from_secret(SECRET, NodeId(3)).unwrap(),
         bind: "127.0.0.1:0".parse().unwrap(),
         peers: vec![(NodeId(1), a.trunk_addr().unwrap())],
         congestion: Default::default(),

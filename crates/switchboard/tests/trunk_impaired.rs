@@ -20,7 +20,7 @@ use switchboard::config::{Peer, Secret};
 use switchboard::{Config, Node};
 use testkit::{Client, MediaKind, State};
 
-const SECRET: &str = "impaired trunk tests share this secret";
+const SECRET: &str = "Impaired-Trunk_Tests-Share_9Kd2Wq";
 
 async fn node(id: u64, peer: Option<std::net::SocketAddr>) -> Node {
     start(Config {

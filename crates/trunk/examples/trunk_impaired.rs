@@ -26,7 +26,7 @@ use trunk::proto::{
 };
 use trunk::quic::{Congestion, Identity, Trunk, TrunkConfig, TrunkEvent, TrunkEvents, Tuning};
 
-const SECRET: &str = "impaired trunk measurement secret";
+const SECRET: &str = "Impaired-Trunk_Measurement-2Xq7Vz9K";
 const VIDEO: TrackId = TrackId(1);
 const AUDIO: TrackId = TrackId(2);
 
@@ -119,7 +119,7 @@ async fn main() {
     let start = |id, peers| {
         Trunk::start(TrunkConfig {
             proto: Config::new(NodeId(id), "bench"),
-            identity: Identity::from_secret(SECRET).unwrap(),
+            identity: Identity::from_secret(SECRET, NodeId(id)).unwrap(),
             bind: "127.0.0.1:0".parse().unwrap(),
             peers,
             congestion: args.congestion,

@@ -15,7 +15,7 @@ use trunk::proto::{
 };
 use trunk::quic::{Identity, Trunk, TrunkConfig, TrunkEvent, TrunkEvents};
 
-const SECRET: &str = "throughput measurement secret";
+const SECRET: &str = "Throughput_Measurement-8Rw3Jb5N_k";
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -25,7 +25,7 @@ async fn main() {
     let start = |id, peers| {
         Trunk::start(TrunkConfig {
             proto: Config::new(NodeId(id), "bench"),
-            identity: Identity::from_secret(SECRET).unwrap(),
+            identity: Identity::from_secret(SECRET, NodeId(id)).unwrap(),
             bind: "127.0.0.1:0".parse().unwrap(),
             peers,
             congestion: Default::default(),

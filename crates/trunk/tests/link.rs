@@ -7,7 +7,8 @@ use std::time::Duration;
 use trunk::proto::wire::{self, Message};
 use trunk::proto::{
     CloseCode, CodecParams, Config, ConnId, Event, Layer, Node, NodeId, ParticipantId,
-    ParticipantInfo, RoomName, Time, TrackId, TrackInfo, TrackKind, TrackSource, Transmit, WireId,
+    ParticipantInfo, Refusal, RoomName, Time, TrackId, TrackInfo, TrackKind, TrackSource, Transmit,
+    WireId,
 };
 
 /// Nodes plus connections delivered instantly, in order, by [`Net::run`].
@@ -209,7 +210,7 @@ fn garbage_or_early_frames_close_the_trunk() {
 }
 
 #[test]
-fn new_incarnation_replaces_the_link_at_once() {
+fn new_incarnation_replaces_the_link_once_the_old_trunk_is_silent() {
     let mut net = Net::new(vec![cfg(1), cfg(2)]);
     populate(&mut net, 0);
     populate(&mut net, 1);
@@ -220,24 +221,30 @@ fn new_incarnation_replaces_the_link_at_once() {
             .iter()
             .any(|e| matches!(e, Event::RemoteTrackAdded { .. }))
     );
-    // Node 2 crashes silently and comes back with a new incarnation.
+    // Node 2 crashes silently and comes back with a new incarnation (and
+    // its room): what node 1 sends on the old trunk now reaches nobody.
     net.nodes[1] = Node::new(cfg(2), 999);
+    populate(&mut net, 1);
     net.events[0].clear();
     net.conns.push((ConnId(2), 1, 0));
     net.nodes[1].handle_connected(ConnId(2), Some(NodeId(1)), net.now);
     net.nodes[0].handle_connected(ConnId(2), None, net.now);
-    net.collect();
-    // Deliver only node 2's Hello to node 1: the old link must go right away.
-    let (j, conn, bytes) = net
-        .queue
-        .iter()
-        .find(|(j, c, _)| *j == 0 && *c == ConnId(2))
-        .cloned()
-        .expect("hello queued");
-    net.queue.clear();
-    let bytes = bytes.expect("frame");
-    net.nodes[j].handle_frame(conn, &bytes[wire::LEN_PREFIX..], net.now);
-    net.collect();
+    net.run();
+    // Restart or a second process with id 2? Node 1 asked the old trunk
+    // (a Ping) and holds the new one, and what came on it, meanwhile.
+    assert!(net.events[0].is_empty(), "{:?}", net.events[0]);
+    assert_eq!(
+        net.nodes[0].snapshot().peers[&NodeId(2)].incarnation,
+        Some(Node::new(cfg(2), 101).incarnation()),
+        "the old incarnation is still the peer's"
+    );
+    // No Pong: the old process is gone. The new trunk replaces it at the
+    // end of the wait (a fraction of a heartbeat).
+    let wait = net.nodes[0].poll_timeout().expect("probe timer");
+    assert!(wait <= Time(250_000), "{wait:?}");
+    net.now = wait;
+    net.nodes[0].handle_timeout(wait);
+    net.run();
     let ev = &net.events[0];
     let down = ev.iter().position(|e| {
         matches!(
@@ -252,16 +259,177 @@ fn new_incarnation_replaces_the_link_at_once() {
         .iter()
         .position(|e| matches!(e, Event::RemoteTrackRemoved { .. }));
     let upi = ev.iter().position(|e| matches!(e, Event::LinkUp { .. }));
+    let added = ev
+        .iter()
+        .rposition(|e| matches!(e, Event::RemoteTrackAdded { .. }));
     assert!(
-        removed.is_some() && down.is_some() && upi.is_some(),
+        removed.is_some() && down.is_some() && upi.is_some() && added.is_some(),
         "{ev:?}"
     );
-    assert!(removed < upi && down < upi);
+    assert!(removed < upi && down < upi && upi < added, "{ev:?}");
     assert!(net.closes[0].contains(&(ConnId(1), CloseCode::Replaced)));
     assert_eq!(
         net.nodes[0].snapshot().peers[&NodeId(2)].incarnation,
         Some(net.nodes[1].incarnation())
     );
+    assert_eq!(net.nodes[0].metrics().node_id_conflicts, 0);
+    // The new incarnation's room (held during the probe) linked up.
+    assert!(up(&net, 1, 0) && up(&net, 0, 1));
+}
+
+#[test]
+fn a_second_live_process_with_a_node_id_is_refused_not_replacing() {
+    // Nodes 2 and 2' were both started with id 2 (other seeds, so other
+    // incarnations).
+    let mut net = Net::new(vec![cfg(1), cfg(2), cfg(2)]);
+    populate(&mut net, 0);
+    populate(&mut net, 1);
+    populate(&mut net, 2);
+    net.dial(1, 0, 1);
+    net.run();
+    let first = net.nodes[1].incarnation();
+    net.events[0].clear();
+    net.dial(2, 0, 2);
+    net.run();
+    // The old trunk answered the probe: 2' is refused, 2 keeps its link.
+    assert!(
+        net.events[0].contains(&Event::Refused {
+            conn: ConnId(2),
+            node: NodeId(2),
+            why: Refusal::NodeIdInUse { live: ConnId(1) },
+        }),
+        "{:?}",
+        net.events[0]
+    );
+    assert!(
+        !net.events[0].iter().any(|e| matches!(
+            e,
+            Event::LinkDown { .. } | Event::LinkUp { .. } | Event::RemoteTrackAdded { .. }
+        )),
+        "nothing learned from the refused one, nothing lost: {:?}",
+        net.events[0]
+    );
+    assert!(net.closes[0].contains(&(ConnId(2), CloseCode::NodeIdInUse)));
+    assert_eq!(net.nodes[0].metrics().node_id_conflicts, 1);
+    assert_eq!(
+        net.nodes[0].snapshot().peers[&NodeId(2)].incarnation,
+        Some(first)
+    );
+    assert!(up(&net, 0, 1) && up(&net, 1, 0));
+    // The refused process hears why.
+    assert!(
+        net.events[2].contains(&Event::LinkDown {
+            node: NodeId(1),
+            reason: CloseCode::NodeIdInUse
+        }),
+        "{:?}",
+        net.events[2]
+    );
+    // Later, long after: still refused while the first one lives.
+    net.now = Time(5_000_000);
+    net.dial(2, 0, 3);
+    net.run();
+    assert!(net.closes[0].contains(&(ConnId(3), CloseCode::NodeIdInUse)));
+    assert_eq!(net.nodes[0].metrics().node_id_conflicts, 2);
+}
+
+#[test]
+fn a_late_hello_from_a_process_already_gone_is_closed_quietly() {
+    // Node 2' said Hello with id 2 and died before node 1 read it (a late
+    // Hello): node 2 answers the probe, 2' cannot. Not a conflict.
+    let mut net = Net::new(vec![cfg(1), cfg(2), cfg(2)]);
+    net.dial(1, 0, 1);
+    net.run();
+    let first = net.nodes[1].incarnation();
+    net.conns.push((ConnId(2), 2, 0));
+    net.nodes[2].handle_connected(ConnId(2), Some(NodeId(1)), net.now);
+    net.nodes[0].handle_connected(ConnId(2), None, net.now);
+    net.collect();
+    net.nodes[2] = Node::new(cfg(3), 5); // 2' is gone; nothing answers on conn 2
+    net.events[0].clear();
+    net.run();
+    let wait = net.nodes[0].poll_timeout().expect("probe timer");
+    net.now = wait;
+    net.nodes[0].handle_timeout(wait);
+    net.run();
+    assert!(net.closes[0].contains(&(ConnId(2), CloseCode::Timeout)));
+    assert!(
+        !net.events[0]
+            .iter()
+            .any(|e| matches!(e, Event::Refused { .. } | Event::LinkDown { .. })),
+        "{:?}",
+        net.events[0]
+    );
+    assert_eq!(net.nodes[0].metrics().node_id_conflicts, 0);
+    assert_eq!(
+        net.nodes[0].snapshot().peers[&NodeId(2)].incarnation,
+        Some(first)
+    );
+    assert!(up(&net, 0, 1));
+}
+
+#[test]
+fn a_node_refuses_a_peer_with_its_own_id() {
+    let mut net = Net::new(vec![cfg(1), cfg(1)]);
+    net.dial(0, 1, 1);
+    net.run();
+    for i in 0..2 {
+        assert!(
+            net.events[i].contains(&Event::Refused {
+                conn: ConnId(1),
+                node: NodeId(1),
+                why: Refusal::OurNodeId,
+            }),
+            "{:?}",
+            net.events[i]
+        );
+        assert!(net.closes[i].contains(&(ConnId(1), CloseCode::NodeIdInUse)));
+        assert_eq!(net.nodes[i].metrics().node_id_conflicts, 1);
+    }
+    // Dialing ourselves (our own address listed as a peer) is no conflict.
+    let mut net = Net::new(vec![cfg(1)]);
+    net.nodes[0].handle_connected(ConnId(7), Some(NodeId(1)), Time(0));
+    net.nodes[0].handle_connected(ConnId(8), None, Time(0));
+    let hello = net.nodes[0].poll_transmit();
+    let Some(Transmit::Frame { bytes, .. }) = hello else {
+        panic!("hello expected, got {hello:?}");
+    };
+    net.nodes[0].handle_frame(ConnId(8), &bytes[wire::LEN_PREFIX..], Time(0));
+    net.collect();
+    assert!(net.closes[0].contains(&(ConnId(8), CloseCode::WrongCluster)));
+    assert_eq!(net.nodes[0].metrics().node_id_conflicts, 0);
+    assert!(
+        !net.events[0]
+            .iter()
+            .any(|e| matches!(e, Event::Refused { .. }))
+    );
+}
+
+#[test]
+fn a_hello_must_name_the_certified_node_id() {
+    for (certified, ok) in [
+        (Some(NodeId(2)), true),
+        (Some(NodeId(3)), false),
+        (None, false),
+    ] {
+        let mut net = Net::new(vec![cfg(1), cfg(2)]);
+        net.conns.push((ConnId(1), 1, 0));
+        net.nodes[1].handle_connected(ConnId(1), Some(NodeId(1)), net.now);
+        net.nodes[0].handle_connected(ConnId(1), None, net.now);
+        net.nodes[0].handle_certified(ConnId(1), certified);
+        net.run();
+        assert_eq!(up(&net, 0, 1), ok, "{certified:?}");
+        assert_eq!(up(&net, 1, 0), ok, "the peer learns at once");
+        if !ok {
+            assert!(net.closes[0].contains(&(ConnId(1), CloseCode::NotCertified)));
+            assert_eq!(net.nodes[0].metrics().identity_refused, 1);
+            assert!(net.events[0].contains(&Event::Refused {
+                conn: ConnId(1),
+                node: NodeId(2),
+                why: Refusal::NotCertified { certified },
+            }));
+        }
+    }
 }
 
 #[test]

@@ -13,7 +13,7 @@ use trunk::proto::{
 use trunk::quic::{Identity, Trunk, TrunkConfig, TrunkEvent, TrunkEvents};
 
 const T: Duration = Duration::from_secs(20);
-const SECRET: &str = "a test cluster secret of some length";
+const SECRET: &str = "tQ4v9Zk2-Lr7_Xw1Np5Bs8Hd3Fm6Yc0J";
 
 fn start(id: u64, secret: &str, peers: Vec<(u64, SocketAddr)>) -> (Trunk, TrunkEvents) {
     let _ = tracing_subscriber::fmt()
@@ -22,7 +22,7 @@ fn start(id: u64, secret: &str, peers: Vec<(u64, SocketAddr)>) -> (Trunk, TrunkE
         .try_init();
     Trunk::start(TrunkConfig {
         proto: Config::new(NodeId(id), "test"),
-        identity: Identity::from_secret(secret).unwrap(),
+        identity: Identity::from_secret(secret, NodeId(id)).unwrap(),
         bind: "127.0.0.1:0".parse().unwrap(),
         peers: peers.into_iter().map(|(n, a)| (NodeId(n), a)).collect(),
         congestion: Default::default(),
@@ -193,7 +193,7 @@ async fn a_node_with_another_secret_never_links_and_garbage_does_not_hurt() {
     }
     let (mallory, mut mrx) = start(
         3,
-        "not the cluster secret at all",
+        &trunk::quic::generate_secret(),
         vec![(2, b.local_addr())],
     );
     // A good node still links while Mallory keeps failing.
@@ -372,12 +372,23 @@ async fn three_nodes_each_learn_a_track_once() {
     }
 }
 
-/// PEM files for a node: `dir/{ca,cert,key}.pem`, signed by `ca`.
-fn write_node_pems(dir: &std::path::Path, ca: &rcgen::Issuer<'_, rcgen::KeyPair>, ca_pem: &str) {
-    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair};
+/// PEM files for a node: `dir/{ca,cert,key}.pem`, signed by `ca`, naming
+/// node `id` (URI SAN `switchboard-node:<id>`) unless `None`.
+fn write_node_pems(
+    dir: &std::path::Path,
+    ca: &rcgen::Issuer<'_, rcgen::KeyPair>,
+    ca_pem: &str,
+    id: Option<u64>,
+) {
+    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair, SanType};
     std::fs::create_dir_all(dir).unwrap();
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(vec!["switchboard-trunk".to_owned()]).unwrap();
+    if let Some(id) = id {
+        params.subject_alt_names.push(SanType::URI(
+            format!("switchboard-node:{id}").try_into().unwrap(),
+        ));
+    }
     params.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
@@ -426,9 +437,9 @@ async fn operator_pem_files_link_nodes_of_one_ca_only() {
     let base = std::env::temp_dir().join(format!("trunk-pem-{}", std::process::id()));
     let (ca, ca_pem) = new_ca("ops CA");
     let (other, other_pem) = new_ca("someone else's CA");
-    write_node_pems(&base.join("a"), &ca, &ca_pem);
-    write_node_pems(&base.join("b"), &ca, &ca_pem);
-    write_node_pems(&base.join("m"), &other, &other_pem);
+    write_node_pems(&base.join("a"), &ca, &ca_pem, Some(1));
+    write_node_pems(&base.join("b"), &ca, &ca_pem, Some(2));
+    write_node_pems(&base.join("m"), &other, &other_pem, Some(3));
 
     let (b, mut brx) = start_with_files(2, &base.join("b"), vec![]);
     let (m, _mrx) = start_with_files(3, &base.join("m"), vec![(2, b.local_addr())]);
@@ -469,4 +480,170 @@ async fn operator_pem_files_link_nodes_of_one_ca_only() {
         t.shutdown().await;
     }
     let _ = std::fs::remove_dir_all(&base);
+}
+
+/// A member of the cluster (a certificate from the operator's CA for node
+/// `cert_id`) that dials `addr` and says Hello as node `claim`, bypassing
+/// `Trunk::start`'s own check: how the connection ends (its close code).
+async fn pose_as(identity: &Identity, addr: SocketAddr, claim: u64) -> Option<u32> {
+    use quinn::crypto::rustls::QuicClientConfig;
+    use trunk::proto::wire::{self, Message};
+    let client = QuicClientConfig::try_from(identity.client_config().unwrap()).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(client)));
+    let conn = endpoint
+        .connect(addr, "switchboard-trunk")
+        .unwrap()
+        .await
+        .expect("the CA's certificate is accepted");
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let hello = Message::Hello {
+        node_id: NodeId(claim),
+        incarnation: trunk::proto::Incarnation(77),
+        version: trunk::proto::PROTOCOL_VERSION,
+        cluster: "test".into(),
+    };
+    send.write_all(&wire::encode_frame(&hello).unwrap())
+        .await
+        .unwrap();
+    let closed = tokio::time::timeout(T, conn.closed())
+        .await
+        .expect("closed");
+    endpoint.close(0u32.into(), b"");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            u32::try_from(c.error_code.into_inner()).ok()
+        }
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_pem_files_a_certificate_binds_the_node_id() {
+    let base = std::env::temp_dir().join(format!("trunk-pem-id-{}", std::process::id()));
+    let (ca, ca_pem) = new_ca("ops CA");
+    write_node_pems(&base.join("a"), &ca, &ca_pem, Some(1));
+    write_node_pems(&base.join("b"), &ca, &ca_pem, Some(2));
+    write_node_pems(&base.join("m"), &ca, &ca_pem, Some(3));
+    write_node_pems(&base.join("anon"), &ca, &ca_pem, None);
+    let files = |d: &str| {
+        (
+            base.join(d).join("ca.pem"),
+            base.join(d).join("cert.pem"),
+            base.join(d).join("key.pem"),
+        )
+    };
+
+    // At start: a node's own certificate must name its id.
+    let (c, k, key) = files("b");
+    let b_identity = Identity::from_pem_files(&c, &k, &key).unwrap();
+    assert_eq!(b_identity.node_id(), Some(NodeId(2)));
+    let err = Trunk::start(TrunkConfig {
+        proto: Config::new(NodeId(3), "test"),
+        identity: b_identity,
+        bind: "127.0.0.1:0".parse().unwrap(),
+        peers: vec![],
+        congestion: Default::default(),
+        tuning: Default::default(),
+    })
+    .err()
+    .expect("node 3 with node 2's certificate is refused");
+    assert!(
+        err.to_string()
+            .contains("names node 2, but this node's id is 3"),
+        "{err}"
+    );
+    let (c, k, key) = files("anon");
+    let err = Identity::from_pem_files(&c, &k, &key).unwrap_err();
+    assert!(
+        err.to_string().contains("names no node id")
+            && err.to_string().contains("switchboard-node:<id>"),
+        "{err}"
+    );
+
+    // On the trunk: M (a member, node 3) says Hello as node 1 — refused,
+    // counted, and the real node 1 still links.
+    let (b, mut brx) = start_with_files(2, &base.join("b"), vec![]);
+    let (c, k, key) = files("m");
+    let m = Identity::from_pem_files(&c, &k, &key).unwrap();
+    let code = pose_as(&m, b.local_addr(), 1).await;
+    assert_eq!(code, Some(CloseCode::NotCertified.code()));
+    expect(&mut brx, "B refuses M posing as node 1", |e| {
+        matches!(
+            e,
+            TrunkEvent::Proto(Event::Refused {
+                node: NodeId(1),
+                why: trunk::proto::Refusal::NotCertified {
+                    certified: Some(NodeId(3))
+                },
+                ..
+            })
+        )
+    })
+    .await;
+    assert_eq!(b.status().await.unwrap().node.peers.len(), 0);
+    assert_eq!(b.status().await.unwrap().metrics.identity_refused, 1);
+    let (a, mut arx) = start_with_files(1, &base.join("a"), vec![(2, b.local_addr())]);
+    expect(&mut arx, "A links with B", link_up(2)).await;
+    expect(&mut brx, "B links with the real node 1", link_up(1)).await;
+    assert_eq!(b.status().await.unwrap().metrics.identity_refused, 1);
+    for t in [a, b] {
+        t.shutdown().await;
+    }
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_live_nodes_with_one_id_are_refused_not_replacing_each_other() {
+    let (b, mut brx) = start(2, SECRET, vec![]);
+    let (a1, mut a1rx) = start(1, SECRET, vec![(2, b.local_addr())]);
+    expect(&mut a1rx, "A1 links with B", link_up(2)).await;
+    expect(&mut brx, "B links with A1", link_up(1)).await;
+    let first = b.status().await.unwrap().node.peers[&NodeId(1)].incarnation;
+    // A second process started with id 1: B refuses it, A1 keeps its link.
+    let (a2, mut a2rx) = start(1, SECRET, vec![(2, b.local_addr())]);
+    expect(&mut a2rx, "A2 hears it is refused", |e| {
+        matches!(
+            e,
+            TrunkEvent::Proto(Event::LinkDown {
+                node: NodeId(2),
+                reason: CloseCode::NodeIdInUse
+            })
+        )
+    })
+    .await;
+    expect(&mut brx, "B refuses A2", |e| match e {
+        TrunkEvent::Proto(Event::LinkDown { node, reason }) => {
+            panic!("B lost node {node:?} ({reason:?}) to a duplicate id")
+        }
+        TrunkEvent::Proto(Event::Refused { node, why, .. }) => {
+            *node == NodeId(1) && matches!(why, trunk::proto::Refusal::NodeIdInUse { .. })
+        }
+        _ => false,
+    })
+    .await;
+    let status = b.status().await.unwrap();
+    assert_eq!(status.node.peers[&NodeId(1)].incarnation, first);
+    assert!(status.metrics.node_id_conflicts >= 1);
+    assert!(b.call(|n, _| n.is_link_up(NodeId(1))).await.unwrap());
+    // A node reaching a node with its own id (listed under another id, as
+    // a node never dials its own): both refuse.
+    let (b2, mut b2rx) = start(2, SECRET, vec![(3, b.local_addr())]);
+    for (name, rx) in [("B", &mut brx), ("B2", &mut b2rx)] {
+        expect(rx, name, |e| {
+            matches!(
+                e,
+                TrunkEvent::Proto(Event::Refused {
+                    node: NodeId(2),
+                    why: trunk::proto::Refusal::OurNodeId,
+                    ..
+                })
+            )
+        })
+        .await;
+    }
+    assert!(b.call(|n, _| n.is_link_up(NodeId(1))).await.unwrap());
+    for t in [a1, a2, b, b2] {
+        t.shutdown().await;
+    }
 }

@@ -62,6 +62,8 @@ fn close_code() -> impl Strategy<Value = CloseCode> {
         Just(CloseCode::ProtocolError),
         Just(CloseCode::Version),
         Just(CloseCode::WrongCluster),
+        Just(CloseCode::NodeIdInUse),
+        Just(CloseCode::NotCertified),
     ]
 }
 

@@ -225,6 +225,9 @@ pub enum Command {
     /// Mint a room access token with the --auth-secret (or
     /// SWITCHBOARD_AUTH_SECRET) and print it.
     Token(TokenArgs),
+    /// Print a fresh random secret (256 bits, 43 characters), for
+    /// --cluster-secret (and long enough for --auth-secret).
+    Secret,
 }
 
 /// `switchboard token`: what the token admits to.
@@ -391,14 +394,18 @@ pub struct Config {
     /// Log output format (the filter is SWITCHBOARD_LOG, RUST_LOG syntax).
     #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
-    /// Shared secret of the cluster (≥ 16 bytes). Set it to join rooms with
-    /// other nodes over trunks; unset, the node runs alone. Prefer the env
+    /// Shared secret of the cluster: at least 128 random bits in base64 or
+    /// hex (`switchboard secret` prints one; a weak one is refused). Set it
+    /// to join rooms with other nodes over trunks; unset, the node runs
+    /// alone. Every holder is equally trusted (can pose as any node): use
+    /// --trunk-ca/--trunk-cert/--trunk-key to bind node ids. Prefer the env
     /// variable or the file: a flag shows in `ps`.
     #[arg(long, env = "SWITCHBOARD_CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<Secret>,
     /// This node's id in the cluster (peers name it in their --peer; with
-    /// --peer-dns they learn it from the trunk Hello); random if unset.
-    /// Unique per node.
+    /// --peer-dns they learn it from the trunk Hello); each node needs its
+    /// own (a second live node with an id is refused and exits). Unset: the
+    /// id in --trunk-cert, else random.
     #[arg(long, env = "SWITCHBOARD_NODE_ID")]
     pub node_id: Option<u64>,
     /// Cluster name: nodes of another cluster are refused even with the secret.
@@ -439,8 +446,9 @@ pub struct Config {
     /// certificate chains to (with --trunk-cert and --trunk-key).
     #[arg(long, env = "SWITCHBOARD_TRUNK_CA", requires_all = ["trunk_cert", "trunk_key"])]
     pub trunk_ca: Option<PathBuf>,
-    /// This node's certificate chain (PEM; DNS name `switchboard-trunk`,
-    /// server and client auth).
+    /// This node's certificate chain (PEM; DNS name `switchboard-trunk`, URI
+    /// `switchboard-node:<node id>`, server and client auth). A peer whose
+    /// Hello names another id than its certificate is refused.
     #[arg(long, env = "SWITCHBOARD_TRUNK_CERT", requires_all = ["trunk_ca", "trunk_key"])]
     pub trunk_cert: Option<PathBuf>,
     /// This node's private key (PEM).

@@ -56,6 +56,14 @@ impl Heartbeat {
         self.rtt
     }
 
+    /// A Ping out of schedule (a liveness probe): its sequence number. Its
+    /// Pong also gives an RTT sample unless a scheduled Ping follows first.
+    pub fn probe(&mut self, now: Time) -> u64 {
+        self.seq = self.seq.wrapping_add(1);
+        self.outstanding = Some((self.seq, now));
+        self.seq
+    }
+
     /// When this connection is declared dead if nothing arrives.
     pub fn deadline(&self) -> Time {
         self.last_rx + self.dead_after

@@ -6,6 +6,7 @@ use super::node::PeerMediaStats;
 use super::repair::ClockOffset;
 use super::time::Time;
 use super::types::{ConnId, Generation, Incarnation, NodeId, RoomName, WireId};
+use super::wire::Message;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -15,6 +16,27 @@ use std::time::Duration;
 pub(crate) enum ConnState {
     /// Connected; waiting for the peer's Hello (our Hello is sent).
     Handshaking,
+    /// The peer's Hello names `node` with a new `incarnation` while `node`
+    /// has a live trunk (`old`): a restart, a second process with that id,
+    /// or a stale Hello from a process already gone? We sent a Ping on
+    /// `old` (`seq`) and one on this connection (`own_seq`), and hold what
+    /// this connection sends meanwhile (`Conn::held`).
+    /// - both answer ⇒ two live processes claim the id: this one (the
+    ///   later) is refused, `NodeIdInUse`;
+    /// - `old` ends, or is silent by `until` ⇒ the peer restarted: this
+    ///   connection replaces `old`;
+    /// - only `old` answers by `until` ⇒ this connection's process is gone
+    ///   (its Hello came late): closed quietly.
+    Probing {
+        node: NodeId,
+        incarnation: Incarnation,
+        old: ConnId,
+        seq: u64,
+        own_seq: u64,
+        until: Time,
+        old_alive: bool,
+        alive: bool,
+    },
     /// Hello exchanged; the peer's one live trunk.
     Active(NodeId),
 }
@@ -40,6 +62,14 @@ pub(crate) struct Conn {
     /// given: it follows the datagram path, unlike Ping/Pong on the stream,
     /// which head-of-line blocking inflates exactly when the path is lossy.
     pub path_rtt: Option<std::time::Duration>,
+    /// The node id the connection's certificate names, when the driver
+    /// checks certificates (operator CA files): `Some(None)` if it names
+    /// none. `None`: not checked (shared secret: any holder mints any).
+    pub certified: Option<Option<NodeId>>,
+    /// Messages received while `Probing`, delivered in order if the
+    /// connection becomes active (bounded by `held_bytes`).
+    pub held: Vec<Message>,
+    pub held_bytes: usize,
 }
 
 /// Redial state of a peer we were configured to dial.

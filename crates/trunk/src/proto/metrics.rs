@@ -29,6 +29,15 @@ pub struct Metrics {
     /// Discovered addresses that turned out to be this node (our own Hello
     /// came back); they are not dialed again while listed.
     pub self_dials: u64,
+    /// Hellos with a new incarnation while that node's trunk was live: the
+    /// old trunk was probed (a restart, or a second process with the id?).
+    pub incarnation_probes: u64,
+    /// Connections refused because a second live process claimed a node
+    /// id: a peer's id whose live trunk answered the probe, or our own.
+    pub node_id_conflicts: u64,
+    /// Connections refused because the Hello's node id is not the one the
+    /// certificate names (operator CA files).
+    pub identity_refused: u64,
     /// Keyframe requests merged by rate limiting.
     pub keyframes_coalesced: u64,
     /// Media repair, summed over peers (per peer: `PeerMediaStats`).

@@ -24,7 +24,7 @@ pub use metrics::Metrics;
 pub use node::PlantedBugs;
 pub use node::{
     Config, DatagramOut, DialAddrSnapshot, Event, MediaTargets, Node, NodeSnapshot, PeerMediaStats,
-    PeerSnapshot, RemoteDatagram, Transmit,
+    PeerSnapshot, Refusal, RemoteDatagram, Transmit,
 };
 pub use ratelimit::RateLimiter;
 pub use repair::RepairConfig;

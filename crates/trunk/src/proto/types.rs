@@ -161,8 +161,15 @@ pub enum CloseCode {
     ProtocolError,
     /// Hello with another protocol version.
     Version,
-    /// Hello from another cluster (or claiming our own NodeId).
+    /// Hello from another cluster (or from ourselves: a self-dial).
     WrongCluster,
+    /// A second live process claims this node id: the node already has a
+    /// live trunk that answered a probe (or the Hello names the receiver's
+    /// own id with another incarnation). Sent to the later one.
+    NodeIdInUse,
+    /// The Hello names a node id the connection's certificate does not
+    /// (operator CA files: each node's certificate binds its id).
+    NotCertified,
 }
 
 impl CloseCode {
@@ -176,6 +183,8 @@ impl CloseCode {
             CloseCode::ProtocolError => 4,
             CloseCode::Version => 5,
             CloseCode::WrongCluster => 6,
+            CloseCode::NodeIdInUse => 7,
+            CloseCode::NotCertified => 8,
         }
     }
 }

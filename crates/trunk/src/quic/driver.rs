@@ -18,12 +18,13 @@ use bytes::Bytes;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
-use super::identity::{Identity, IdentityError, SERVER_NAME};
+use super::identity::{Identity, IdentityError, SERVER_NAME, cert_node_id};
 use crate::proto::wire::FrameBuffer;
 use crate::proto::{
-    CloseCode, ConnId, Event, Layer, Node, NodeId, NodeSnapshot, Time, TrackId, Transmit, WireId,
+    CloseCode, ConnId, Event, Layer, Node, NodeId, NodeSnapshot, Refusal, Time, TrackId, Transmit,
+    WireId,
 };
 
 /// How long a dial may take before it counts as failed (the core then
@@ -233,6 +234,7 @@ enum Write {
 
 struct ConnHandle {
     conn: Connection,
+    remote: SocketAddr,
     writer: mpsc::Sender<Write>,
     gate: VideoGate,
 }
@@ -266,6 +268,8 @@ impl Trunk {
     /// the peers' control frames, which QUIC flow control paces), media
     /// events bounded, dropped and counted when the user falls behind.
     pub fn start(config: TrunkConfig) -> Result<(Trunk, TrunkEvents), TrunkError> {
+        // Operator files: this node's certificate must name its id.
+        config.identity.check_node_id(config.proto.node_id)?;
         let mut transport = quinn::TransportConfig::default();
         match config.congestion {
             Congestion::Cubic => {}
@@ -344,6 +348,8 @@ impl Trunk {
             drops: drops.clone(),
             starved: HashSet::new(),
             send_buffer: config.tuning.datagram_send_buffer,
+            binds_node_id: config.identity.binds_node_id(),
+            closed: HashMap::new(),
         };
         info!(node = config.proto.node_id.0, addr = %local_addr, "trunk listening");
         let task = tokio::spawn(core.run(rx, mrx, drx));
@@ -540,6 +546,12 @@ struct Core {
     /// quinn's datagram send buffer size (see `VideoGate`: video never
     /// fills more than half of it; the rest is kept for audio).
     send_buffer: usize,
+    /// Certificates bind node ids (operator files): each connection's
+    /// certified id goes to the core, which checks the Hello against it.
+    binds_node_id: bool,
+    /// Addresses of connections closed in this `pump`, for the log lines
+    /// of the events that follow their close.
+    closed: HashMap<ConnId, SocketAddr>,
 }
 
 impl Core {
@@ -609,7 +621,8 @@ impl Core {
             } => {
                 let id = ConnId(self.next_conn);
                 self.next_conn += 1;
-                debug!(conn = id.0, remote = %conn.remote_address(), ?dialed, "trunk connection up");
+                let remote = conn.remote_address();
+                debug!(conn = id.0, %remote, ?dialed, "trunk connection up");
                 let (wtx, wrx) = mpsc::channel(WRITER_QUEUE);
                 self.writers.retain(|w| !w.is_finished());
                 self.writers
@@ -625,7 +638,8 @@ impl Core {
                 self.conns.insert(
                     id,
                     ConnHandle {
-                        conn,
+                        conn: conn.clone(),
+                        remote,
                         writer: wtx,
                         gate: VideoGate::new(Instant::now()),
                     },
@@ -634,6 +648,13 @@ impl Core {
                     None => self.node.handle_connected(id, None, now),
                     Some(Target::Node(node)) => self.node.handle_connected(id, Some(node), now),
                     Some(Target::Addr(addr)) => self.node.handle_connected_addr(id, addr, now),
+                }
+                if self.binds_node_id {
+                    let certified = peer_node_id(&conn);
+                    if let Err(e) = &certified {
+                        warn!(%remote, error = %e, "trunk peer's certificate names no usable node id");
+                    }
+                    self.node.handle_certified(id, certified.ok().flatten());
                 }
             }
             Input::DialFailed(Target::Node(node)) => self.node.handle_dial_failed(node, now),
@@ -837,6 +858,7 @@ impl Core {
                     if let Some(h) = self.conns.remove(&conn) {
                         debug!(conn = conn.0, ?code, "closing trunk connection");
                         close_conn(&h, code);
+                        self.closed.insert(conn, h.remote);
                     }
                 }
             }
@@ -848,16 +870,78 @@ impl Core {
                 e => {
                     match &e {
                         Event::LinkUp { node, .. } => info!(peer = node.0, "trunk link up"),
+                        Event::LinkDown {
+                            node,
+                            reason: CloseCode::NodeIdInUse,
+                        } => error!(
+                            peer = node.0,
+                            me = self.node.node_id().0,
+                            "trunk peer {} refused this node: another live node already uses \
+                             node id {} (every node needs its own --node-id)",
+                            node.0,
+                            self.node.node_id().0
+                        ),
+                        Event::LinkDown {
+                            node,
+                            reason: CloseCode::NotCertified,
+                        } => error!(
+                            peer = node.0,
+                            "trunk peer {} refused this node: our certificate does not name node id {}",
+                            node.0,
+                            self.node.node_id().0
+                        ),
                         Event::LinkDown { node, reason } => {
                             info!(peer = node.0, ?reason, "trunk link down")
                         }
+                        Event::Refused { conn, node, why } => self.log_refusal(*conn, *node, *why),
                         _ => {}
                     }
                     let _ = self.events.send(TrunkEvent::Proto(e));
                 }
             }
         }
+        self.closed.clear();
         self.send_datagrams();
+    }
+
+    /// Say loudly who was refused, with both addresses where two claim one id.
+    fn log_refusal(&self, conn: ConnId, node: NodeId, why: Refusal) {
+        let addr = |c: ConnId| {
+            self.closed
+                .get(&c)
+                .or_else(|| self.conns.get(&c).map(|h| &h.remote))
+                .map_or_else(|| "?".to_owned(), |a| a.to_string())
+        };
+        let refused = addr(conn);
+        match why {
+            Refusal::NodeIdInUse { live } => error!(
+                node = node.0,
+                live = %addr(live),
+                refused = %refused,
+                "two live nodes claim node id {}: the one at {} was there first and keeps its \
+                 trunk; the one at {} is refused. Give every node its own --node-id",
+                node.0,
+                addr(live),
+                refused
+            ),
+            Refusal::OurNodeId => error!(
+                node = node.0,
+                peer = %refused,
+                "the node at {} claims this node's own id {}: refused. Give every node its own \
+                 --node-id",
+                refused,
+                node.0
+            ),
+            Refusal::NotCertified { certified } => warn!(
+                claimed = node.0,
+                certified = ?certified.map(|n| n.0),
+                peer = %refused,
+                "trunk peer at {} says it is node {} but its certificate names {}: refused",
+                refused,
+                node.0,
+                certified.map_or_else(|| "no node id".to_owned(), |n| format!("node {}", n.0))
+            ),
+        }
     }
 
     fn dial(&mut self, target: Target) {
@@ -934,6 +1018,17 @@ impl Core {
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.endpoint.wait_idle()).await;
         info!("trunk stopped");
     }
+}
+
+/// The node id the peer's certificate names (`Ok(None)`: none).
+fn peer_node_id(conn: &Connection) -> Result<Option<NodeId>, String> {
+    let certs = conn
+        .peer_identity()
+        .ok_or("no peer certificate")?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .map_err(|_| "unexpected peer identity type")?;
+    let leaf = certs.first().ok_or("empty peer certificate chain")?;
+    cert_node_id(leaf)
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -12,4 +12,7 @@ pub use driver::{
     Congestion, DriverMetrics, PathStatus, Trunk, TrunkConfig, TrunkError, TrunkEvent, TrunkEvents,
     TrunkStatus, Tuning,
 };
-pub use identity::{ALPN, Identity, IdentityError};
+pub use identity::{
+    ALPN, Identity, IdentityError, MIN_SECRET_BITS, NODE_URI_PREFIX, cert_node_id, check_secret,
+    generate_secret, node_uri,
+};

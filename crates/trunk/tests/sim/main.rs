@@ -113,8 +113,8 @@ const MISSES: u32 = 3;
 const SETTLE: Duration = Duration::from_secs(16);
 
 /// Totals over a run, printed so a reader can see the schedules did work.
-static STATS: [AtomicU64; 20] = [const { AtomicU64::new(0) }; 20];
-const STAT_NAMES: [&str; 20] = [
+static STATS: [AtomicU64; 21] = [const { AtomicU64::new(0) }; 21];
+const STAT_NAMES: [&str; 21] = [
     "remote tracks checked at settle",
     "stale drops",
     "link ups",
@@ -135,6 +135,7 @@ const STAT_NAMES: [&str; 20] = [
     "stale frames replayed",
     "datagrams for once-valid remote wire ids injected",
     "data frames forged (a sender not announced there)",
+    "new incarnations met while the old trunk lived (both probed)",
 ];
 /// Lowest repaired share (‰) of a quiet phase with enough losses.
 static WORST_REPAIR: AtomicU64 = AtomicU64::new(u64::MAX);
@@ -306,6 +307,7 @@ impl Sim {
         let m = self.nodes[i].node.metrics();
         stat(1, m.stale_drops);
         stat(2, m.link_ups);
+        stat(20, m.incarnation_probes);
         stat(4, m.frames_in);
     }
 

@@ -131,6 +131,12 @@ impl Sim {
                 self.dial(i, target, None);
             }
             Event::LinkUp { .. } => {}
+            // Every simulated process has its own id, and restarts leave
+            // their old trunks dead: nothing may be refused for its id.
+            Event::Refused { conn, node, why } => self.fail(format!(
+                "node {}: refused {conn:?} claiming {node:?} ({why:?}) among distinct ids",
+                i + 1
+            )),
             Event::LinkDown { node, .. } => {
                 let n = &self.nodes[i];
                 if n.remote_tracks.keys().any(|k| k.1 == node)

@@ -7,7 +7,7 @@
 //! discovered addresses, whose node ids come with the Hello, is in
 //! `discover.rs`.
 
-use super::{Event, KfKey, Node, Transmit, send};
+use super::{Event, KfKey, Node, Refusal, Transmit, send};
 use crate::proto::error::DecodeError;
 use crate::proto::heartbeat::Heartbeat;
 use crate::proto::link::{Conn, ConnState, DialState, Dialed, Peer, backoff};
@@ -15,6 +15,25 @@ use crate::proto::time::Time;
 use crate::proto::types::{CloseCode, ConnId, Incarnation, NodeId, RoomName};
 use crate::proto::wire::{self, Message, PROTOCOL_VERSION};
 use std::time::Duration;
+
+/// Shortest wait for the old trunk's answer when a node id shows up with a
+/// new incarnation (restart, or a second process with that id?).
+const PROBE_MIN: Duration = Duration::from_millis(100);
+/// The wait when the old trunk has no RTT sample yet.
+const PROBE_DEFAULT: Duration = Duration::from_millis(250);
+/// Most bytes of frames held from a connection while its probe runs (a
+/// restarted peer's resync is its `Open`s: ~10,000 rooms fit); past it the
+/// connection is cut as a protocol error.
+const MAX_HELD_BYTES: usize = 2 << 20;
+
+/// How long to wait for the old trunk's Pong: four of its RTTs, at least
+/// `PROBE_MIN`, at most one heartbeat (a dead trunk is no later noticed
+/// than by the heartbeat anyway).
+fn probe_wait(rtt: Option<Duration>, heartbeat: Duration) -> Duration {
+    rtt.map_or(PROBE_DEFAULT, |r| r.saturating_mul(4))
+        .min(heartbeat)
+        .max(PROBE_MIN)
+}
 
 impl Node {
     /// Smoothed-enough RTT of the trunk to `node` (last Ping/Pong).
@@ -92,6 +111,9 @@ impl Node {
                 heartbeat: Heartbeat::new(self.config.heartbeat, self.config.misses, now),
                 serial: self.next_serial,
                 path_rtt: None,
+                certified: None,
+                held: Vec::new(),
+                held_bytes: 0,
             },
         );
         let hello = Message::Hello {
@@ -101,6 +123,17 @@ impl Node {
             cluster: self.config.cluster.clone(),
         };
         send(&mut self.out, &mut self.metrics, conn, &hello);
+    }
+
+    /// The connection's certificate names `node` (`None`: no node id).
+    /// The driver calls it right after [`Self::handle_connected`] when
+    /// certificates bind node ids (operator CA files): the peer's Hello
+    /// must then name that id, or the connection is refused
+    /// ([`CloseCode::NotCertified`], [`Refusal::NotCertified`]).
+    pub fn handle_certified(&mut self, conn: ConnId, node: Option<NodeId>) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            c.certified = Some(node);
+        }
     }
 
     /// A dial requested by [`Event::Redial`] failed.
@@ -150,22 +183,47 @@ impl Node {
                     cluster,
                 },
             ) => self.on_hello(conn, node_id, incarnation, version, &cluster, now),
-            (ConnState::Handshaking, _) | (ConnState::Active(_), Message::Hello { .. }) => {
+            (ConnState::Handshaking, _)
+            | (ConnState::Active(_) | ConnState::Probing { .. }, Message::Hello { .. }) => {
                 self.protocol_error(conn, &DecodeError::Malformed("unexpected".into()), now)
             }
+            (ConnState::Probing { own_seq, .. }, Message::Pong { seq }) if seq == own_seq => {
+                self.claimant_answered(conn, now)
+            }
+            (ConnState::Probing { .. }, msg) => self.hold(conn, msg, body.len(), now),
             (ConnState::Active(node), msg) => self.on_message(conn, node, msg, now),
         }
+    }
+
+    /// Keep a message of a connection whose probe runs, for when it
+    /// becomes active (bounded).
+    fn hold(&mut self, conn: ConnId, msg: Message, len: usize, now: Time) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        c.held_bytes += len;
+        if c.held_bytes > MAX_HELD_BYTES {
+            self.protocol_error(
+                conn,
+                &DecodeError::Malformed("too much before link up".into()),
+                now,
+            );
+            return;
+        }
+        c.held.push(msg);
     }
 
     /// Say Goodbye on every trunk and stop: no more dialing or accepting.
     pub fn shutdown(&mut self, now: Time) {
         self.timers_changed();
+        // First: no probe waiting on a trunk closed here may bring its
+        // connection up.
+        self.shut_down = true;
         let mut conns: Vec<ConnId> = self.conns.keys().copied().collect();
         conns.sort();
         for conn in conns {
             self.drop_conn(conn, Some(CloseCode::Shutdown), CloseCode::Shutdown, now);
         }
-        self.shut_down = true;
         for p in self.peers.values_mut() {
             p.dial = DialState::Idle;
         }
@@ -213,7 +271,7 @@ impl Node {
                 self.ensure_redial(node, now);
                 self.redial_addrs_of(node, now);
             }
-            ConnState::Handshaking => match c.dialed {
+            ConnState::Handshaking | ConnState::Probing { .. } => match c.dialed {
                 Some(Dialed::Node(node)) => self.ensure_redial(node, now),
                 // A duplicate loser reached a live node: no failure.
                 Some(Dialed::Addr(addr)) if reason == CloseCode::Duplicate => {
@@ -223,6 +281,9 @@ impl Node {
                 None => {}
             },
         }
+        // A connection probing this one as the old trunk: it is gone, so
+        // the claimant restarted that node.
+        self.resume_probes(conn, now);
         self.forget_unlisted_addrs();
     }
 
@@ -298,7 +359,7 @@ impl Node {
             self.reached_self(conn, now);
             return;
         }
-        if cluster != self.config.cluster || node == self.config.node_id {
+        if cluster != self.config.cluster {
             self.drop_conn(
                 conn,
                 Some(CloseCode::WrongCluster),
@@ -307,7 +368,49 @@ impl Node {
             );
             return;
         }
+        if let Some(certified) = self.conns.get(&conn).and_then(|c| c.certified)
+            && certified != Some(node)
+        {
+            // A member posing as another (or a certificate without an id).
+            self.metrics.identity_refused += 1;
+            self.events.push_back(Event::Refused {
+                conn,
+                node,
+                why: Refusal::NotCertified { certified },
+            });
+            self.drop_conn(
+                conn,
+                Some(CloseCode::NotCertified),
+                CloseCode::NotCertified,
+                now,
+            );
+            return;
+        }
+        if node == self.config.node_id {
+            // Our own incarnation was handled above (we reached ourselves):
+            // another live process holds our id. It answers on a connection
+            // made just now, so it is no ghost of ours.
+            self.metrics.node_id_conflicts += 1;
+            self.events.push_back(Event::Refused {
+                conn,
+                node,
+                why: Refusal::OurNodeId,
+            });
+            self.drop_conn(
+                conn,
+                Some(CloseCode::NodeIdInUse),
+                CloseCode::NodeIdInUse,
+                now,
+            );
+            return;
+        }
         self.learn_addr_node(conn, node);
+        self.admit(conn, node, incarnation, now);
+    }
+
+    /// A valid Hello from `node`: restart (after a probe), duplicate rule,
+    /// or link up.
+    fn admit(&mut self, conn: ConnId, node: NodeId, incarnation: Incarnation, now: Time) {
         let me = self.config.node_id;
         let preferred_dialer = me.min(node);
         let dialer_of = |c: &Conn| if c.dialed.is_some() { me } else { node };
@@ -319,7 +422,7 @@ impl Node {
         let peer = self.peers.entry(node).or_insert_with(|| Peer::new(false));
         if let Some(old) = peer.conn {
             if peer.incarnation != Some(incarnation) {
-                // The peer restarted: the old trunk and all it taught us go now.
+                // The peer restarted — or a second process claims its id.
                 #[cfg(feature = "planted-bugs")]
                 if self.config.bugs.keep_state_on_restart {
                     self.conns.remove(&old);
@@ -335,7 +438,8 @@ impl Node {
                     self.send_resync(node, conn);
                     return;
                 }
-                self.drop_conn(old, Some(CloseCode::Replaced), CloseCode::Replaced, now);
+                self.probe(conn, node, incarnation, old, now);
+                return;
             } else {
                 let old_pref = self
                     .conns
@@ -377,5 +481,232 @@ impl Node {
         }
         let _ = reconnect;
         self.send_resync(node, conn);
+    }
+
+    /// `node`'s live trunk `old` has another incarnation than the Hello on
+    /// `conn`. A restarted process has left `old` dead; a second process
+    /// with the same id leaves it alive. Ask `old` (one Ping, shared by
+    /// every claimant) and `conn` (a stale Hello from a process since gone
+    /// is no second process), and hold `conn` until they answer or the
+    /// wait ends.
+    fn probe(
+        &mut self,
+        conn: ConnId,
+        node: NodeId,
+        incarnation: Incarnation,
+        old: ConnId,
+        now: Time,
+    ) {
+        let running = self.conns.values().find_map(|c| match c.state {
+            ConnState::Probing {
+                old: o,
+                seq,
+                until,
+                old_alive,
+                ..
+            } if o == old => Some((seq, until, old_alive)),
+            _ => None,
+        });
+        let (seq, until, old_alive) = match running {
+            Some(p) => p,
+            None => {
+                let heartbeat = self.config.heartbeat;
+                let Some(o) = self.conns.get_mut(&old) else {
+                    return;
+                };
+                let wait = probe_wait(o.path_rtt.or_else(|| o.heartbeat.rtt()), heartbeat);
+                let seq = o.heartbeat.probe(now);
+                self.metrics.incarnation_probes += 1;
+                send(
+                    &mut self.out,
+                    &mut self.metrics,
+                    old,
+                    &Message::Ping { seq },
+                );
+                (seq, now + wait, false)
+            }
+        };
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let own_seq = c.heartbeat.probe(now);
+        c.state = ConnState::Probing {
+            node,
+            incarnation,
+            old,
+            seq,
+            own_seq,
+            until,
+            old_alive,
+            alive: false,
+        };
+        send(
+            &mut self.out,
+            &mut self.metrics,
+            conn,
+            &Message::Ping { seq: own_seq },
+        );
+    }
+
+    /// A Pong on `conn`: if it answers a probe, the process behind `conn`
+    /// is alive; every connection probing it whose own process answered
+    /// too claims its id a second time: refused, loudly.
+    pub(super) fn probe_answered(&mut self, conn: ConnId, seq: u64, now: Time) {
+        let mut both: Vec<ConnId> = Vec::new();
+        for (id, c) in self.conns.iter_mut() {
+            if let ConnState::Probing {
+                old,
+                seq: s,
+                old_alive,
+                alive,
+                ..
+            } = &mut c.state
+                && *old == conn
+                && *s == seq
+            {
+                *old_alive = true;
+                if *alive {
+                    both.push(*id);
+                }
+            }
+        }
+        both.sort();
+        for id in both {
+            self.refuse_claimant(id, now);
+        }
+    }
+
+    /// The probing connection `conn` answered its own Ping: its process
+    /// is alive. If the old trunk answered too, refuse it.
+    fn claimant_answered(&mut self, conn: ConnId, now: Time) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let ConnState::Probing {
+            old_alive, alive, ..
+        } = &mut c.state
+        else {
+            return;
+        };
+        *alive = true;
+        if *old_alive {
+            self.refuse_claimant(conn, now);
+        }
+    }
+
+    /// Two live processes claim one id: refuse the later one (`conn`),
+    /// loudly (event, counter); the live trunk stays.
+    fn refuse_claimant(&mut self, conn: ConnId, now: Time) {
+        let Some(ConnState::Probing { node, old, .. }) = self.conns.get(&conn).map(|c| c.state)
+        else {
+            return;
+        };
+        self.metrics.node_id_conflicts += 1;
+        self.events.push_back(Event::Refused {
+            conn,
+            node,
+            why: Refusal::NodeIdInUse { live: old },
+        });
+        self.drop_conn(
+            conn,
+            Some(CloseCode::NodeIdInUse),
+            CloseCode::NodeIdInUse,
+            now,
+        );
+    }
+
+    /// Probes whose wait is over. The old trunk never answered: its
+    /// process is gone, the claimant is its restart; the old trunk goes
+    /// (`Replaced`), which resumes the claimants. The old trunk answered
+    /// but the claimant did not: the claimant's Hello came from a process
+    /// that is gone (it was late): closed quietly.
+    pub(super) fn probe_timers(&mut self, now: Time) {
+        let mut replaced: Vec<ConnId> = Vec::new();
+        let mut stale: Vec<ConnId> = Vec::new();
+        for (id, c) in &self.conns {
+            if let ConnState::Probing {
+                old,
+                until,
+                old_alive,
+                ..
+            } = c.state
+                && until <= now
+            {
+                if old_alive {
+                    stale.push(*id);
+                } else {
+                    replaced.push(old);
+                }
+            }
+        }
+        stale.sort();
+        for conn in stale {
+            self.drop_conn(conn, Some(CloseCode::Timeout), CloseCode::Timeout, now);
+        }
+        replaced.sort();
+        replaced.dedup();
+        for old in replaced {
+            if self.conns.contains_key(&old) {
+                self.drop_conn(old, Some(CloseCode::Replaced), CloseCode::Replaced, now);
+            } else {
+                self.resume_probes(old, now);
+            }
+        }
+    }
+
+    /// `old` is gone: every connection that was probing it takes its Hello
+    /// up again (in arrival order) and, once active, gets what it held.
+    fn resume_probes(&mut self, old: ConnId, now: Time) {
+        if self.shut_down {
+            return;
+        }
+        let mut waiting: Vec<(u64, ConnId, NodeId, Incarnation)> = self
+            .conns
+            .iter()
+            .filter_map(|(id, c)| match c.state {
+                ConnState::Probing {
+                    node,
+                    incarnation,
+                    old: o,
+                    ..
+                } if o == old => Some((c.serial, *id, node, incarnation)),
+                _ => None,
+            })
+            .collect();
+        waiting.sort();
+        for (_, conn, node, incarnation) in waiting {
+            match self.conns.get_mut(&conn) {
+                Some(c) if matches!(c.state, ConnState::Probing { old: o, .. } if o == old) => {
+                    c.state = ConnState::Handshaking;
+                }
+                _ => continue,
+            }
+            self.admit(conn, node, incarnation, now);
+            self.release_held(conn, now);
+        }
+    }
+
+    /// Deliver what an active connection received while its probe ran.
+    fn release_held(&mut self, conn: ConnId, now: Time) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        // Still probing (another incarnation took the link first): keep.
+        let ConnState::Active(node) = c.state else {
+            return;
+        };
+        let held = std::mem::take(&mut c.held);
+        c.held_bytes = 0;
+        for msg in held {
+            // An earlier message may have closed the connection.
+            let active = self
+                .conns
+                .get(&conn)
+                .is_some_and(|c| c.state == ConnState::Active(node));
+            if !active {
+                return;
+            }
+            self.on_message(conn, node, msg, now);
+        }
     }
 }

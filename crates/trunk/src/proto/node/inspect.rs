@@ -343,6 +343,15 @@ impl Node {
                 _ => return Err(format!("peer {node:?}: active conn not active")),
             }
         }
+        for (id, c) in &self.conns {
+            if let ConnState::Probing { node, old, .. } = c.state
+                && self.peers.get(&node).and_then(|p| p.conn) != Some(old)
+            {
+                return Err(format!(
+                    "{id:?} probes {old:?}, not {node:?}'s active trunk"
+                ));
+            }
+        }
         Ok(())
     }
 }

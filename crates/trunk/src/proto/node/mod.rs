@@ -32,7 +32,7 @@ pub use config::Config;
 pub use config::PlantedBugs;
 pub use inspect::{DialAddrSnapshot, NodeSnapshot, PeerMediaStats, PeerSnapshot};
 pub use media::{DatagramOut, MediaTargets, RemoteDatagram};
-pub use outputs::{Event, Transmit};
+pub use outputs::{Event, Refusal, Transmit};
 
 use super::directory::{LocalRoom, TrackMedia};
 use super::link::{AddrTarget, Conn, Peer, SplitMix};

@@ -88,4 +88,27 @@ pub enum Event {
     Dial {
         addr: SocketAddr,
     },
+    /// A connection was refused for the node id its Hello claims (already
+    /// closed, counted). For the driver's log, which knows the addresses;
+    /// nothing for the SFU to do.
+    Refused {
+        conn: ConnId,
+        node: NodeId,
+        why: Refusal,
+    },
+}
+
+/// Why a connection claiming a node id was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `node` has a live trunk, `live`, which answered our probe: a second
+    /// process was started with the same id. The later one is refused
+    /// (`CloseCode::NodeIdInUse`); the live trunk stays.
+    NodeIdInUse { live: ConnId },
+    /// The Hello names our own node id with another incarnation: another
+    /// live process was started with our id (`CloseCode::NodeIdInUse`).
+    OurNodeId,
+    /// The certificate names `certified` (or no node id), not the Hello's
+    /// (`CloseCode::NotCertified`).
+    NotCertified { certified: Option<NodeId> },
 }

@@ -173,6 +173,7 @@ impl Node {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.heartbeat.on_pong(seq, now);
                 }
+                self.probe_answered(conn, seq, now);
             }
             Message::Open { room, generation } => {
                 let Some(peer) = self.peers.get_mut(&node) else {

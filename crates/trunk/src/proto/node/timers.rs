@@ -5,7 +5,7 @@
 
 use super::{DatagramOut, Event, KfKey, Node, send};
 use crate::proto::heartbeat::HeartbeatAction;
-use crate::proto::link::DialState;
+use crate::proto::link::{ConnState, DialState};
 use crate::proto::ratelimit::RateLimiter;
 use crate::proto::time::Time;
 use crate::proto::types::{CloseCode, Gens, NodeId, WireId};
@@ -39,6 +39,9 @@ impl Node {
         let mut min = |x: Time| t = Some(t.map_or(x, |y| y.min(x)));
         for c in self.conns.values() {
             min(c.heartbeat.poll_timeout());
+            if let ConnState::Probing { until, .. } = c.state {
+                min(until);
+            }
         }
         for p in self.peers.values() {
             if let DialState::Scheduled(at) = p.dial {
@@ -106,6 +109,7 @@ impl Node {
                 }
             }
         }
+        self.probe_timers(now);
         let due: Vec<NodeId> = self
             .peers
             .iter()
