@@ -750,7 +750,10 @@ impl Adapter {
                 }
             }
             // The driver logged it (with the addresses); the core counted it.
-            Event::LinkUp { .. } | Event::Redial { .. } | Event::Dial { .. } | Event::Refused { .. } => {}
+            Event::LinkUp { .. }
+            | Event::Redial { .. }
+            | Event::Dial { .. }
+            | Event::Refused { .. } => {}
         }
     }
 

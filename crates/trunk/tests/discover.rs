@@ -332,11 +332,15 @@ fn another_node_with_our_id_is_refused_not_taken_for_ourselves() {
     let t = snap.dial_addrs[&addr(1)];
     assert!(!t.is_self, "another incarnation is not us");
     assert_eq!(net.nodes[0].metrics().self_dials, 0);
+    // Refused as a second live process with our id (not as ourselves).
     assert!(
         net.closes[0]
             .iter()
-            .any(|(_, c)| *c == CloseCode::WrongCluster)
+            .any(|(_, c)| *c == CloseCode::NodeIdInUse),
+        "{:?}",
+        net.closes[0]
     );
+    assert!(net.nodes[0].metrics().node_id_conflicts >= 1);
     // It is tried again, with backoff.
     net.advance(secs(30));
     assert!(net.dials[0].len() >= 3, "{:?}", net.dials[0]);

@@ -394,9 +394,14 @@ fn a_node_refuses_a_peer_with_its_own_id() {
     let Some(Transmit::Frame { bytes, .. }) = hello else {
         panic!("hello expected, got {hello:?}");
     };
+    // Our own Hello (our incarnation) arrives at both ends: the accepting
+    // end leaves the closing to the dialing end, which closes it as a
+    // connection to ourselves (see discover.rs).
     net.nodes[0].handle_frame(ConnId(8), &bytes[wire::LEN_PREFIX..], Time(0));
+    net.nodes[0].handle_frame(ConnId(7), &bytes[wire::LEN_PREFIX..], Time(0));
     net.collect();
-    assert!(net.closes[0].contains(&(ConnId(8), CloseCode::WrongCluster)));
+    assert!(net.closes[0].contains(&(ConnId(7), CloseCode::WrongCluster)));
+    assert_eq!(net.nodes[0].metrics().self_dials, 1);
     assert_eq!(net.nodes[0].metrics().node_id_conflicts, 0);
     assert!(
         !net.events[0]
