@@ -8,6 +8,7 @@
 //! the core asks (`poll_transmit`, `poll_event`). Per connection, one task
 //! reads the control stream and datagrams, and one writes frames in order.
 
+use super::conn_io::{accept_loop, close_conn, peer_node_id, reader, sleep_until, writer};
 use super::gate::VideoGate;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -20,8 +21,7 @@ use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
-use super::identity::{Identity, IdentityError, SERVER_NAME, cert_node_id};
-use crate::proto::wire::FrameBuffer;
+use super::identity::{Identity, IdentityError, SERVER_NAME};
 use crate::proto::{
     CloseCode, ConnId, Event, Layer, Node, NodeId, NodeSnapshot, Refusal, Time, TrackId, Transmit,
     WireId,
@@ -29,7 +29,7 @@ use crate::proto::{
 
 /// How long a dial may take before it counts as failed (the core then
 /// schedules the next attempt with backoff).
-const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// QUIC keep-alive and idle timeout: the backstop under the core's own
 /// heartbeat (DESIGN measured 1 s / 3 s noticing a killed peer in 3.2–4 s).
 const KEEP_ALIVE: Duration = Duration::from_secs(1);
@@ -205,12 +205,12 @@ type Call = Box<dyn FnOnce(&mut Node, Time) + Send>;
 /// What a dial was for: a configured peer (`Event::Redial`) or a
 /// discovered address (`Event::Dial`).
 #[derive(Debug, Clone, Copy)]
-enum Target {
+pub(super) enum Target {
     Node(NodeId),
     Addr(SocketAddr),
 }
 
-enum Input {
+pub(super) enum Input {
     Connected {
         conn: Connection,
         send: SendStream,
@@ -227,16 +227,16 @@ enum Input {
     Shutdown(oneshot::Sender<()>),
 }
 
-enum Write {
+pub(super) enum Write {
     Frame(Vec<u8>),
     Close(CloseCode),
 }
 
-struct ConnHandle {
-    conn: Connection,
-    remote: SocketAddr,
-    writer: mpsc::Sender<Write>,
-    gate: VideoGate,
+pub(super) struct ConnHandle {
+    pub(super) conn: Connection,
+    pub(super) remote: SocketAddr,
+    pub(super) writer: mpsc::Sender<Write>,
+    pub(super) gate: VideoGate,
 }
 
 /// Media waiting for the core task: track, layer, RTP packet, and when it
@@ -245,9 +245,9 @@ type MediaIn = (TrackId, Layer, Bytes, Instant);
 
 /// Shared drop counters of the queues that never block.
 #[derive(Debug, Default)]
-struct QueueDrops {
-    media: std::sync::atomic::AtomicU64,
-    datagrams_in: std::sync::atomic::AtomicU64,
+pub(super) struct QueueDrops {
+    pub(super) media: std::sync::atomic::AtomicU64,
+    pub(super) datagrams_in: std::sync::atomic::AtomicU64,
 }
 
 /// A running trunk. Dropping it without [`Trunk::shutdown`] stops the
@@ -484,42 +484,6 @@ impl TrunkEvents {
             e = self.control.recv() => e,
             Some(m) = self.media.recv() => Some(m),
         }
-    }
-}
-
-async fn accept_loop(endpoint: Endpoint, tx: mpsc::Sender<Input>) {
-    while let Some(incoming) = endpoint.accept().await {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let conn = match incoming.await {
-                Ok(c) => c,
-                Err(e) => {
-                    debug!(error = %e, "trunk handshake failed");
-                    let _ = tx.send(Input::HandshakeFailed).await;
-                    return;
-                }
-            };
-            // The dialer opens the control stream and speaks first (Hello).
-            match tokio::time::timeout(DIAL_TIMEOUT, conn.accept_bi()).await {
-                Ok(Ok((send, recv))) => {
-                    let _ = tx
-                        .send(Input::Connected {
-                            conn,
-                            send,
-                            recv,
-                            dialed: None,
-                        })
-                        .await;
-                }
-                _ => {
-                    conn.close(
-                        VarInt::from_u32(CloseCode::ProtocolError.code()),
-                        b"no control stream",
-                    );
-                    let _ = tx.send(Input::HandshakeFailed).await;
-                }
-            }
-        });
     }
 }
 
@@ -1017,110 +981,5 @@ impl Core {
         );
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.endpoint.wait_idle()).await;
         info!("trunk stopped");
-    }
-}
-
-/// The node id the peer's certificate names (`Ok(None)`: none).
-fn peer_node_id(conn: &Connection) -> Result<Option<NodeId>, String> {
-    let certs = conn
-        .peer_identity()
-        .ok_or("no peer certificate")?
-        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-        .map_err(|_| "unexpected peer identity type")?;
-    let leaf = certs.first().ok_or("empty peer certificate chain")?;
-    cert_node_id(leaf)
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d.into()).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Ask a connection's writer to close it; if its queue is full (the peer
-/// stopped reading), close at once.
-fn close_conn(h: &ConnHandle, code: CloseCode) {
-    if h.writer.try_send(Write::Close(code)).is_err() {
-        h.conn.close(VarInt::from_u32(code.code()), b"");
-    }
-}
-
-/// Writes frames in order; on `Close`, finishes the stream and closes the
-/// connection with the code.
-async fn writer(conn: Connection, mut send: SendStream, mut rx: mpsc::Receiver<Write>) {
-    while let Some(w) = rx.recv().await {
-        match w {
-            Write::Frame(bytes) => {
-                if send.write_all(&bytes).await.is_err() {
-                    return;
-                }
-            }
-            Write::Close(code) => {
-                let _ = send.finish();
-                // Give the stream a moment to deliver the last frames
-                // (Goodbye) before the close, which discards unsent data.
-                let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
-                conn.close(VarInt::from_u32(code.code()), b"");
-                return;
-            }
-        }
-    }
-}
-
-/// Reads the control stream (frames) and datagrams of one connection until
-/// it ends; reports `Lost` once.
-async fn reader(
-    id: ConnId,
-    conn: Connection,
-    mut recv: RecvStream,
-    tx: mpsc::Sender<Input>,
-    datagrams: mpsc::Sender<(ConnId, Bytes)>,
-    drops: Arc<QueueDrops>,
-) {
-    let mut frames = FrameBuffer::new();
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut stream_open = true;
-    loop {
-        tokio::select! {
-            r = recv.read(&mut buf), if stream_open => match r {
-                Ok(Some(n)) => {
-                    frames.push(&buf[..n]);
-                    loop {
-                        match frames.next_body() {
-                            Ok(Some(body)) => {
-                                // Waits when the core is behind: we stop
-                                // reading, QUIC flow control slows the peer.
-                                if tx.send(Input::Frame(id, body.to_vec())).await.is_err() {
-                                    return;
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(e) => {
-                                debug!(conn = id.0, error = %e, "bad frame");
-                                let _ = tx.send(Input::Corrupt(id)).await;
-                                return;
-                            }
-                        }
-                    }
-                }
-                // The peer finished its side: nothing more will come, but
-                // the connection may still carry its close.
-                Ok(None) | Err(_) => stream_open = false,
-            },
-            d = conn.read_datagram() => match d {
-                Ok(bytes) => {
-                    if datagrams.try_send((id, bytes)).is_err() {
-                        drops
-                            .datagrams_in
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                }
-                Err(_) => {
-                    let _ = tx.send(Input::Lost(id)).await;
-                    return;
-                }
-            },
-        }
     }
 }

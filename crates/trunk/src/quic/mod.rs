@@ -4,6 +4,7 @@
 //! decisions are made by [`crate::proto::Node`]; this module only moves
 //! bytes and time in and effects out.
 
+mod conn_io;
 mod driver;
 mod gate;
 pub mod identity;
