@@ -31,9 +31,9 @@ def rust_const(path: str, name: str, pattern: str) -> int | None:
     return int(m.group(1))
 
 
-HTTP_PORT = rust_const("crates/switchboard/src/config.rs", "DEFAULT_HTTP_PORT", r"(\d+)")
-MEDIA_PORT = rust_const("crates/switchboard/src/config.rs", "DEFAULT_MEDIA_PORT", r"(\d+)")
-TRUNK_PORT = rust_const("crates/switchboard/src/config.rs", "DEFAULT_TRUNK_PORT", r"(\d+)")
+HTTP_PORT = rust_const("crates/switchboard/src/config/mod.rs", "DEFAULT_HTTP_PORT", r"(\d+)")
+MEDIA_PORT = rust_const("crates/switchboard/src/config/mod.rs", "DEFAULT_MEDIA_PORT", r"(\d+)")
+TRUNK_PORT = rust_const("crates/switchboard/src/config/mod.rs", "DEFAULT_TRUNK_PORT", r"(\d+)")
 DRAIN_LIMIT = rust_const(
     "crates/switchboard/src/lib.rs", "DRAIN_LIMIT", r"Duration::from_secs\((\d+)\)"
 )
