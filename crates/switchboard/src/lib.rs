@@ -443,6 +443,8 @@ mod tests {
     fn a_peer_named_with_our_own_id_is_warned_about() {
         let quiet = Config {
             auth_secret: Some(config::Secret("x".repeat(32))),
+            // A clustered node (peers without a secret get their own warning).
+            cluster_secret: Some(config::Secret("x".repeat(16))),
             node_id: Some(1),
             peers: vec!["2@127.0.0.1:3002".parse().unwrap()],
             ..Config::default()
