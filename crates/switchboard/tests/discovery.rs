@@ -33,7 +33,7 @@ use hickory_server::store::in_memory::InMemoryAuthority;
 use switchboard::config::{PeerDns, Secret};
 use switchboard::{Config, Node};
 
-const SECRET: &str = "discovery tests share this secret";
+const SECRET: &str = "Discovery-Tests_Share-This_8Rt3Xk";
 const ZONE: &str = "sb.test.";
 /// Short TTLs: a change is seen at the next resolution.
 const TTL: u32 = 1;
