@@ -763,22 +763,6 @@ async fn a_slow_browser_gets_its_offer_in_while_the_room_keeps_changing() {
     node.shutdown().await;
 }
 
-/// A gauge of `node`'s `/metrics` falls to `want` (polling, bounded by T).
-async fn gauge_falls_to(node: &switchboard::Node, name: &str, want: u64) {
-    let deadline = tokio::time::Instant::now() + T;
-    loop {
-        let n = common::metric(node, name).await;
-        if n == want {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{name}: {n} != {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// ICE-TCP (RFC 6544) fallback: a client that offers only an active TCP
 /// candidate (as a browser whose UDP is blocked) publishes and subscribes
 /// through the node's passive TCP candidate, with a UDP client in the same
@@ -830,7 +814,7 @@ async fn a_client_over_ice_tcp_sends_and_receives_intact() {
     ben.wait_until("Ann gone", T, |s| s.roster.len() == 1)
         .await
         .unwrap();
-    gauge_falls_to(&node, "switchboard_tcp_connections_open", 0).await;
+    common::metric_until(&node, "switchboard_tcp_connections_open", "0", |n| n == 0).await;
     node.shutdown().await;
 }
 
@@ -870,6 +854,6 @@ async fn a_stalled_tcp_reader_costs_dropped_frames_not_the_worker() {
     .unwrap();
     assert!(common::metric(&node, "switchboard_tcp_frames_dropped_total").await > 0);
     slow.leave();
-    gauge_falls_to(&node, "switchboard_tcp_connections_open", 0).await;
+    common::metric_until(&node, "switchboard_tcp_connections_open", "0", |n| n == 0).await;
     node.shutdown().await;
 }

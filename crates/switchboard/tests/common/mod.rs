@@ -112,17 +112,23 @@ pub async fn metric(node: &Node, name: &str) -> u64 {
 
 /// Wait until a counter of `node`'s `/metrics` reaches `want`; its value.
 pub async fn metric_reaches(node: &Node, name: &str, want: u64) -> u64 {
+    metric_until(node, name, &format!(">= {want}"), |n| n >= want).await
+}
+
+/// Wait until a metric of `node`'s `/metrics` satisfies `ok` (`what`
+/// says how, for the failure message); its value.
+pub async fn metric_until(node: &Node, name: &str, what: &str, ok: impl Fn(u64) -> bool) -> u64 {
     let deadline = tokio::time::Instant::now() + T;
     loop {
         let n = metric(node, name).await;
-        if n >= want {
+        if ok(n) {
             return n;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{name}: {n} < {want}"
+            "{name}: {n}, not {what}"
         );
-        // Polling interval of a condition wait (the counter moves when the
+        // Polling interval of a condition wait (the metric moves when the
         // node handles the message; nothing to await on from outside).
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
