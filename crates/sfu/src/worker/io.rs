@@ -123,8 +123,8 @@ impl Worker {
         }
     }
 
-    /// One datagram: routed to its participant (`demux.rs`), fed to its
-    /// `Rtc`, which is drained at once.
+    /// One datagram: routed to its participant (`demux.rs`), then
+    /// [`Worker::receive`].
     fn datagram(&mut self, source: SocketAddr, data: &[u8]) {
         let Some(pid) = self.demux.route(source, data) else {
             self.metrics
@@ -132,14 +132,33 @@ impl Worker {
                 .fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let Ok(receive) = Receive::new(Protocol::Udp, source, self.advertised, data) else {
+        if !self.receive(pid, Protocol::Udp, source, data) {
             self.metrics
                 .udp_packets_dropped
                 .fetch_add(1, Ordering::Relaxed);
-            return;
+        }
+    }
+
+    /// Bytes from `source` for participant `pid`, from UDP or one ICE-TCP
+    /// frame: parsed by str0m, fed to its `Rtc`, which is drained at once.
+    /// The parse runs on unauthenticated bytes and str0m panics on internal
+    /// bugs by design, so it is guarded too. False if the bytes did not
+    /// parse (the caller counts the drop).
+    pub(super) fn receive(
+        &mut self,
+        pid: Pid,
+        proto: Protocol,
+        source: SocketAddr,
+        data: &[u8],
+    ) -> bool {
+        let advertised = self.advertised;
+        let parsed =
+            std::panic::catch_unwind(|| Receive::new(proto, source, advertised, data).ok());
+        let Ok(Some(receive)) = parsed else {
+            return false;
         };
         let Some(peer) = self.peers.get_mut(&pid) else {
-            return;
+            return true;
         };
         let now = Instant::now();
         peer.last_heard = now;
@@ -150,6 +169,7 @@ impl Worker {
         // first could overwrite what the first produced (measured: RTP
         // packets lost when two arrived in one socket read batch).
         self.drive_now(pid);
+        true
     }
 
     /// Whatever is due at `now`: liveness (connect and media-silence

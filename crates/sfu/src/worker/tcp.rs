@@ -41,11 +41,9 @@ use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
-use str0m::Input;
-use str0m::net::{Protocol, Receive};
+use str0m::net::Protocol;
 use tracing::{debug, warn};
 
-use super::participant::guarded;
 use super::{Pid, Worker};
 use crate::SfuMetrics;
 use crate::framing::{FrameDecoder, WriteQueue};
@@ -363,33 +361,18 @@ impl Worker {
                 pid
             }
         };
-        // Parsing runs on unauthenticated bytes and str0m panics on
-        // internal bugs by design: a panic here must not end the worker.
-        let advertised = self.advertised;
-        let parsed =
-            std::panic::catch_unwind(|| Receive::new(Protocol::Tcp, peer, advertised, frame).ok());
-        let Ok(Some(receive)) = parsed else {
-            self.metrics
-                .tcp_frames_dropped
-                .fetch_add(1, Ordering::Relaxed);
-            return Some(pid);
-        };
-        let Some(peer_state) = self.peers.get_mut(&pid) else {
+        if !self.peers.contains_key(&pid) {
             // Not reached: removing a participant closes its connections.
             if let Some(tcp) = self.tcp.as_mut() {
                 tcp.close(token, &self.metrics);
             }
             return None;
-        };
-        let now = Instant::now();
-        peer_state.last_heard = now;
-        if let Some(Err(e)) = guarded(peer_state, |rtc| {
-            rtc.handle_input(Input::Receive(now, receive))
-        }) {
-            debug!(participant = %peer_state.id, error = %e, "input refused");
         }
-        // As for UDP: drain after every input.
-        self.drive_now(pid);
+        if !self.receive(pid, Protocol::Tcp, peer, frame) {
+            self.metrics
+                .tcp_frames_dropped
+                .fetch_add(1, Ordering::Relaxed);
+        }
         Some(pid)
     }
 
