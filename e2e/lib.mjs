@@ -66,3 +66,25 @@ export async function waitForAudioVideo(who, page, timeoutMs = 10_000) {
     return { ok: video && audio, s };
   }, timeoutMs);
 }
+
+/** A page on `room` at `base` with `name` filled in, not yet joined; a
+ * receive-only page is refused the camera and microphone (measurements). */
+export async function openPage(browser, base, room, name, { receiveOnly }) {
+  const context = await browser.newContext({ viewport: { width: 960, height: 600 } });
+  await context.grantPermissions(['camera', 'microphone']);
+  if (receiveOnly) {
+    await context.addInitScript(() => {
+      navigator.mediaDevices.getUserMedia = () =>
+        Promise.reject(new DOMException('receive-only measurement page', 'NotAllowedError'));
+    });
+  }
+  const page = await context.newPage();
+  page.on('console', (m) => { if (m.type() === 'error') console.error(`[${name}] ${m.text()}`); });
+  page.on('pageerror', (e) => console.error(`[${name}] ${e}`));
+  // A receive-only page never fires "load": the lobby preview <video> gets an
+  // empty MediaStream, which delays the load event indefinitely.
+  await page.goto(`${base}/r/${room}`, { waitUntil: receiveOnly ? 'domcontentloaded' : 'load' });
+  await page.waitForFunction(() => !!window.__sb);
+  await page.fill('#name', name);
+  return page;
+}

@@ -12,7 +12,7 @@
 //   node tcp-first-frame.mjs --runs N --block "<iptables args>" --unblock "<iptables args>"
 // env: SB_URL (the node), CHROMIUM.
 import { execFileSync } from 'node:child_process';
-import { launchChromium } from './lib.mjs';
+import { launchChromium, openPage } from './lib.mjs';
 
 const args = process.argv.slice(2);
 const opt = (name) => {
@@ -66,34 +66,17 @@ function pageTransport(page) {
   });
 }
 
-async function openPage(browser, room, name, receiveOnly) {
-  const context = await browser.newContext({ viewport: { width: 960, height: 600 } });
-  await context.grantPermissions(['camera', 'microphone']);
-  if (receiveOnly) {
-    await context.addInitScript(() => {
-      navigator.mediaDevices.getUserMedia = () =>
-        Promise.reject(new DOMException('receive-only measurement page', 'NotAllowedError'));
-    });
-  }
-  const page = await context.newPage();
-  page.on('pageerror', (e) => console.error(`[${name}] ${e}`));
-  await page.goto(`${BASE}/r/${room}`, { waitUntil: receiveOnly ? 'domcontentloaded' : 'load' });
-  await page.waitForFunction(() => !!window.__sb);
-  await page.fill('#name', name);
-  return page;
-}
-
 async function once(browser, proto, run) {
   setBlocked(proto === 'tcp');
   const room = `ff-${proto}-${run}-${process.pid}`;
-  const pub = await openPage(browser, room, 'Pub', false);
+  const pub = await openPage(browser, BASE, room, 'Pub', { receiveOnly: false });
   await pub.click('#join-btn');
   await until(`publisher sending over ${proto}`, async () => {
     const t = await pageTransport(pub);
     return { ok: t.proto === proto && t.encoded > 0, ...t };
   }, 20_000);
   await sleep(1500);
-  const sub = await openPage(browser, room, 'Sub', true);
+  const sub = await openPage(browser, BASE, room, 'Sub', { receiveOnly: true });
   await sub.evaluate(() => {
     const ff = { clickAt: performance.now(), firstAt: null };
     window.__ff = ff;

@@ -52,7 +52,7 @@
 // line (starts with "{") and one table row (starts with "|") on stdout.
 import { writeFileSync } from 'node:fs';
 import { pathToFileURL } from 'node:url';
-import { launchChromium } from './lib.mjs';
+import { launchChromium, openPage } from './lib.mjs';
 
 const STALL_MS = 200;
 const SPAN_MS = 5000; // the "last 5 s" of the delay measures
@@ -172,26 +172,6 @@ function pageSampler(pubId) {
 }
 
 // ---------- pages ----------
-
-async function openPage(browser, base, room, name, { receiveOnly }) {
-  const context = await browser.newContext({ viewport: { width: 960, height: 600 } });
-  await context.grantPermissions(['camera', 'microphone']);
-  if (receiveOnly) {
-    await context.addInitScript(() => {
-      navigator.mediaDevices.getUserMedia = () =>
-        Promise.reject(new DOMException('receive-only measurement page', 'NotAllowedError'));
-    });
-  }
-  const page = await context.newPage();
-  page.on('console', (m) => { if (m.type() === 'error') console.error(`[${name}] ${m.text()}`); });
-  page.on('pageerror', (e) => console.error(`[${name}] ${e}`));
-  // A receive-only page never fires "load": the lobby preview <video> gets an
-  // empty MediaStream, which delays the load event indefinitely.
-  await page.goto(`${base}/r/${room}`, { waitUntil: receiveOnly ? 'domcontentloaded' : 'load' });
-  await page.waitForFunction(() => !!window.__sb);
-  await page.fill('#name', name);
-  return page;
-}
 
 /** Publisher outbound video stats (to see what the sender did meanwhile). */
 async function outboundVideo(page) {
