@@ -130,11 +130,23 @@ struct Stats {
     peak_alive: AtomicU64,
     /// Packets received from other participants, over all clients.
     packets_received: AtomicU64,
+    /// Server offers the clients got, and the seconds they were connected
+    /// (renegotiation is what a busy room costs: every offer is an SDP
+    /// built, sent, parsed and answered).
+    offers: AtomicU64,
+    connected_ms: AtomicU64,
+    /// The most m-lines any server offer to a client had, per client.
+    offer_mlines: Mutex<Vec<u64>>,
     failures: Mutex<BTreeMap<String, u64>>,
     /// `error` messages the clients received, by code.
     errors: Mutex<BTreeMap<String, u64>>,
     /// Join sent → media transport connected, per joined client (ms).
     connect_ms: Mutex<Vec<u64>>,
+    /// The parts of it: join sent → `joined`, → the server's answer to
+    /// the client's first offer, → media transport connected (ms).
+    joined_ms: Mutex<Vec<u64>>,
+    answered_ms: Mutex<Vec<u64>>,
+    ice_dtls_ms: Mutex<Vec<u64>>,
     /// Media connected → first own packet sent / first remote packet (ms).
     publish_ms: Mutex<Vec<u64>>,
     first_media_ms: Mutex<Vec<u64>>,
@@ -188,7 +200,18 @@ async fn run_life(life: &Life, stats: &Stats) {
             return;
         }
     };
+    let t_joined = Instant::now();
     client.publish_av();
+    let left = deadline.saturating_duration_since(Instant::now());
+    if client
+        .wait_until("answer", left, |s| !s.answers.is_empty() || s.ended)
+        .await
+        .is_err()
+    {
+        stats.fail("no answer to the first offer in time".into());
+        return;
+    }
+    let t_answered = Instant::now();
     let left = deadline.saturating_duration_since(Instant::now());
     if client
         .wait_until("media connected", left, |s| s.connected || s.ended)
@@ -207,6 +230,9 @@ async fn run_life(life: &Life, stats: &Stats) {
     }
     let connected = Instant::now();
     lock(&stats.connect_ms).push((connected - t0).as_millis() as u64);
+    lock(&stats.joined_ms).push((t_joined - t0).as_millis() as u64);
+    lock(&stats.answered_ms).push((t_answered - t_joined).as_millis() as u64);
+    lock(&stats.ice_dtls_ms).push((connected - t_answered).as_millis() as u64);
     stats.joined.fetch_add(1, Ordering::Relaxed);
 
     // Stay, looking every 100 ms at what the client has: a remote track,
@@ -251,7 +277,7 @@ async fn run_life(life: &Life, stats: &Stats) {
     if let Some(t) = first_packet {
         lock(&stats.first_media_ms).push((t - connected).as_millis() as u64);
     }
-    let (received, errors, offers, seen, error_texts) = client.state(|s| {
+    let (received, errors, offers, seen, error_texts, mlines) = client.state(|s| {
         (
             s.tracks.values().map(|v| v.len() as u64).sum::<u64>(),
             s.errors.iter().map(error_code).collect::<Vec<_>>(),
@@ -261,8 +287,14 @@ async fn run_life(life: &Life, stats: &Stats) {
                 .iter()
                 .map(|e| format!("{e:?}"))
                 .collect::<Vec<_>>(),
+            s.offers_received_mlines as u64,
         )
     });
+    stats.offers.fetch_add(offers as u64, Ordering::Relaxed);
+    stats
+        .connected_ms
+        .fetch_add(cut_after.as_millis() as u64, Ordering::Relaxed);
+    lock(&stats.offer_mlines).push(mlines);
     let debug = std::env::var_os("CHURN_DEBUG").is_some();
     if cut {
         stats.cut.fetch_add(1, Ordering::Relaxed);
@@ -688,6 +720,32 @@ async fn main() -> anyhow::Result<()> {
         stats.packets_received.load(Ordering::Relaxed),
         end[0].trunk_datagrams_out - start[0].trunk_datagrams_out,
         end[1].trunk_datagrams_out - start[1].trunk_datagrams_out,
+    );
+    let parts: Vec<Vec<u64>> = [&stats.joined_ms, &stats.answered_ms, &stats.ice_dtls_ms]
+        .iter()
+        .map(|m| {
+            let mut v = lock(m).clone();
+            v.sort_unstable();
+            v
+        })
+        .collect();
+    println!(
+        "  of which: join → `joined` p50 {} / p99 {} ms; → answer p50 {} / p99 {} ms; → ICE + DTLS connected p50 {} / p99 {} ms",
+        percentile(&parts[0], 0.5),
+        percentile(&parts[0], 0.99),
+        percentile(&parts[1], 0.5),
+        percentile(&parts[1], 0.99),
+        percentile(&parts[2], 0.5),
+        percentile(&parts[2], 0.99),
+    );
+    let mut mlines = lock(&stats.offer_mlines).clone();
+    mlines.sort_unstable();
+    let offers = stats.offers.load(Ordering::Relaxed);
+    println!(
+        "server offers: {offers}, {:.2} per connected client-second; largest offer per client p50 {} / max {} m-lines",
+        offers as f64 / (stats.connected_ms.load(Ordering::Relaxed) as f64 / 1000.0).max(1.0),
+        percentile(&mlines, 0.5),
+        mlines.last().copied().unwrap_or(0),
     );
     let mut publish = lock(&stats.publish_ms).clone();
     publish.sort_unstable();

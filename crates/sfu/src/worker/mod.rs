@@ -41,6 +41,7 @@ mod links;
 mod negotiation;
 mod participant;
 mod rooms;
+mod sdp_text;
 mod tcp;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
