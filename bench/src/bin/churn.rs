@@ -134,6 +134,7 @@ struct Stats {
     /// (renegotiation is what a busy room costs: every offer is an SDP
     /// built, sent, parsed and answered).
     offers: AtomicU64,
+    offer_bytes: AtomicU64,
     connected_ms: AtomicU64,
     /// The most m-lines any server offer to a client had, per client.
     offer_mlines: Mutex<Vec<u64>>,
@@ -290,6 +291,9 @@ async fn run_life(life: &Life, stats: &Stats) {
             s.offers_received_mlines as u64,
         )
     });
+    stats
+        .offer_bytes
+        .fetch_add(client.state(|s| s.offer_bytes), Ordering::Relaxed);
     stats.offers.fetch_add(offers as u64, Ordering::Relaxed);
     stats
         .connected_ms
@@ -742,8 +746,9 @@ async fn main() -> anyhow::Result<()> {
     mlines.sort_unstable();
     let offers = stats.offers.load(Ordering::Relaxed);
     println!(
-        "server offers: {offers}, {:.2} per connected client-second; largest offer per client p50 {} / max {} m-lines",
+        "server offers: {offers}, {:.2} per connected client-second, {:.1} KB on average; largest offer per client p50 {} / max {} m-lines",
         offers as f64 / (stats.connected_ms.load(Ordering::Relaxed) as f64 / 1000.0).max(1.0),
+        stats.offer_bytes.load(Ordering::Relaxed) as f64 / offers.max(1) as f64 / 1000.0,
         percentile(&mlines, 0.5),
         mlines.last().copied().unwrap_or(0),
     );

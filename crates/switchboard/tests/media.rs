@@ -857,3 +857,51 @@ async fn a_stalled_tcp_reader_costs_dropped_frames_not_the_worker() {
     common::metric_until(&node, "switchboard_tcp_connections_open", "0", |n| n == 0).await;
     node.shutdown().await;
 }
+
+/// A forwarding m-line lists the codec its track carries and nothing
+/// else (`sdp_text::narrow_codecs`): str0m would offer all nine video
+/// codecs of its configuration, each with RTX, on every m-line it adds
+/// (~2.2 KB each), and every later offer and answer repeated them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarding_m_line_offers_only_the_codec_of_its_track() {
+    let node = node().await;
+    let mut ann = join(&node, "lean", "Ann").await;
+    ann.publish_av();
+    let ben = join(&node, "lean", "Ben").await;
+    let ann_id = ann.id.clone();
+    ben.wait_until("Ann's two tracks flowing", T, |s| {
+        has_tracks_from(s, &ann_id, 2, 20)
+    })
+    .await
+    .unwrap();
+    let (offer, mids) = ben.state(|s| (s.last_offer.clone(), s.tracks.len()));
+    assert_eq!(mids, 2);
+    let mut forwarding = 0;
+    for section in offer.split("m=").skip(1) {
+        if !section.contains("a=sendonly") {
+            continue; // Ben's own m-lines (publishing none) and the data channel
+        }
+        forwarding += 1;
+        let codecs: Vec<&str> = section
+            .lines()
+            .filter_map(|l| l.strip_prefix("a=rtpmap:"))
+            .filter_map(|l| l.split(' ').nth(1))
+            .collect();
+        let expected: &[&str] = if section.starts_with("audio") {
+            &["opus/48000/2"]
+        } else {
+            &["VP8/90000", "rtx/90000"]
+        };
+        assert_eq!(codecs, expected, "m-line: m={section}");
+        let formats = section
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split(' ')
+            .count()
+            - 3;
+        assert_eq!(formats, expected.len(), "m-line: m={section}");
+    }
+    assert_eq!(forwarding, 2, "offer: {offer}");
+    node.shutdown().await;
+}

@@ -152,6 +152,9 @@ pub struct State {
     pub offers_received: usize,
     /// The most m-lines any server offer had.
     pub offers_received_mlines: usize,
+    /// The last server offer (SDP text), and the bytes of all of them.
+    pub last_offer: String,
+    pub offer_bytes: u64,
     /// Every answer the server sent to our offers (SDP text).
     pub answers: Vec<String>,
     /// RTP packets that could not be attributed to a remote track, or whose
@@ -770,6 +773,8 @@ impl Driver {
                     s.offers_received_mlines = s
                         .offers_received_mlines
                         .max(sdp.lines().filter(|l| l.starts_with("m=")).count());
+                    s.offer_bytes += sdp.len() as u64;
+                    s.last_offer = sdp.clone();
                 });
                 // Polite side of glare: our outstanding offer is rolled back
                 // (str0m invalidates it) and made again after answering.

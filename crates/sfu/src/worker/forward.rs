@@ -63,8 +63,11 @@ impl Worker {
             return;
         };
         remember(track, params, &packet);
-        if track.codec.is_none() {
-            // First packet: now the codec is known, other nodes can be told.
+        let first = track.codec.is_none();
+        if first {
+            // First packet: now the codec is known, other nodes can be
+            // told, and members here offered the track on an m-line of
+            // that codec only (`renegotiate`, below).
             track.codec = Some(params);
             let desc = describe(track, params);
             room.tell_links(RemoteEvent::TrackAdded(desc));
@@ -89,6 +92,9 @@ impl Worker {
                     .remote_media_dropped
                     .fetch_add(1, Ordering::Relaxed);
             }
+        }
+        if first {
+            self.renegotiate_room(&room_name, Some(from));
         }
         self.fan_out(&room_name, &track_id, params, &packet, ext, pkt.timestamp);
     }

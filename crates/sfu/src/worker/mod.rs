@@ -170,6 +170,9 @@ impl Room {
 struct Subscription {
     mid: Mid,
     kind: MediaKind,
+    /// The subscriber's parameters of the track's codec, the only codec
+    /// its m-line lists (`sdp_text::narrow_codecs`); None: no common codec.
+    codec: Option<PayloadParams>,
     /// The publishing participant (told to the client in `Offer::tracks`).
     participant: String,
     rewriter: Rewriter,
@@ -190,6 +193,9 @@ struct Subscription {
 struct Spare {
     mid: Mid,
     kind: MediaKind,
+    /// The codec the m-line was narrowed to: it takes a track of that codec
+    /// only (None: it lists every codec, and takes any track).
+    codec: Option<PayloadParams>,
     /// Kept so the m-line's RTP stream goes on where it stopped.
     rewriter: Rewriter,
 }

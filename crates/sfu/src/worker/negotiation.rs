@@ -5,19 +5,22 @@
 //! publishing: an m-line the browser sends on becomes a room track
 //! (`media_direction`).
 
+use std::collections::HashMap;
 use std::fmt::Display;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::Ordering;
 
 use signal::{ErrorCode, OfferedTrack, RoomName, ServerMessage, Source, TrackSource};
 use str0m::change::{SdpAnswer, SdpOffer};
+use str0m::format::PayloadParams;
 use str0m::media::{Direction, MediaKind, Mid};
 use tracing::{debug, info};
 
 use super::participant::guarded;
 use super::rooms::remove_track;
 use super::sdp_text::{
-    answers, payload_type_conflict, sdp_mids, unknown_recvonly_inactive, without_simulcast,
+    answers, narrow_codecs, payload_type_conflict, sdp_mids, unknown_recvonly_inactive,
+    without_simulcast,
 };
 use super::{
     GLARE_YIELD, Origin, Peer, Phase, Pid, RENEGOTIATE_WINDOW, Spare, Subscription, Track, Worker,
@@ -284,13 +287,16 @@ impl Worker {
         // Without the subscribe permission no track is ever offered, so
         // nothing is forwarded to it and it asks no publisher for keyframes.
         let may_subscribe = peer.permissions.subscribe;
-        let new: Vec<(String, MediaKind, String)> = room
+        // A track is offered once its codec is known (a local one at its
+        // first packet, see `Worker::forward`; a remote one is announced
+        // with it), so its m-line can carry that codec only (`narrow_codecs`).
+        let new: Vec<(String, MediaKind, String, PayloadParams)> = room
             .tracks
             .iter()
             .filter(|(id, t)| {
                 may_subscribe && t.participant != peer.id && !peer.subs.contains_key(*id)
             })
-            .map(|(id, t)| (id.clone(), t.kind, t.participant.clone()))
+            .filter_map(|(id, t)| Some((id.clone(), t.kind, t.participant.clone(), t.codec?)))
             .collect();
         let Some(peer) = self.peers.get_mut(&pid) else {
             return;
@@ -316,17 +322,33 @@ impl Worker {
             .iter()
             .filter_map(|id| peer.subs.get(id).map(|sub| sub.mid))
             .collect();
+        // This subscriber's parameters for each new track's codec.
+        let Some(new) = guarded(peer, |rtc| {
+            let config = rtc.codec_config();
+            new.into_iter()
+                .map(|(id, kind, owner, codec)| {
+                    (id, kind, owner, config.match_params(codec).copied())
+                })
+                .collect::<Vec<_>>()
+        }) else {
+            return;
+        };
         // Spares freed before this offer first (their `inactive` is known
-        // to the browser); those freed by it wait for the next one.
+        // to the browser); those freed by it wait for the next one. A spare
+        // narrowed to a codec takes a track of that codec only.
         let mut reused = Vec::new();
         let mut fresh = Vec::new();
-        for (id, kind, owner) in new {
-            match peer.spare.iter().position(|s| s.kind == kind) {
-                Some(i) => reused.push((id, owner, peer.spare.swap_remove(i))),
-                None => fresh.push((id, kind, owner)),
+        for (id, kind, owner, codec) in new {
+            let fits = |s: &Spare| {
+                s.kind == kind
+                    && (s.codec.is_none() || s.codec.map(|c| c.pt()) == codec.map(|c| c.pt()))
+            };
+            match peer.spare.iter().position(fits) {
+                Some(i) => reused.push((id, owner, codec, peer.spare.swap_remove(i))),
+                None => fresh.push((id, kind, owner, codec)),
             }
         }
-        let reused_mids: Vec<Mid> = reused.iter().map(|(_, _, s)| s.mid).collect();
+        let reused_mids: Vec<Mid> = reused.iter().map(|(_, _, _, s)| s.mid).collect();
         // Every str0m call of the change under one guard: a panic ends
         // this participant (reaped with `error internal`), not the worker.
         let Some((added, applied)) = guarded(peer, |rtc| {
@@ -337,9 +359,9 @@ impl Worker {
             for &mid in &reused_mids {
                 change.set_direction(mid, Direction::SendOnly);
             }
-            let added: Vec<(String, MediaKind, String, Mid)> = fresh
+            let added: Vec<(String, MediaKind, String, Option<PayloadParams>, Mid)> = fresh
                 .into_iter()
-                .map(|(id, kind, owner)| {
+                .map(|(id, kind, owner, codec)| {
                     let mid = change.add_media(
                         kind,
                         Direction::SendOnly,
@@ -347,7 +369,7 @@ impl Worker {
                         Some(id.clone()),
                         None,
                     );
-                    (id, kind, owner, mid)
+                    (id, kind, owner, codec, mid)
                 })
                 .collect();
             (added, change.apply())
@@ -360,25 +382,25 @@ impl Worker {
                 peer.spare.push(Spare {
                     mid: sub.mid,
                     kind: sub.kind,
+                    codec: sub.codec,
                     rewriter: sub.rewriter,
                 });
             }
         }
         let subscribed = reused
             .into_iter()
-            .map(|(id, owner, s)| (id, s.kind, owner, s.mid, s.rewriter))
-            .chain(
-                added
-                    .into_iter()
-                    .map(|(id, kind, owner, mid)| (id, kind, owner, mid, Rewriter::default())),
-            );
-        for (id, kind, participant, mid, rewriter) in subscribed {
+            .map(|(id, owner, codec, s)| (id, s.kind, owner, codec, s.mid, s.rewriter))
+            .chain(added.into_iter().map(|(id, kind, owner, codec, mid)| {
+                (id, kind, owner, codec, mid, Rewriter::default())
+            }));
+        for (id, kind, participant, codec, mid, rewriter) in subscribed {
             peer.sub_by_mid.insert(mid, id.clone());
             peer.subs.insert(
                 id,
                 Subscription {
                     mid,
                     kind,
+                    codec,
                     participant,
                     rewriter,
                     pt_map: Vec::new(),
@@ -388,7 +410,14 @@ impl Worker {
         }
         if let Some((offer, pending)) = applied {
             peer.pending = Some(pending);
-            let sdp = offer.to_sdp_string();
+            // Every forwarding m-line, new or not, lists its codec only.
+            let subs = peer.subs.values().map(|s| (s.mid, s.codec));
+            let spares = peer.spare.iter().map(|s| (s.mid, s.codec));
+            let keep: HashMap<String, Vec<u8>> = subs
+                .chain(spares)
+                .filter_map(|(mid, codec)| Some((mid.to_string(), payload_types(&codec?))))
+                .collect();
+            let sdp = narrow_codecs(&offer.to_sdp_string(), &keep);
             peer.pending_mids = sdp_mids(&sdp);
             let mut tracks: Vec<OfferedTrack> = peer
                 .subs
@@ -435,6 +464,7 @@ impl Worker {
                     Some(true) => peer.spare.push(Spare {
                         mid,
                         kind: sub.kind,
+                        codec: sub.codec,
                         rewriter: sub.rewriter,
                     }),
                     Some(false) => {}
@@ -444,6 +474,16 @@ impl Worker {
         }
         self.renegotiate(pid);
     }
+}
+
+/// The payload types an m-line carrying `codec` needs: its own, its RTX
+/// and RED if it has them.
+fn payload_types(codec: &PayloadParams) -> Vec<u8> {
+    [codec.red(), Some(codec.pt()), codec.resend()]
+        .into_iter()
+        .flatten()
+        .map(|pt| *pt)
+        .collect()
 }
 
 /// Parse the browser's SDP. str0m's parser panicking on hostile input is

@@ -2,9 +2,11 @@
 //! taking simulcast out of a browser's offer, making a client's own
 //! `recvonly` m-lines `inactive`, refusing a payload type that means two
 //! codecs (str0m panics on it), and telling which offer an answer belongs
-//! to. They scan lines and never parse: str0m parses the SDP itself. Each
-//! runs on network input before str0m sees it, so each is in the `sdp`
-//! fuzz target (`negotiation::sdp_round_for_fuzzing`).
+//! to; and, on the server's own offers, listing on a forwarding m-line
+//! only the codec its track carries (`narrow_codecs`). They scan lines and
+//! never parse: str0m parses the SDP itself. Those that run on network
+//! input before str0m sees it are in the `sdp` fuzz target
+//! (`negotiation::sdp_round_for_fuzzing`).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -138,6 +140,76 @@ pub(super) fn answers(answer: &[String], offer: &[String]) -> bool {
             .all(|(a, o)| a.is_empty() || a == o)
 }
 
+/// The server's offer with each m-line named in `keep` (mid → payload
+/// types) listing only those payload types: the `m=` format list and the
+/// `a=rtpmap`/`a=fmtp`/`a=rtcp-fb` lines of every other one go.
+///
+/// Why: str0m offers every codec of its configuration on an m-line it adds
+/// (VP8, four H.264, H.265, two VP9, AV1, each with RTX: ~2.2 KB of SDP per
+/// m-line), and has no API to offer fewer on one m-line. A forwarding
+/// m-line only ever carries its track's codec, so the rest is dead weight
+/// that every offer and answer repeats: with ~30 tracks in a room, offers
+/// and answers of ~70 KB that both sides parse on every change (the churn
+/// soak spent about half of the client's and a third of the server's CPU
+/// in SDP parsing). Once the browser answered the narrowed list, str0m
+/// keeps it for the m-line (its `remote_pts`), so later offers stay small
+/// by themselves. mediasoup's consumers likewise carry only the consumed
+/// codec. An m-line whose list would be empty is left as it is.
+pub(super) fn narrow_codecs(sdp: &str, keep: &HashMap<String, Vec<u8>>) -> String {
+    let mut out = String::with_capacity(sdp.len());
+    let mut section: Vec<&str> = Vec::new();
+    let flush = |section: &mut Vec<&str>, out: &mut String| {
+        let mid = section
+            .iter()
+            .find_map(|l| l.trim_end().strip_prefix("a=mid:"));
+        let wanted = mid.and_then(|m| keep.get(m));
+        let kept: Option<Vec<&str>> = match (wanted, section.first()) {
+            (Some(wanted), Some(m)) if m.starts_with("m=") => {
+                let formats = m.trim_end().split(' ').skip(3);
+                let kept: Vec<&str> = formats
+                    .filter(|f| f.parse::<u8>().is_ok_and(|pt| wanted.contains(&pt)))
+                    .collect();
+                (!kept.is_empty()).then_some(kept)
+            }
+            _ => None,
+        };
+        let Some(kept) = kept else {
+            section.drain(..).for_each(|l| out.push_str(l));
+            return;
+        };
+        for (i, line) in section.drain(..).enumerate() {
+            let body = line.trim_end();
+            let ending = &line[body.len()..];
+            if i == 0 {
+                let head: Vec<&str> = body.split(' ').take(3).collect();
+                out.push_str(&head.join(" "));
+                for f in &kept {
+                    out.push(' ');
+                    out.push_str(f);
+                }
+                out.push_str(ending);
+                continue;
+            }
+            let pt = ["a=rtpmap:", "a=fmtp:", "a=rtcp-fb:"]
+                .iter()
+                .find_map(|p| body.strip_prefix(p))
+                .map(|rest| rest.split(' ').next().unwrap_or(rest));
+            match pt {
+                Some(pt) if pt != "*" && !kept.contains(&pt) => {}
+                _ => out.push_str(line),
+            }
+        }
+    };
+    for line in sdp.split_inclusive('\n') {
+        if line.starts_with("m=") {
+            flush(&mut section, &mut out);
+        }
+        section.push(line);
+    }
+    flush(&mut section, &mut out);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,5 +285,31 @@ mod tests {
             1,
         );
         assert!(payload_type_conflict(&codec).is_some());
+    }
+
+    #[test]
+    fn a_forwarding_m_line_lists_only_the_payload_types_kept() {
+        let offer = "v=0\r\n\
+            m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=rtpmap:111 opus/48000/2\r\n\
+            m=video 9 UDP/TLS/RTP/SAVPF 96 97 98 99\r\na=mid:1\r\n\
+            a=rtcp-fb:* nack\r\n\
+            a=rtpmap:96 VP8/90000\r\na=rtcp-fb:96 nack pli\r\n\
+            a=rtpmap:97 rtx/90000\r\na=fmtp:97 apt=96\r\n\
+            a=rtpmap:98 VP9/90000\r\na=fmtp:98 profile-id=0\r\na=rtcp-fb:98 nack pli\r\n\
+            a=rtpmap:99 rtx/90000\r\na=fmtp:99 apt=98\r\na=ssrc:1 cname:x\r\n\
+            m=video 9 UDP/TLS/RTP/SAVPF 96 98\r\na=mid:2\r\na=rtpmap:96 VP8/90000\r\n";
+        let keep = HashMap::from([("1".to_string(), vec![96, 97]), ("2".into(), vec![100])]);
+        assert_eq!(
+            narrow_codecs(offer, &keep),
+            "v=0\r\n\
+            m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=rtpmap:111 opus/48000/2\r\n\
+            m=video 9 UDP/TLS/RTP/SAVPF 96 97\r\na=mid:1\r\n\
+            a=rtcp-fb:* nack\r\n\
+            a=rtpmap:96 VP8/90000\r\na=rtcp-fb:96 nack pli\r\n\
+            a=rtpmap:97 rtx/90000\r\na=fmtp:97 apt=96\r\na=ssrc:1 cname:x\r\n\
+            m=video 9 UDP/TLS/RTP/SAVPF 96 98\r\na=mid:2\r\na=rtpmap:96 VP8/90000\r\n",
+            "mid 2 keeps its list: none of it was to be kept"
+        );
+        assert_eq!(narrow_codecs("garbage\nm=x\n", &keep), "garbage\nm=x\n");
     }
 }
