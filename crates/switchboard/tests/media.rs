@@ -859,9 +859,9 @@ async fn a_stalled_tcp_reader_costs_dropped_frames_not_the_worker() {
 }
 
 /// A forwarding m-line lists the codec its track carries and nothing
-/// else (`sdp_text::narrow_codecs`): str0m would offer all nine video
+/// else (`sdp_text::narrow_codecs`): str0m would offer all twelve video
 /// codecs of its configuration, each with RTX, on every m-line it adds
-/// (~2.2 KB each), and every later offer and answer repeated them.
+/// (~2 KB each), and every later offer and answer repeated them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forwarding_m_line_offers_only_the_codec_of_its_track() {
     let node = node().await;
@@ -903,5 +903,52 @@ async fn a_forwarding_m_line_offers_only_the_codec_of_its_track() {
         assert_eq!(formats, expected.len(), "m-line: m={section}");
     }
     assert_eq!(forwarding, 2, "offer: {offer}");
+    node.shutdown().await;
+}
+
+/// A spare m-line keeps the codec it was narrowed to: a departed VP8
+/// track's m-line is not given to an H.264 track (the browser accepted VP8
+/// only there), which gets an m-line of its own; the next VP8 and H.264
+/// tracks reuse the spare of their codec, and every track arrives in its
+/// own codec.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spare_m_line_is_reused_by_a_track_of_its_codec_only() {
+    use signal::Source;
+    use testkit::{Codec, MediaKind};
+    let node = node().await;
+    let stayer = join(&node, "codec-spares", "Stay").await;
+    for (i, codec) in [Codec::Vp8, Codec::H264, Codec::Vp8, Codec::H264]
+        .into_iter()
+        .enumerate()
+    {
+        let mut p = join(&node, "codec-spares", &format!("P{i}")).await;
+        p.publish_codec(
+            MediaKind::Video,
+            codec,
+            Source::Camera,
+            Duration::from_millis(33),
+            900,
+        );
+        let pid = p.id.clone();
+        stayer
+            .wait_until(&format!("P{i}'s video"), T, |s| {
+                has_tracks_from(s, &pid, 1, 10)
+            })
+            .await
+            .unwrap();
+        stayer.state(|s| {
+            let track = s.tracks_from(&pid)[0].clone();
+            assert_eq!(s.track_codec.get(&track), Some(&codec), "P{i}");
+        });
+        p.leave();
+        stayer
+            .wait_until(&format!("P{i} gone"), T, |s| s.roster.len() == 1)
+            .await
+            .unwrap();
+    }
+    let (errors, most) = stayer.state(|s| (s.errors.clone(), s.offers_received_mlines));
+    assert!(errors.is_empty(), "{errors:?}");
+    // The data channel's m-line, one VP8 and one H.264 video.
+    assert_eq!(most, 3, "m-lines of the largest server offer");
     node.shutdown().await;
 }

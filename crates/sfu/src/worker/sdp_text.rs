@@ -145,7 +145,7 @@ pub(super) fn answers(answer: &[String], offer: &[String]) -> bool {
 /// `a=rtpmap`/`a=fmtp`/`a=rtcp-fb` lines of every other one go.
 ///
 /// Why: str0m offers every codec of its configuration on an m-line it adds
-/// (VP8, four H.264, H.265, two VP9, AV1, each with RTX: ~2.2 KB of SDP per
+/// (for video twelve, each with RTX: 24 payload types, ~2 KB of SDP per
 /// m-line), and has no API to offer fewer on one m-line. A forwarding
 /// m-line only ever carries its track's codec, so the rest is dead weight
 /// that every offer and answer repeats: with ~30 tracks in a room, offers
