@@ -53,9 +53,16 @@ struct Args {
     #[arg(long, default_value_t = 150)]
     max_alive: usize,
     /// A client stays between these many seconds once its media is up.
-    #[arg(long, default_value_t = 2.0)]
+    /// At 20 joins/s, 1–6 s keeps ~80 clients alive (rooms of ~8). The
+    /// earlier 2–10 s kept ~120–150 alive (rooms of ~12–15), whose media,
+    /// quadratic in room size (~50k packets/s to the clients), saturated
+    /// the 2 cores that the generator shares with both nodes: connects
+    /// then took 2.5 s and the `--max-alive` cap held the rate at ~18/s
+    /// (BENCHMARKS.md). This is a churn soak; forwarding throughput has
+    /// its own benchmark.
+    #[arg(long, default_value_t = 1.0)]
     min_stay: f64,
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 6.0)]
     max_stay: f64,
     /// Every n-th client just closes its socket instead of sending `leave`.
     #[arg(long, default_value_t = 4)]
