@@ -6,6 +6,15 @@
 //! binding request of each address, whose USERNAME (`<our ufrag>:<theirs>`)
 //! names the participant by the ICE ufrag we gave it.
 //!
+//! Only a binding request whose MESSAGE-INTEGRITY checks out against the
+//! ICE password we gave that participant (RFC 8445 §7.3, short-term
+//! credentials) teaches an address or binds a connection. The USERNAME
+//! travels in clear in every binding request, so without the check anyone
+//! who saw one could point new addresses at the participant or take its
+//! ICE-TCP connection slots; the password only ever travels in the SDP,
+//! over the signaling connection. (str0m checks the integrity again when
+//! the request reaches the participant's `Rtc`.)
+//!
 //! ICE-TCP connections (`worker/tcp.rs`) are bound to a participant by the
 //! same ufrag lookup on their first frame ([`Demux::binding_request_for`]),
 //! without learning an address: the connection itself is the route.
@@ -19,7 +28,8 @@ use str0m::ice::StunMessage;
 #[derive(Debug)]
 pub struct Demux<K> {
     by_addr: HashMap<SocketAddr, K>,
-    by_ufrag: HashMap<String, K>,
+    /// Our ufrag -> the participant and the ICE password we gave it.
+    by_ufrag: HashMap<String, (K, String)>,
 }
 
 impl<K: Copy + Eq + Hash> Default for Demux<K> {
@@ -32,24 +42,25 @@ impl<K: Copy + Eq + Hash> Default for Demux<K> {
 }
 
 impl<K: Copy + Eq + Hash> Demux<K> {
-    pub fn add(&mut self, ufrag: String, key: K) {
-        self.by_ufrag.insert(ufrag, key);
+    /// A participant, by the ICE ufrag and password we gave it.
+    pub fn add(&mut self, ufrag: String, password: String, key: K) {
+        self.by_ufrag.insert(ufrag, (key, password));
     }
 
     /// Forget everything pointing at `key` (participant left).
     pub fn remove(&mut self, key: K) {
         self.by_addr.retain(|_, k| *k != key);
-        self.by_ufrag.retain(|_, k| *k != key);
+        self.by_ufrag.retain(|_, (k, _)| *k != key);
     }
 
-    /// Route a datagram. Known address: its participant. Unknown address: only
-    /// a STUN request naming one of our ufrags is routed (and teaches us the
-    /// address); anything else is dropped by the caller.
+    /// Route a datagram. Known address: its participant. Unknown address:
+    /// only an authentic binding request naming one of our ufrags is routed
+    /// (and teaches us the address); anything else is dropped by the caller.
     pub fn route(&mut self, source: SocketAddr, buf: &[u8]) -> Option<K> {
         if let Some(k) = self.by_addr.get(&source) {
             return Some(*k);
         }
-        let key = *self.by_ufrag.get(&local_ufrag(buf)?)?;
+        let key = self.binding_request_for(buf)?;
         self.by_addr.insert(source, key);
         Some(key)
     }
@@ -58,11 +69,11 @@ impl<K: Copy + Eq + Hash> Demux<K> {
     /// learning its address (ICE-TCP: a connection, not an address, is
     /// what belongs to the participant).
     pub fn binding_request_for(&self, buf: &[u8]) -> Option<K> {
-        let (ufrag, request) = stun_ufrag(buf)?;
-        if !request {
-            return None;
-        }
-        self.by_ufrag.get(&ufrag).copied()
+        authentic_request(buf, |ufrag| {
+            self.by_ufrag
+                .get(ufrag)
+                .map(|(key, password)| (*key, password.as_bytes()))
+        })
     }
 
     #[cfg(test)]
@@ -71,61 +82,71 @@ impl<K: Copy + Eq + Hash> Demux<K> {
     }
 }
 
-/// The local (our) ufrag of a STUN binding request, if `buf` is one.
-fn local_ufrag(buf: &[u8]) -> Option<String> {
-    stun_ufrag(buf).map(|(ufrag, _)| ufrag)
-}
-
-/// The local ufrag of a STUN message with a USERNAME, and whether it is a
-/// binding request.
-fn stun_ufrag(buf: &[u8]) -> Option<(String, bool)> {
+/// The participant an authentic STUN binding request names: `lookup`
+/// turns our ufrag (the first half of its USERNAME) into the participant
+/// and its password, against which MESSAGE-INTEGRITY must check out.
+fn authentic_request<'p, K>(
+    buf: &[u8],
+    lookup: impl FnOnce(&str) -> Option<(K, &'p [u8])>,
+) -> Option<K> {
     // STUN starts with two zero bits (RFC 7983 demultiplexing: first byte 0..=3).
     if buf.first().is_none_or(|b| *b > 3) {
         return None;
     }
     // str0m panics on internal bugs by design and this runs on
     // unauthenticated input: a panic here would end the whole worker.
-    let msg = std::panic::catch_unwind(|| StunMessage::parse(buf))
-        .ok()?
-        .ok()?;
-    let (local, _remote) = msg.split_username()?;
-    Some((local.to_owned(), msg.is_binding_request()))
+    // (`lookup` only reads a map: nothing is left half-changed.)
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let msg = StunMessage::parse(buf).ok()?;
+        if !msg.is_binding_request() {
+            return None;
+        }
+        let (local, _remote) = msg.split_username()?;
+        let (key, password) = lookup(local)?;
+        msg.verify(password, sha1_hmac).then_some(key)
+    }))
+    .ok()
+    .flatten()
+}
+
+/// HMAC-SHA1 over `parts` (STUN's MESSAGE-INTEGRITY, RFC 5389 §15.4), by
+/// aws-lc-rs, the crypto library str0m and the trunk already use.
+pub(crate) fn sha1_hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 20] {
+    use aws_lc_rs::hmac;
+    let key = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, key);
+    let mut ctx = hmac::Context::with_key(&key);
+    for part in parts {
+        ctx.update(part);
+    }
+    let mut out = [0u8; 20];
+    for (o, t) in out.iter_mut().zip(ctx.sign().as_ref()) {
+        *o = *t;
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn binding_request(username: &str) -> Vec<u8> {
-        // Minimal STUN binding request with only a USERNAME attribute.
-        let mut attr = Vec::new();
-        attr.extend_from_slice(&0x0006u16.to_be_bytes());
-        attr.extend_from_slice(&(username.len() as u16).to_be_bytes());
-        attr.extend_from_slice(username.as_bytes());
-        while attr.len() % 4 != 0 {
-            attr.push(0);
-        }
-        // PRIORITY and a (not verified here) MESSAGE-INTEGRITY, as browsers send.
-        attr.extend_from_slice(&0x0024u16.to_be_bytes());
-        attr.extend_from_slice(&4u16.to_be_bytes());
-        attr.extend_from_slice(&1u32.to_be_bytes());
-        attr.extend_from_slice(&0x0008u16.to_be_bytes());
-        attr.extend_from_slice(&20u16.to_be_bytes());
-        attr.extend_from_slice(&[0u8; 20]);
-        let mut m = Vec::new();
-        m.extend_from_slice(&0x0001u16.to_be_bytes());
-        m.extend_from_slice(&(attr.len() as u16).to_be_bytes());
-        m.extend_from_slice(&0x2112A442u32.to_be_bytes());
-        m.extend_from_slice(&[7u8; 12]);
-        m.extend_from_slice(&attr);
-        m
+    /// A STUN binding request as a browser sends it: USERNAME
+    /// `<our ufrag>:<theirs>`, MESSAGE-INTEGRITY keyed by `password`.
+    fn binding_request(username: &str, password: &str) -> Vec<u8> {
+        use str0m::ice::TransId;
+        let msg = StunMessage::binding_request(username, TransId::new(), true, 7, 1, false);
+        let mut buf = vec![0u8; 600];
+        let n = msg
+            .to_bytes(Some(password.as_bytes()), &mut buf, sha1_hmac)
+            .expect("a binding request fits");
+        buf.truncate(n);
+        buf
     }
 
     #[test]
     fn learns_address_from_stun_then_routes_everything_from_it() {
         let mut d = Demux::default();
-        d.add("abcd".into(), 1u32);
-        d.add("wxyz".into(), 2u32);
+        d.add("abcd".into(), "pw-abcd".into(), 1u32);
+        d.add("wxyz".into(), "pw-wxyz".into(), 2u32);
         let a: SocketAddr = "127.0.0.1:5000".parse().unwrap();
         let b: SocketAddr = "127.0.0.1:5001".parse().unwrap();
         assert_eq!(
@@ -133,9 +154,12 @@ mod tests {
             None,
             "RTP from unknown address"
         );
-        assert_eq!(d.route(a, &binding_request("wxyz:remote")), Some(2));
+        assert_eq!(
+            d.route(a, &binding_request("wxyz:remote", "pw-wxyz")),
+            Some(2)
+        );
         assert_eq!(d.route(a, &[0x80, 0, 0, 0]), Some(2));
-        assert_eq!(d.route(b, &binding_request("nope:remote")), None);
+        assert_eq!(d.route(b, &binding_request("nope:remote", "pw-wxyz")), None);
         d.remove(2);
         assert_eq!(d.route(a, &[0x80, 0, 0, 0]), None);
         assert_eq!(d.addresses(), 0);
@@ -144,20 +168,48 @@ mod tests {
     #[test]
     fn a_binding_request_names_its_participant_without_teaching_an_address() {
         let mut d = Demux::default();
-        d.add("abcd".into(), 1u32);
-        assert_eq!(d.binding_request_for(&binding_request("abcd:x")), Some(1));
-        assert_eq!(d.binding_request_for(&binding_request("zzzz:x")), None);
+        d.add("abcd".into(), "pw-abcd".into(), 1u32);
+        assert_eq!(
+            d.binding_request_for(&binding_request("abcd:x", "pw-abcd")),
+            Some(1)
+        );
+        assert_eq!(
+            d.binding_request_for(&binding_request("zzzz:x", "pw-abcd")),
+            None
+        );
         assert_eq!(d.binding_request_for(&[0x80, 0, 0, 0]), None);
-        let mut response = binding_request("abcd:x");
+        let mut response = binding_request("abcd:x", "pw-abcd");
         response[0..2].copy_from_slice(&0x0101u16.to_be_bytes());
         assert_eq!(d.binding_request_for(&response), None, "not a request");
         assert_eq!(d.addresses(), 0);
     }
 
+    /// The USERNAME is in clear on the wire; the password never is. A
+    /// binding request that names a participant but fails its integrity
+    /// check (forged, or keyed by another participant's password) neither
+    /// teaches an address nor binds an ICE-TCP connection.
+    #[test]
+    fn a_binding_request_must_carry_the_participants_integrity() {
+        let mut d = Demux::default();
+        d.add("abcd".into(), "pw-abcd".into(), 1u32);
+        d.add("wxyz".into(), "pw-wxyz".into(), 2u32);
+        let a: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let forged = binding_request("abcd:x", "guessed");
+        assert_eq!(d.route(a, &forged), None);
+        assert_eq!(d.binding_request_for(&forged), None);
+        let crossed = binding_request("abcd:x", "pw-wxyz");
+        assert_eq!(d.route(a, &crossed), None);
+        let mut tampered = binding_request("abcd:x", "pw-abcd");
+        tampered[8] ^= 1; // the transaction id, under the integrity
+        assert_eq!(d.route(a, &tampered), None);
+        assert_eq!(d.addresses(), 0);
+        assert_eq!(d.route(a, &binding_request("abcd:x", "pw-abcd")), Some(1));
+    }
+
     #[test]
     fn garbage_is_never_routed() {
         let mut d = Demux::default();
-        d.add("abcd".into(), 1u32);
+        d.add("abcd".into(), "pw-abcd".into(), 1u32);
         let a: SocketAddr = "127.0.0.1:5000".parse().unwrap();
         for buf in [&[][..], &[0u8; 3], &[0u8; 20], &[1u8; 64], &[0xffu8; 100]] {
             assert_eq!(d.route(a, buf), None);
@@ -174,7 +226,7 @@ mod tests {
             rest in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
         ) {
             let mut d = Demux::default();
-            d.add("abcd".into(), 1u32);
+            d.add("abcd".into(), "pw-abcd".into(), 1u32);
             let a: SocketAddr = "127.0.0.1:5000".parse().unwrap();
             let mut buf = vec![first];
             buf.extend(rest);

@@ -15,6 +15,7 @@
 //! by RFC 4571.
 
 mod payload;
+mod tcp;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -31,12 +32,12 @@ use str0m::media::{Direction, Mid};
 use str0m::net::{Protocol, Receive, TcpType};
 use str0m::rtp::RtpWrite;
 use str0m::{Candidate, Event, Input, Output, Rtc};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::UdpSocket;
 use tokio::sync::{Notify, mpsc};
 use tokio_tungstenite::tungstenite::Message;
 
 pub use payload::{Payload, decode_payload, encode_payload};
+use tcp::{TcpLinks, recv_tcp};
 
 /// VP8 payload descriptor byte of a packet that starts a frame (S = 1,
 /// partition 0); the synthetic payload begins with `S` (0x53), never this.
@@ -496,77 +497,6 @@ struct Publication {
     ts: u32,
 }
 
-/// ICE-TCP connections of a [`MediaTransport::Tcp`] client, one per
-/// server address str0m sends to, each a task.
-struct TcpLinks {
-    /// Server address -> frames to write there.
-    conns: HashMap<SocketAddr, mpsc::UnboundedSender<Vec<u8>>>,
-    /// Where the tasks deliver received frames (with the server address).
-    inbound: mpsc::UnboundedSender<(SocketAddr, Vec<u8>)>,
-    stall: Arc<AtomicBool>,
-}
-
-impl TcpLinks {
-    fn send(&mut self, to: SocketAddr, frame: Vec<u8>) {
-        let inbound = self.inbound.clone();
-        let stall = self.stall.clone();
-        let tx = self.conns.entry(to).or_insert_with(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(tcp_connection(to, rx, inbound, stall));
-            tx
-        });
-        // A failed connection loses the frame, as the network would.
-        let _ = tx.send(frame);
-    }
-}
-
-/// One ICE-TCP connection: connect to `to`, write `out`'s frames, deliver
-/// what arrives to `inbound`; ends when either side is done.
-async fn tcp_connection(
-    to: SocketAddr,
-    mut out: mpsc::UnboundedReceiver<Vec<u8>>,
-    inbound: mpsc::UnboundedSender<(SocketAddr, Vec<u8>)>,
-    stall: Arc<AtomicBool>,
-) {
-    let Ok(stream) = TcpStream::connect(to).await else {
-        return;
-    };
-    let _ = stream.set_nodelay(true);
-    let (mut r, mut w) = stream.into_split();
-    let reader = async move {
-        let mut len = [0u8; 2];
-        loop {
-            if stall.load(Ordering::Relaxed) {
-                return std::future::pending::<()>().await;
-            }
-            if r.read_exact(&mut len).await.is_err() {
-                return;
-            }
-            let mut frame = vec![0u8; usize::from(u16::from_be_bytes(len))];
-            if r.read_exact(&mut frame).await.is_err() || inbound.send((to, frame)).is_err() {
-                return;
-            }
-        }
-    };
-    let writer = async move {
-        while let Some(frame) = out.recv().await {
-            let Ok(len) = u16::try_from(frame.len()) else {
-                continue;
-            };
-            let mut framed = Vec::with_capacity(2 + frame.len());
-            framed.extend_from_slice(&len.to_be_bytes());
-            framed.extend_from_slice(&frame);
-            if w.write_all(&framed).await.is_err() {
-                return;
-            }
-        }
-    };
-    tokio::select! {
-        _ = reader => {}
-        _ = writer => {}
-    }
-}
-
 struct Driver {
     rtc: Rtc,
     socket: Option<UdpSocket>,
@@ -992,15 +922,6 @@ pub fn micros_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
-}
-
-async fn recv_tcp(
-    rx: &mut Option<mpsc::UnboundedReceiver<(SocketAddr, Vec<u8>)>>,
-) -> Option<(SocketAddr, Vec<u8>)> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
 }
 
 async fn recv(socket: &Option<UdpSocket>, buf: &mut [u8]) -> Option<(usize, SocketAddr)> {

@@ -141,10 +141,10 @@ impl Worker {
                 return;
             }
         }
-        let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
+        let creds = rtc.direct_api().local_ice_credentials();
         let pid = self.next_pid;
         self.next_pid += 1;
-        self.demux.add(ufrag, pid);
+        self.demux.add(creds.ufrag, creds.pass, pid);
         self.ids.insert(id.clone(), pid);
         let _ = events.send(ServerMessage::Joined {
             participant_id: id.clone(),
