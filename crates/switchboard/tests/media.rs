@@ -301,8 +301,78 @@ async fn h264_and_vp9_video_are_forwarded_with_their_codec() {
         let mut codecs: Vec<Codec> = s.track_codec.values().copied().collect();
         codecs.sort_by_key(|c| format!("{c:?}"));
         assert_eq!(codecs, vec![Codec::H264, Codec::Vp9]);
+        // Our answer to the publisher put VP8 first, so both tracks were
+        // expected to be VP8 and offered so; their first packets said
+        // otherwise, and each got an m-line of its own codec.
+        let mut listed: Vec<String> = forwarding_codecs(&s.last_offer)
+            .into_iter()
+            .filter(|c| c.len() == 2)
+            .map(|c| c[0].clone())
+            .collect();
+        listed.sort();
+        assert_eq!(listed, ["H264/90000", "VP9/90000"], "{}", s.last_offer);
     });
     node.shutdown().await;
+}
+
+/// A publisher whose first packet shows another codec than expected (our
+/// answer put VP8 first; this one sends H.264, which a browser would not):
+/// a member offered the track with VP8 before that packet gets a new
+/// m-line of the right codec, and the track's media on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_track_offered_with_the_wrong_codec_moves_to_an_m_line_of_its_own() {
+    use testkit::{Codec, MediaKind};
+    let node = node().await;
+    let sub = join(&node, "mispredicted", "Sub").await;
+    sub.wait_until("Sub connected", T, |s| s.connected)
+        .await
+        .unwrap();
+    let mut publisher = join(&node, "mispredicted", "Pub").await;
+    publisher.hold_media(Duration::from_millis(700));
+    publisher.publish_codec(
+        MediaKind::Video,
+        Codec::H264,
+        signal::Source::Camera,
+        Duration::from_millis(33),
+        900,
+    );
+    let pub_id = publisher.id.clone();
+    sub.wait_until("the track offered before its first packet", T, |s| {
+        s.track_owner.values().any(|o| *o == pub_id)
+    })
+    .await
+    .unwrap();
+    let first = sub.state(|s| forwarding_codecs(&s.last_offer));
+    assert_eq!(first, [["VP8/90000", "rtx/90000"]], "expected VP8 first");
+    sub.wait_until("H.264 video", T, |s| has_tracks_from(s, &pub_id, 1, 20))
+        .await
+        .unwrap();
+    sub.state(|s| {
+        assert_contiguous("Sub", s);
+        assert!(s.track_codec.values().all(|c| *c == Codec::H264));
+        // The VP8 m-line is a spare now (`inactive`); H.264 has its own.
+        let listed = forwarding_codecs(&s.last_offer);
+        assert_eq!(listed, [["H264/90000", "rtx/90000"]], "{}", s.last_offer);
+    });
+    node.shutdown().await;
+}
+
+/// The codecs (`a=rtpmap` names) of each forwarding (`sendonly`) m-line of
+/// a server offer, in order.
+fn forwarding_codecs(offer: &str) -> Vec<Vec<String>> {
+    offer
+        .split("m=")
+        .skip(1)
+        .filter(|section| section.contains("a=sendonly"))
+        .map(|section| {
+            section
+                .lines()
+                .filter_map(|l| l.strip_prefix("a=rtpmap:"))
+                .filter_map(|l| l.split(' ').nth(1))
+                .map(str::to_owned)
+                .collect()
+        })
+        .collect()
 }
 
 /// A client that repeats its previous answer while a server offer is
@@ -903,6 +973,23 @@ async fn a_forwarding_m_line_offers_only_the_codec_of_its_track() {
         assert_eq!(formats, expected.len(), "m-line: m={section}");
     }
     assert_eq!(forwarding, 2, "offer: {offer}");
+    // A publisher joining later is offered before its first packet, with
+    // the codec it will send (the first of our answer to it): Ben gets one
+    // offer for Cat's two tracks, never a second one to fix a codec.
+    let before = ben.state(|s| s.offers_received);
+    let mut cat = join(&node, "lean", "Cat").await;
+    cat.publish_av();
+    let cat_id = cat.id.clone();
+    ben.wait_until("Cat's two tracks flowing", T, |s| {
+        has_tracks_from(s, &cat_id, 2, 20)
+    })
+    .await
+    .unwrap();
+    ben.state(|s| {
+        assert_eq!(s.offers_received, before + 1, "offers for Cat's tracks");
+        let cat_codecs: Vec<Vec<String>> = forwarding_codecs(&s.last_offer);
+        assert_eq!(cat_codecs.len(), 4, "{}", s.last_offer);
+    });
     node.shutdown().await;
 }
 

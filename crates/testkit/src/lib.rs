@@ -202,6 +202,7 @@ enum Cmd {
     StaleAnswerOnce,
     OfferRecvOnly(MediaKind),
     AnswerDelay(Duration),
+    HoldMedia(Duration),
 }
 
 /// Handle to a running test participant.
@@ -299,6 +300,8 @@ impl Client {
             stale_answer: false,
             recvonly: Vec::new(),
             answer_delay: Duration::ZERO,
+            hold_media: Duration::ZERO,
+            connected_at: None,
             held_answer: None,
         };
         tokio::spawn(driver.run(transport.rx, crx, tcp_rx));
@@ -442,6 +445,13 @@ impl Client {
         let _ = self.cmd.send(Cmd::AnswerDelay(delay));
     }
 
+    /// Send no media until `delay` after the transport connected (a
+    /// browser's encoder warming up): the server knows the tracks from
+    /// the SDP long before their first packet.
+    pub fn hold_media(&self, delay: Duration) {
+        let _ = self.cmd.send(Cmd::HoldMedia(delay));
+    }
+
     /// Offer a `recvonly` m-line of `kind` in the next offer, as clients
     /// that receive through their own transceivers do (aiortc's
     /// `addTransceiver(kind, direction="recvonly")`).
@@ -521,6 +531,9 @@ struct Driver {
     /// See [`Client::answer_delay`]; an answer waiting to be sent.
     answer_delay: Duration,
     held_answer: Option<(Instant, String)>,
+    /// `Client::hold_media`, and when the transport was first seen connected.
+    hold_media: Duration,
+    connected_at: Option<Instant>,
 }
 
 impl Driver {
@@ -792,6 +805,7 @@ impl Driver {
             }
             Cmd::StaleAnswerOnce => self.stale_answer = true,
             Cmd::AnswerDelay(d) => self.answer_delay = d,
+            Cmd::HoldMedia(d) => self.hold_media = d,
             Cmd::OfferRecvOnly(kind) => {
                 self.recvonly.push(kind);
                 self.dirty = true;
@@ -858,6 +872,10 @@ impl Driver {
         let connected = self.state.lock().map(|s| s.connected).unwrap_or(false);
         if !connected || self.socket.is_none() {
             return earliest.min(now + Duration::from_millis(50));
+        }
+        let start = *self.connected_at.get_or_insert(now) + self.hold_media;
+        if now < start {
+            return earliest.min(start);
         }
         let mut sent = Vec::new();
         for p in self.pubs.iter_mut().filter(|p| p.active && p.negotiated) {

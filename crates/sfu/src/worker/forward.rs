@@ -65,9 +65,9 @@ impl Worker {
         remember(track, params, &packet);
         let first = track.codec.is_none();
         if first {
-            // First packet: now the codec is known, other nodes can be
-            // told, and members here offered the track on an m-line of
-            // that codec only (`renegotiate`, below).
+            // First packet: now the codec is known and other nodes can be
+            // told. Members here were offered the track with its expected
+            // codec; if that was wrong, `renegotiate` (below) moves it.
             track.codec = Some(params);
             let desc = describe(track, params);
             room.tell_links(RemoteEvent::TrackAdded(desc));
@@ -230,9 +230,14 @@ pub(super) fn write_to(
     let out_pt = match cached {
         Some(out) => out,
         None => {
-            // The subscriber's payload type for the publisher's codec, if it has one.
+            // The subscriber's payload type for the publisher's codec, if it
+            // has one and the m-line was offered for that codec (else the
+            // browser would drop it; the m-line is being replaced, see
+            // `Subscription::offered_for`).
+            let offered = sub.offered_for.spec() == params.spec();
             let Some(out) = guarded(peer, |rtc| {
-                rtc.codec_config().match_params(params).map(|p| *p.pt())
+                let out = rtc.codec_config().match_params(params).map(|p| *p.pt());
+                out.filter(|_| offered)
             }) else {
                 return Written::Panicked;
             };

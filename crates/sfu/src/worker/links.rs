@@ -202,6 +202,7 @@ impl Worker {
                         keyframes: KeyframeLimiter::new(KEYFRAME_INTERVAL),
                         gop: None,
                         codec: Some(codec),
+                        expected: None,
                     },
                 );
                 // Everyone here receives every track: want it at once.

@@ -121,6 +121,12 @@ struct Track {
     /// the first packet for local ones (which are announced to remote
     /// links only then).
     codec: Option<PayloadParams>,
+    /// A local track's codec as expected at publish, before its first
+    /// packet: the first codec of our answer on the publisher's m-line,
+    /// which is the one a browser sends. Members are offered the track
+    /// with it at once; should the first packet show another codec, their
+    /// m-lines are replaced (`Subscription::offered_for`).
+    expected: Option<PayloadParams>,
 }
 
 /// A participant on another node, known through a remote link.
@@ -173,6 +179,10 @@ struct Subscription {
     /// The subscriber's parameters of the track's codec, the only codec
     /// its m-line lists (`sdp_text::narrow_codecs`); None: no common codec.
     codec: Option<PayloadParams>,
+    /// The track's codec (publisher side) the m-line was offered for: the
+    /// known or the expected one. A track whose packets turned out to be
+    /// of another codec gets a new m-line (`renegotiate`).
+    offered_for: PayloadParams,
     /// The publishing participant (told to the client in `Offer::tracks`).
     participant: String,
     rewriter: Rewriter,

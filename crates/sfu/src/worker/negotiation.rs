@@ -203,10 +203,25 @@ impl Worker {
                         MediaKind::Audio => Source::Microphone,
                         MediaKind::Video => Source::Camera,
                     });
+                // The codec the browser will send: the first of our answer
+                // on this m-line, which str0m writes in its configuration's
+                // order among the payload types both sides have.
+                let Some(expected) = guarded(peer, |rtc| {
+                    let pts = rtc.media(mid).map(|m| m.remote_pts().to_vec())?;
+                    let config = rtc.codec_config();
+                    config
+                        .params()
+                        .iter()
+                        .find(|p| pts.contains(&p.pt()))
+                        .copied()
+                }) else {
+                    return;
+                };
                 let track_id = format!("{}-{}", peer.id, self.next_track);
                 self.next_track += 1;
                 peer.published.insert(mid, track_id.clone());
-                info!(participant = %peer.id, track = %track_id, ?kind, ?source, "published");
+                let codec = expected.map(|c| c.spec().codec);
+                info!(participant = %peer.id, track = %track_id, ?kind, ?source, ?codec, "published");
                 let track = Track {
                     id: track_id.clone(),
                     participant: peer.id.clone(),
@@ -216,6 +231,7 @@ impl Worker {
                     keyframes: KeyframeLimiter::new(KEYFRAME_INTERVAL),
                     gop: None,
                     codec: None,
+                    expected,
                 };
                 if let Some(r) = self.rooms.get_mut(&room) {
                     r.tracks.insert(track_id, track);
@@ -287,16 +303,39 @@ impl Worker {
         // Without the subscribe permission no track is ever offered, so
         // nothing is forwarded to it and it asks no publisher for keyframes.
         let may_subscribe = peer.permissions.subscribe;
-        // A track is offered once its codec is known (a local one at its
-        // first packet, see `Worker::forward`; a remote one is announced
-        // with it), so its m-line can carry that codec only (`narrow_codecs`).
+        // A subscription offered for a codec its track's packets turned out
+        // not to have (a local track's `expected` codec was wrong): its
+        // m-line lists the wrong codec, so it goes like a gone track's and
+        // the track is offered again on an m-line of the right one.
+        let mismatched = |id: &String, sub: &Subscription| {
+            let codec = room.tracks.get(id).and_then(|t| t.codec);
+            codec.is_some_and(|c| c.spec() != sub.offered_for.spec())
+        };
+        let gone: Vec<String> = gone
+            .into_iter()
+            .chain(
+                peer.subs
+                    .iter()
+                    .filter(|(id, sub)| mismatched(id, sub))
+                    .map(|(id, _)| id.clone()),
+            )
+            .collect();
+        // A track is offered with its codec, known (a remote one is
+        // announced with it; a local one from its first packet) or
+        // expected (a local one before its first packet), so its m-line
+        // can carry that codec only (`narrow_codecs`).
         let new: Vec<(String, MediaKind, String, PayloadParams)> = room
             .tracks
             .iter()
             .filter(|(id, t)| {
-                may_subscribe && t.participant != peer.id && !peer.subs.contains_key(*id)
+                may_subscribe
+                    && t.participant != peer.id
+                    && peer.subs.get(*id).is_none_or(|sub| mismatched(id, sub))
             })
-            .filter_map(|(id, t)| Some((id.clone(), t.kind, t.participant.clone(), t.codec?)))
+            .filter_map(|(id, t)| {
+                let codec = t.codec.or(t.expected)?;
+                Some((id.clone(), t.kind, t.participant.clone(), codec))
+            })
             .collect();
         let Some(peer) = self.peers.get_mut(&pid) else {
             return;
@@ -327,7 +366,7 @@ impl Worker {
             let config = rtc.codec_config();
             new.into_iter()
                 .map(|(id, kind, owner, codec)| {
-                    (id, kind, owner, config.match_params(codec).copied())
+                    (id, kind, owner, codec, config.match_params(codec).copied())
                 })
                 .collect::<Vec<_>>()
         }) else {
@@ -338,14 +377,15 @@ impl Worker {
         // narrowed to a codec takes a track of that codec only.
         let mut reused = Vec::new();
         let mut fresh = Vec::new();
-        for (id, kind, owner, codec) in new {
+        for (id, kind, owner, offered_for, codec) in new {
             let fits = |s: &Spare| {
                 s.kind == kind
                     && (s.codec.is_none() || s.codec.map(|c| c.pt()) == codec.map(|c| c.pt()))
             };
+            let codecs = (offered_for, codec);
             match peer.spare.iter().position(fits) {
-                Some(i) => reused.push((id, owner, codec, peer.spare.swap_remove(i))),
-                None => fresh.push((id, kind, owner, codec)),
+                Some(i) => reused.push((id, owner, codecs, peer.spare.swap_remove(i))),
+                None => fresh.push((id, kind, owner, codecs)),
             }
         }
         let reused_mids: Vec<Mid> = reused.iter().map(|(_, _, _, s)| s.mid).collect();
@@ -359,9 +399,9 @@ impl Worker {
             for &mid in &reused_mids {
                 change.set_direction(mid, Direction::SendOnly);
             }
-            let added: Vec<(String, MediaKind, String, Option<PayloadParams>, Mid)> = fresh
+            let added: Vec<_> = fresh
                 .into_iter()
-                .map(|(id, kind, owner, codec)| {
+                .map(|(id, kind, owner, codecs)| {
                     let mid = change.add_media(
                         kind,
                         Direction::SendOnly,
@@ -369,7 +409,7 @@ impl Worker {
                         Some(id.clone()),
                         None,
                     );
-                    (id, kind, owner, codec, mid)
+                    (id, kind, owner, codecs, mid)
                 })
                 .collect();
             (added, change.apply())
@@ -389,11 +429,11 @@ impl Worker {
         }
         let subscribed = reused
             .into_iter()
-            .map(|(id, owner, codec, s)| (id, s.kind, owner, codec, s.mid, s.rewriter))
-            .chain(added.into_iter().map(|(id, kind, owner, codec, mid)| {
-                (id, kind, owner, codec, mid, Rewriter::default())
+            .map(|(id, owner, codecs, s)| (id, s.kind, owner, codecs, s.mid, s.rewriter))
+            .chain(added.into_iter().map(|(id, kind, owner, codecs, mid)| {
+                (id, kind, owner, codecs, mid, Rewriter::default())
             }));
-        for (id, kind, participant, codec, mid, rewriter) in subscribed {
+        for (id, kind, participant, (offered_for, codec), mid, rewriter) in subscribed {
             peer.sub_by_mid.insert(mid, id.clone());
             peer.subs.insert(
                 id,
@@ -401,6 +441,7 @@ impl Worker {
                     mid,
                     kind,
                     codec,
+                    offered_for,
                     participant,
                     rewriter,
                     pt_map: Vec::new(),
