@@ -5,10 +5,11 @@
 // PeerConnection connects; 1 s later a publisher page (fake camera and
 // microphone) clicks "join"; first frame = that click → the first getStats
 // sample (every 10 ms) on the viewer with framesDecoded > 0 for video.
-// Both clocks are Date.now() of one machine.
+// Both clocks are Date.now() of one machine, read in the pages (so the
+// test's own polling, `waitFor` every 200 ms, does not enter the figure).
 //
 //   SB_URL=http://127.0.0.1:3000 node e2e/new-publisher-frame.mjs --runs N
-import { launchChromium, openPage } from './lib.mjs';
+import { launchChromium, openPage, waitFor } from './lib.mjs';
 
 const args = process.argv.slice(2);
 const i = args.indexOf('--runs');
@@ -20,22 +21,11 @@ if (!BASE) {
 }
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-async function until(what, fn, timeoutMs) {
-  const end = Date.now() + timeoutMs;
-  let last;
-  while (Date.now() < end) {
-    last = await fn();
-    if (last && last.ok) return last;
-    await sleep(20);
-  }
-  throw new Error(`${what}: not within ${timeoutMs} ms; last ${JSON.stringify(last)}`);
-}
-
 async function once(browser, run) {
   const room = `npf-${run}-${process.pid}`;
   const viewer = await openPage(browser, BASE, room, 'Viewer', { receiveOnly: true });
   await viewer.click('#join-btn');
-  await until('viewer connected', async () => ({
+  await waitFor('viewer connected', async () => ({
     ok: await viewer.evaluate(() => window.__sb.pc?.connectionState === 'connected'),
   }), 20_000);
   await viewer.evaluate(() => {
@@ -60,7 +50,7 @@ async function once(browser, run) {
     document.getElementById('join-btn').click();
     return at;
   });
-  const ff = await until('viewer decodes the new publisher', async () => {
+  const ff = await waitFor('viewer decodes the new publisher', async () => {
     const v = await viewer.evaluate(() => window.__ff);
     return { ok: v.firstAt !== null, ...v };
   }, 20_000);

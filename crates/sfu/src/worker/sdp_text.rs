@@ -48,16 +48,14 @@ pub(super) fn unknown_recvonly_inactive<'a>(
     if !sdp.lines().any(|l| l.trim_end() == "a=recvonly") {
         return Cow::Borrowed(sdp);
     }
-    let mut out = String::with_capacity(sdp.len());
     // One m-section at a time: its mid may come after its direction.
-    let mut section: Vec<&str> = Vec::new();
-    let flush = |section: &mut Vec<&str>, out: &mut String| {
+    let out = by_section(sdp, |section, out| {
         let mid = section
             .iter()
             .find_map(|l| l.trim_end().strip_prefix("a=mid:"));
         let foreign =
             section.first().is_some_and(|l| l.starts_with("m=")) && !mid.is_some_and(&ours);
-        for line in section.drain(..) {
+        for line in section {
             if foreign && line.trim_end() == "a=recvonly" {
                 out.push_str("a=inactive");
                 out.push_str(&line[line.trim_end().len()..]);
@@ -65,14 +63,7 @@ pub(super) fn unknown_recvonly_inactive<'a>(
                 out.push_str(line);
             }
         }
-    };
-    for line in sdp.split_inclusive('\n') {
-        if line.starts_with("m=") {
-            flush(&mut section, &mut out);
-        }
-        section.push(line);
-    }
-    flush(&mut section, &mut out);
+    });
     Cow::Owned(out)
 }
 
@@ -156,9 +147,7 @@ pub(super) fn answers(answer: &[String], offer: &[String]) -> bool {
 /// by themselves. mediasoup's consumers likewise carry only the consumed
 /// codec. An m-line whose list would be empty is left as it is.
 pub(super) fn narrow_codecs(sdp: &str, keep: &HashMap<String, Vec<u8>>) -> String {
-    let mut out = String::with_capacity(sdp.len());
-    let mut section: Vec<&str> = Vec::new();
-    let flush = |section: &mut Vec<&str>, out: &mut String| {
+    by_section(sdp, |section, out| {
         let mid = section
             .iter()
             .find_map(|l| l.trim_end().strip_prefix("a=mid:"));
@@ -174,10 +163,10 @@ pub(super) fn narrow_codecs(sdp: &str, keep: &HashMap<String, Vec<u8>>) -> Strin
             _ => None,
         };
         let Some(kept) = kept else {
-            section.drain(..).for_each(|l| out.push_str(l));
+            section.iter().for_each(|l| out.push_str(l));
             return;
         };
-        for (i, line) in section.drain(..).enumerate() {
+        for (i, line) in section.iter().enumerate() {
             let body = line.trim_end();
             let ending = &line[body.len()..];
             if i == 0 {
@@ -199,14 +188,25 @@ pub(super) fn narrow_codecs(sdp: &str, keep: &HashMap<String, Vec<u8>>) -> Strin
                 _ => out.push_str(line),
             }
         }
-    };
+    })
+}
+
+/// `sdp` rebuilt one section at a time (the session part, then each
+/// m-section with its lines, endings kept): `each` appends what a section
+/// becomes.
+fn by_section(sdp: &str, mut each: impl FnMut(&[&str], &mut String)) -> String {
+    let mut out = String::with_capacity(sdp.len());
+    let mut section: Vec<&str> = Vec::new();
     for line in sdp.split_inclusive('\n') {
-        if line.starts_with("m=") {
-            flush(&mut section, &mut out);
+        if line.starts_with("m=") && !section.is_empty() {
+            each(&section, &mut out);
+            section.clear();
         }
         section.push(line);
     }
-    flush(&mut section, &mut out);
+    if !section.is_empty() {
+        each(&section, &mut out);
+    }
     out
 }
 
