@@ -285,7 +285,7 @@ async fn run_life(life: &Life, stats: &Stats) {
     if let Some(t) = first_packet {
         lock(&stats.first_media_ms).push((t - connected).as_millis() as u64);
     }
-    let (received, errors, offers, seen, error_texts, mlines) = client.state(|s| {
+    let (received, errors, offers, seen, error_texts, mlines, offer_bytes) = client.state(|s| {
         (
             s.tracks.values().map(|v| v.len() as u64).sum::<u64>(),
             s.errors.iter().map(error_code).collect::<Vec<_>>(),
@@ -296,11 +296,10 @@ async fn run_life(life: &Life, stats: &Stats) {
                 .map(|e| format!("{e:?}"))
                 .collect::<Vec<_>>(),
             s.offers_received_mlines as u64,
+            s.offer_bytes,
         )
     });
-    stats
-        .offer_bytes
-        .fetch_add(client.state(|s| s.offer_bytes), Ordering::Relaxed);
+    stats.offer_bytes.fetch_add(offer_bytes, Ordering::Relaxed);
     stats.offers.fetch_add(offers as u64, Ordering::Relaxed);
     stats
         .connected_ms
@@ -364,6 +363,13 @@ fn error_code(m: &signal::ServerMessage) -> String {
         signal::ServerMessage::Error { code, .. } => code.as_str().to_string(),
         other => format!("{other:?}"),
     }
+}
+
+/// A copy of a sample list, sorted for `percentile`.
+fn sorted(m: &Mutex<Vec<u64>>) -> Vec<u64> {
+    let mut v = lock(m).clone();
+    v.sort_unstable();
+    v
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -658,8 +664,7 @@ async fn main() -> anyhow::Result<()> {
     let no_media = stats.no_media.load(Ordering::Relaxed);
     let failed_pct = 100.0 * failed as f64 / started.max(1) as f64;
     let rate = started as f64 / churn_wall;
-    let mut connect = lock(&stats.connect_ms).clone();
-    connect.sort_unstable();
+    let connect = sorted(&stats.connect_ms);
 
     println!();
     println!(
@@ -732,14 +737,7 @@ async fn main() -> anyhow::Result<()> {
         end[0].trunk_datagrams_out - start[0].trunk_datagrams_out,
         end[1].trunk_datagrams_out - start[1].trunk_datagrams_out,
     );
-    let parts: Vec<Vec<u64>> = [&stats.joined_ms, &stats.answered_ms, &stats.ice_dtls_ms]
-        .iter()
-        .map(|m| {
-            let mut v = lock(m).clone();
-            v.sort_unstable();
-            v
-        })
-        .collect();
+    let parts = [&stats.joined_ms, &stats.answered_ms, &stats.ice_dtls_ms].map(sorted);
     println!(
         "  of which: join → `joined` p50 {} / p99 {} ms; → answer p50 {} / p99 {} ms; → ICE + DTLS connected p50 {} / p99 {} ms",
         percentile(&parts[0], 0.5),
@@ -749,8 +747,7 @@ async fn main() -> anyhow::Result<()> {
         percentile(&parts[2], 0.5),
         percentile(&parts[2], 0.99),
     );
-    let mut mlines = lock(&stats.offer_mlines).clone();
-    mlines.sort_unstable();
+    let mlines = sorted(&stats.offer_mlines);
     let offers = stats.offers.load(Ordering::Relaxed);
     println!(
         "server offers: {offers}, {:.2} per connected client-second, {:.1} KB on average; largest offer per client p50 {} / max {} m-lines",
@@ -759,10 +756,8 @@ async fn main() -> anyhow::Result<()> {
         percentile(&mlines, 0.5),
         mlines.last().copied().unwrap_or(0),
     );
-    let mut publish = lock(&stats.publish_ms).clone();
-    publish.sort_unstable();
-    let mut first_media = lock(&stats.first_media_ms).clone();
-    first_media.sort_unstable();
+    let publish = sorted(&stats.publish_ms);
+    let first_media = sorted(&stats.first_media_ms);
     println!(
         "media connected → own packets out: p50 {} ms, p99 {} ms; → first remote packet: p50 {} ms, p99 {} ms",
         percentile(&publish, 0.5),

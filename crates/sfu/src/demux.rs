@@ -23,6 +23,9 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::SocketAddr;
 
+use std::sync::LazyLock;
+
+use str0m::crypto::Sha1HmacProvider;
 use str0m::ice::StunMessage;
 
 #[derive(Debug)]
@@ -109,20 +112,13 @@ fn authentic_request<'p, K>(
     .flatten()
 }
 
-/// HMAC-SHA1 over `parts` (STUN's MESSAGE-INTEGRITY, RFC 5389 §15.4), by
-/// aws-lc-rs, the crypto library str0m and the trunk already use.
+/// HMAC-SHA1 over `parts` (STUN's MESSAGE-INTEGRITY, RFC 5389 §15.4): the
+/// one str0m's ICE agent checks with, from the crypto provider str0m is
+/// built with.
 pub(crate) fn sha1_hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 20] {
-    use aws_lc_rs::hmac;
-    let key = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, key);
-    let mut ctx = hmac::Context::with_key(&key);
-    for part in parts {
-        ctx.update(part);
-    }
-    let mut out = [0u8; 20];
-    for (o, t) in out.iter_mut().zip(ctx.sign().as_ref()) {
-        *o = *t;
-    }
-    out
+    static HMAC: LazyLock<&'static dyn Sha1HmacProvider> =
+        LazyLock::new(|| str0m::crypto::from_feature_flags().sha1_hmac_provider);
+    HMAC.sha1_hmac(key, parts)
 }
 
 #[cfg(test)]

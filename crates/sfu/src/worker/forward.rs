@@ -64,10 +64,11 @@ impl Worker {
         };
         remember(track, params, &packet);
         let first = track.codec.is_none();
+        // Members here were offered the track with its expected codec; if
+        // the first packet shows another, `renegotiate` (below) moves it.
+        let unexpected = first && track.expected.map(|c| c.spec()) != Some(params.spec());
         if first {
-            // First packet: now the codec is known and other nodes can be
-            // told. Members here were offered the track with its expected
-            // codec; if that was wrong, `renegotiate` (below) moves it.
+            // First packet: now the codec is known and other nodes can be told.
             track.codec = Some(params);
             let desc = describe(track, params);
             room.tell_links(RemoteEvent::TrackAdded(desc));
@@ -93,7 +94,7 @@ impl Worker {
                     .fetch_add(1, Ordering::Relaxed);
             }
         }
-        if first {
+        if unexpected {
             self.renegotiate_room(&room_name, Some(from));
         }
         self.fan_out(&room_name, &track_id, params, &packet, ext, pkt.timestamp);

@@ -380,7 +380,8 @@ impl Worker {
         for (id, kind, owner, offered_for, codec) in new {
             let fits = |s: &Spare| {
                 s.kind == kind
-                    && (s.codec.is_none() || s.codec.map(|c| c.pt()) == codec.map(|c| c.pt()))
+                    && s.codec
+                        .is_none_or(|c| Some(c.pt()) == codec.map(|c| c.pt()))
             };
             let codecs = (offered_for, codec);
             match peer.spare.iter().position(fits) {
